@@ -1,0 +1,19 @@
+//! tilt-kernels: every piece of math tilt uses, as plain functions and structs over candle tensors.
+//! No async, no I/O beyond safetensors files, no actors. Each module is tested against a closed form
+//! or a hand computation next to its code.
+
+pub mod critic;
+pub mod cuda;
+pub mod denoiser;
+pub mod distort;
+pub mod error;
+pub mod logprob;
+pub mod losses;
+pub mod mixture;
+pub mod models;
+pub mod reward;
+pub mod rng;
+pub mod schedule;
+pub mod tilt;
+
+pub use error::{KernelError, Result};

@@ -1,0 +1,108 @@
+//! Rewards behind the `Reward` trait: linear a.x + b and quadratic -scale |x - c|^2 for
+//! low-dimensional data. (Learned classifier rewards for images come later.)
+
+use candle_core::{DType, Tensor};
+
+use crate::{KernelError, Result};
+
+/// r(x_0): a scalar per sample.
+pub trait Reward: Send + Sync {
+    /// `x0`: [batch, ...] -> [batch] f32.
+    fn reward(&self, x0: &Tensor) -> Result<Tensor>;
+    /// A short name for reports.
+    fn name(&self) -> String;
+}
+
+/// r(x) = a.x + b.
+#[derive(Debug, Clone)]
+pub struct LinearReward {
+    pub a: Vec<f64>,
+    pub b: f64,
+}
+
+/// r(x) = -scale |x - center|^2.
+#[derive(Debug, Clone)]
+pub struct QuadraticReward {
+    pub center: Vec<f64>,
+    pub scale: f64,
+}
+
+fn check_dim(op: &'static str, x0: &Tensor, d: usize) -> Result<()> {
+    if x0.rank() != 2 || x0.dim(1)? != d {
+        return Err(KernelError::shape(
+            op,
+            format!(
+                "x0 is {:?}, the reward expects [batch, {d}]",
+                x0.shape().dims()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Reward for LinearReward {
+    fn reward(&self, x0: &Tensor) -> Result<Tensor> {
+        check_dim("LinearReward", x0, self.a.len())?;
+        let a = Tensor::from_vec(
+            self.a.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            (self.a.len(), 1),
+            x0.device(),
+        )?;
+        Ok((x0.to_dtype(DType::F32)?.matmul(&a)?.squeeze(1)? + self.b)?)
+    }
+    fn name(&self) -> String {
+        format!("linear(a={:?}, b={})", self.a, self.b)
+    }
+}
+
+impl Reward for QuadraticReward {
+    fn reward(&self, x0: &Tensor) -> Result<Tensor> {
+        check_dim("QuadraticReward", x0, self.center.len())?;
+        let c = Tensor::from_vec(
+            self.center.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            (1, self.center.len()),
+            x0.device(),
+        )?;
+        Ok((x0.to_dtype(DType::F32)?.broadcast_sub(&c)?.sqr()?.sum(1)? * -self.scale)?)
+    }
+    fn name(&self) -> String {
+        format!("quadratic(center={:?}, scale={})", self.center, self.scale)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn hand_values() {
+        let x = Tensor::new(&[[1f32, 2.0], [-1.0, 0.5]], &Device::Cpu).unwrap();
+        // 2*1 - 1*2 + .5 = .5 ; 2*(-1) - .5 + .5 = -2
+        let r = LinearReward {
+            a: vec![2.0, -1.0],
+            b: 0.5,
+        }
+        .reward(&x)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+        assert_eq!(r, vec![0.5, -2.0]);
+        // -3 * ((1-1)^2 + (2-0)^2) = -12 ; -3 * (4 + .25) = -12.75
+        let q = QuadraticReward {
+            center: vec![1.0, 0.0],
+            scale: 3.0,
+        }
+        .reward(&x)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+        assert_eq!(q, vec![-12.0, -12.75]);
+        assert!(LinearReward {
+            a: vec![1.0; 3],
+            b: 0.0
+        }
+        .reward(&x)
+        .is_err());
+    }
+}
