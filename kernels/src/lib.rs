@@ -11,6 +11,7 @@ pub mod logprob;
 pub mod losses;
 pub mod mixture;
 pub mod models;
+pub mod optim;
 pub mod reward;
 pub mod rng;
 pub mod schedule;

@@ -184,27 +184,67 @@ pub fn path_log_ratio_residual(
     k_start: usize,
     cond: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if noises.len() + 1 != states.len() {
+    let b = states.first().map(|s| s.dim(0)).transpose()?.unwrap_or(0);
+    path_log_ratio_residual_rows(residual, grid, states, noises, &vec![k_start; b], cond)
+}
+
+/// `path_log_ratio_residual` with one segment start per batch row (a learner batch mixes
+/// segments that start at different k). `k_starts`: [batch]. Still one residual call.
+pub fn path_log_ratio_residual_rows(
+    residual: &dyn Denoiser,
+    grid: &SamplingGrid,
+    states: &[Tensor],
+    noises: &[Tensor],
+    k_starts: &[usize],
+    cond: Option<&Tensor>,
+) -> Result<Tensor> {
+    if noises.len() + 1 != states.len() || noises.is_empty() {
         return Err(KernelError::shape(
             "path_log_ratio_residual",
             format!("{} states but {} noises", states.len(), noises.len()),
         ));
     }
-    let (stacked, ns, coefs, b) = stack_steps(grid, states, k_start)?;
-    let cond_rep = repeat_cond(cond, coefs.len())?;
-    let res = residual.eps(&stacked, &ns, cond_rep.as_ref())?; // [L*b, ...]
-                                                               // u = dmu / sigma = (c_eps / sigma) * residual, one scale per row.
-    let scale: Vec<f32> = coefs
-        .iter()
-        .flat_map(|st| std::iter::repeat_n((st.c_eps / st.sigma) as f32, b))
-        .collect();
-    let mut bshape = vec![coefs.len() * b];
+    let len = noises.len();
+    let b = states[0].dim(0)?;
+    if k_starts.len() != b {
+        return Err(KernelError::shape(
+            "path_log_ratio_residual",
+            format!("{} segment starts for {b} rows", k_starts.len()),
+        ));
+    }
+    // Row r of step j sits at k_starts[r] - j; its coefficients and training index per row.
+    let mut ns = Vec::with_capacity(len * b);
+    let mut scale = Vec::with_capacity(len * b);
+    for j in 0..len {
+        for &k in k_starts {
+            if k < len || k > grid.len() {
+                return Err(KernelError::param(
+                    "k_start",
+                    k,
+                    format!(
+                        "a segment of {len} steps needs {len} <= k_start <= K = {}",
+                        grid.len()
+                    ),
+                ));
+            }
+            let st = grid.step(k - j)?;
+            ns.push(st.n_from as f32);
+            scale.push((st.c_eps / st.sigma) as f32);
+        }
+    }
+    let stacked = Tensor::cat(&states[..len], 0)?; // [L*b, ...]
+    let dev = stacked.device();
+    let ns = Tensor::from_vec(ns, len * b, dev)?;
+    let mut bshape = vec![len * b];
     bshape.extend(std::iter::repeat_n(1, stacked.rank() - 1));
-    let scale = Tensor::from_vec(scale, bshape, stacked.device())?;
+    let scale = Tensor::from_vec(scale, bshape, dev)?;
+    let cond_rep = repeat_cond(cond, len)?;
+    let res = residual.eps(&stacked, &ns, cond_rep.as_ref())?;
+    // u = dmu / sigma = (c_eps / sigma) * residual.
     let u = res.broadcast_mul(&scale)?.flatten_from(1)?;
     let z = Tensor::cat(noises, 0)?.flatten_from(1)?;
     let per_row = ((&z * &u)?.sum(1)? - (u.sqr()?.sum(1)? * 0.5)?)?; // [L*b]
-    Ok(per_row.reshape((coefs.len(), b))?.sum(0)?)
+    Ok(per_row.reshape((len, b))?.sum(0)?)
 }
 
 /// The one-step Gaussian of a segment endpoint (Lemma 2): log N(x_end; mu(x_start), sigma^2) with the
@@ -405,6 +445,43 @@ mod tests {
                 diff.abs() > 1e-3,
                 "the test residual must move the log-probs"
             );
+        }
+    }
+
+    #[test]
+    fn per_row_starts_equal_separate_calls() {
+        // Two batches starting at k = 12 and k = 7, stacked with per-row starts, give the same
+        // ratios as two separate calls.
+        let s = VpSchedule::ddpm_default();
+        let g = SamplingGrid::new(&s, 20, 1.0).unwrap();
+        let (_v1, reference) = mlp(false, 0.0);
+        let (_v2, res) = mlp(false, 0.02);
+        let d = Device::Cpu;
+        let x = randn(&mut rng_for(4, 0, 0), (3, 2), &d).unwrap();
+        let s1 = rollout_segment(&reference, &g, &x, 12, 3, None, &mut rng_for(4, 0, 1)).unwrap();
+        let s2 = rollout_segment(&reference, &g, &x, 7, 3, None, &mut rng_for(4, 0, 2)).unwrap();
+        let r1 = path_log_ratio_residual(&res, &g, &s1.states, &s1.noises, 12, None).unwrap();
+        let r2 = path_log_ratio_residual(&res, &g, &s2.states, &s2.noises, 7, None).unwrap();
+        let cat = |a: &[Tensor], b: &[Tensor]| -> Vec<Tensor> {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| Tensor::cat(&[x, y], 0).unwrap())
+                .collect()
+        };
+        let both = path_log_ratio_residual_rows(
+            &res,
+            &g,
+            &cat(&s1.states, &s2.states),
+            &cat(&s1.noises, &s2.noises),
+            &[12, 12, 12, 7, 7, 7],
+            None,
+        )
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+        let want: Vec<f32> = [r1.to_vec1::<f32>().unwrap(), r2.to_vec1::<f32>().unwrap()].concat();
+        for (a, b) in both.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
         }
     }
 
