@@ -733,6 +733,19 @@ pub fn cross_entropy(f: &Tensor, y: &Tensor, grid: &CdfGrid, eps: f64) -> Result
     Ok(total / pi.len() as f64)
 }
 
+/// The seam the VRPO critic role scores endpoints through: V(x, n; lambda), [batch]. Implemented by
+/// the learned `CdfCritic` and by the exact value of the analytic mixture (`mixture::ExactValue`).
+pub trait ValueCritic: Send + Sync {
+    /// `x`: [batch, ...]; `n`: [batch] f32 training indices; returns V: [batch].
+    fn value(&self, x: &Tensor, n: &Tensor, cond: Option<&Tensor>, lambda: f64) -> Result<Tensor>;
+}
+
+impl ValueCritic for CdfCritic {
+    fn value(&self, x: &Tensor, n: &Tensor, cond: Option<&Tensor>, lambda: f64) -> Result<Tensor> {
+        CdfCritic::value(self, x, n, cond, lambda, DEFAULT_EPS)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1196,18 +1209,5 @@ mod tests {
         // The learned CDF is sharp: top-3 bucket accuracy well above the 3/31 of a flat guess.
         let top3 = topk_accuracy(&c.cdf(&xe, &n, None).unwrap(), &ye, &grid, 3).unwrap();
         assert!(top3 > 0.6, "top-3 {top3}");
-    }
-}
-
-/// The seam the VRPO critic role scores endpoints through: V(x, n; lambda), [batch]. Implemented by
-/// the learned `CdfCritic` and by the exact value of the analytic mixture (`mixture::ExactValue`).
-pub trait ValueCritic: Send + Sync {
-    /// `x`: [batch, ...]; `n`: [batch] f32 training indices; returns V: [batch].
-    fn value(&self, x: &Tensor, n: &Tensor, cond: Option<&Tensor>, lambda: f64) -> Result<Tensor>;
-}
-
-impl ValueCritic for CdfCritic {
-    fn value(&self, x: &Tensor, n: &Tensor, cond: Option<&Tensor>, lambda: f64) -> Result<Tensor> {
-        CdfCritic::value(self, x, n, cond, lambda, DEFAULT_EPS)
     }
 }

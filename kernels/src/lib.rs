@@ -16,5 +16,6 @@ pub mod reward;
 pub mod rng;
 pub mod schedule;
 pub mod tilt;
+pub mod vrpo;
 
 pub use error::{KernelError, Result};

@@ -281,6 +281,40 @@ impl Denoiser for AnalyticDenoiser {
     }
 }
 
+/// The exact value V(x, n) = log E[exp(lambda a.x_0) | x_n = x] of a mixture under a linear reward
+/// a.x + b, as a `ValueCritic` (the oracle the learned critic is compared against).
+pub struct ExactValue {
+    pub mixture: GaussianMixture,
+    pub schedule: VpSchedule,
+    pub a: Vec<f64>,
+    pub b: f64,
+}
+
+impl crate::critic::ValueCritic for ExactValue {
+    fn value(&self, x: &Tensor, n: &Tensor, _cond: Option<&Tensor>, lambda: f64) -> Result<Tensor> {
+        let rows = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let ns = n.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if ns.len() != rows.len() || rows.first().is_some_and(|r| r.len() != self.a.len()) {
+            return Err(KernelError::shape(
+                "ExactValue",
+                format!("x {:?}, {} timesteps", x.shape().dims(), ns.len()),
+            ));
+        }
+        let v: Vec<f32> = rows
+            .iter()
+            .zip(&ns)
+            .map(|(r, &ni)| {
+                let idx = (ni.round().max(0.0) as usize).min(self.schedule.train_steps());
+                (self
+                    .mixture
+                    .exact_value_linear(r, self.schedule.abar[idx], lambda, &self.a)
+                    + lambda * self.b) as f32
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, rows.len(), x.device())?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,39 +446,5 @@ mod tests {
             "{mc} vs {}",
             prior.exp()
         );
-    }
-}
-
-/// The exact value V(x, n) = log E[exp(lambda a.x_0) | x_n = x] of a mixture under a linear reward
-/// a.x + b, as a `ValueCritic` (the oracle the learned critic is compared against).
-pub struct ExactValue {
-    pub mixture: GaussianMixture,
-    pub schedule: VpSchedule,
-    pub a: Vec<f64>,
-    pub b: f64,
-}
-
-impl crate::critic::ValueCritic for ExactValue {
-    fn value(&self, x: &Tensor, n: &Tensor, _cond: Option<&Tensor>, lambda: f64) -> Result<Tensor> {
-        let rows = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-        let ns = n.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        if ns.len() != rows.len() || rows.first().is_some_and(|r| r.len() != self.a.len()) {
-            return Err(KernelError::shape(
-                "ExactValue",
-                format!("x {:?}, {} timesteps", x.shape().dims(), ns.len()),
-            ));
-        }
-        let v: Vec<f32> = rows
-            .iter()
-            .zip(&ns)
-            .map(|(r, &ni)| {
-                let idx = (ni.round().max(0.0) as usize).min(self.schedule.train_steps());
-                (self
-                    .mixture
-                    .exact_value_linear(r, self.schedule.abar[idx], lambda, &self.a)
-                    + lambda * self.b) as f32
-            })
-            .collect();
-        Ok(Tensor::from_vec(v, rows.len(), x.device())?)
     }
 }

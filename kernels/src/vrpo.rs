@@ -1,0 +1,296 @@
+//! VRPO stage 2 in one place: how the rollout role cuts reference chains into pairs of L-step
+//! segments from a shared start, and how a learner turns a batch of scored pairs into the VRPO loss
+//! and its gradients (policy = reference + residual; path log-ratios from the stored step noises).
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+
+use crate::critic::ValueCritic;
+use crate::denoiser::{timesteps, Denoiser};
+use crate::logprob::{path_log_ratio_residual_rows, rollout_segment, Segment};
+use crate::losses::{vrpo_loss, vrpo_pair_accuracy, VrpoLabels};
+use crate::optim::AdamW;
+use crate::rng::randn;
+use crate::schedule::SamplingGrid;
+use crate::{KernelError, Result};
+
+/// Two L-step continuations a, b of the reference chain from the same start x_k, for a batch of starts.
+#[derive(Debug, Clone)]
+pub struct SegmentPair {
+    pub k_start: usize,
+    pub a: Segment,
+    pub b: Segment,
+}
+
+/// Segment starts for a grid of K steps and segments of L steps: K, K - L, ..., down to >= L.
+pub fn segment_starts(k: usize, len: usize) -> Vec<usize> {
+    if len == 0 {
+        return vec![];
+    }
+    (0..)
+        .map(|i| k.saturating_sub(i * len))
+        .take_while(|&s| s >= len)
+        .collect()
+}
+
+/// Roll `batch` reference chains from x_K ~ N(0, I) (shape [batch, sample_shape...]); at every
+/// segment start k branch two continuations a and b of L steps, and carry on from a's endpoint (a
+/// is an exact reference continuation, so the next start is still distributed as p_ref(x_{k-L})).
+/// Costs 2K model evaluations per chain and yields K/L pairs per chain.
+pub fn make_segment_pairs(
+    reference: &dyn Denoiser,
+    grid: &SamplingGrid,
+    sample_shape: &[usize],
+    batch: usize,
+    len: usize,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<Vec<SegmentPair>> {
+    let starts = segment_starts(grid.len(), len);
+    if starts.is_empty() {
+        return Err(KernelError::param(
+            "vrpo.segment_len",
+            len,
+            format!("must be in 1..={}", grid.len()),
+        ));
+    }
+    let mut shape = vec![batch];
+    shape.extend_from_slice(sample_shape);
+    let mut x = randn(rng, shape, device)?;
+    // Advance from K to the first start if K is not a multiple of L (starts[0] == K always).
+    let mut out = Vec::with_capacity(starts.len());
+    for &k in &starts {
+        let a = rollout_segment(reference, grid, &x, k, len, None, rng)?;
+        let b = rollout_segment(reference, grid, &x, k, len, None, rng)?;
+        x = a.endpoint().clone();
+        out.push(SegmentPair { k_start: k, a, b });
+    }
+    Ok(out)
+}
+
+/// V of both endpoints of each pair, at the endpoint's training index, for the critic role.
+pub fn score_pair(
+    critic: &dyn ValueCritic,
+    grid: &SamplingGrid,
+    pair: &SegmentPair,
+    lambda: f64,
+) -> Result<(Tensor, Tensor)> {
+    let k_end = pair.k_start - pair.a.len();
+    let n_end = grid.n_of_k[k_end];
+    let b = pair.a.endpoint().dim(0)?;
+    let ns = timesteps(n_end, 2 * b, pair.a.endpoint().device())?;
+    let both = Tensor::cat(&[pair.a.endpoint(), pair.b.endpoint()], 0)?;
+    let v = critic.value(&both, &ns, None, lambda)?;
+    Ok((v.narrow(0, 0, b)?, v.narrow(0, b, b)?))
+}
+
+/// A learner batch: B pairs, possibly from different segment starts.
+#[derive(Debug, Clone)]
+pub struct VrpoBatch {
+    /// [B] segment start of each pair.
+    pub k_starts: Vec<usize>,
+    /// L + 1 tensors [B, ...]: the states of path a (state 0 is the shared start).
+    pub xa: Vec<Tensor>,
+    /// L tensors [B, ...]: the standard noises of path a.
+    pub za: Vec<Tensor>,
+    pub xb: Vec<Tensor>,
+    pub zb: Vec<Tensor>,
+    /// [B] values of the endpoints.
+    pub v_a: Tensor,
+    pub v_b: Tensor,
+}
+
+/// What a learner step reports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VrpoStats {
+    pub loss: f32,
+    /// Share of pairs whose Delta agrees in sign with V(a) - V(b).
+    pub accuracy: f32,
+    /// Mean of beta * Delta - (V(a) - V(b)): 0 at the soft-label optimum.
+    pub margin_gap: f32,
+}
+
+/// The VRPO loss of a batch and the residual's gradients in the optimiser's variable order.
+/// a and b go through the residual in one call (rows [a; b]).
+pub fn vrpo_grads(
+    residual: &dyn Denoiser,
+    opt: &AdamW,
+    grid: &SamplingGrid,
+    batch: &VrpoBatch,
+    labels: VrpoLabels,
+    beta: f64,
+) -> Result<(Vec<Option<Tensor>>, VrpoStats)> {
+    let b = batch.k_starts.len();
+    let cat = |p: &[Tensor], q: &[Tensor]| -> Result<Vec<Tensor>> {
+        p.iter()
+            .zip(q)
+            .map(|(x, y)| Ok(Tensor::cat(&[x, y], 0)?))
+            .collect()
+    };
+    let states = cat(&batch.xa, &batch.xb)?;
+    let noises = cat(&batch.za, &batch.zb)?;
+    let ks: Vec<usize> = batch
+        .k_starts
+        .iter()
+        .chain(&batch.k_starts)
+        .copied()
+        .collect();
+    let ratio = path_log_ratio_residual_rows(residual, grid, &states, &noises, &ks, None)?; // [2B]
+    let delta = (ratio.narrow(0, 0, b)? - ratio.narrow(0, b, b)?)?;
+    let loss = vrpo_loss(labels, &delta, &batch.v_a, &batch.v_b, beta)?;
+    let grads = loss.backward()?;
+    let gap = ((&delta * beta)? - (&batch.v_a - &batch.v_b)?)?
+        .mean_all()?
+        .to_scalar::<f32>()?;
+    let stats = VrpoStats {
+        loss: loss.to_scalar::<f32>()?,
+        accuracy: vrpo_pair_accuracy(&delta, &batch.v_a, &batch.v_b)?,
+        margin_gap: gap,
+    };
+    Ok((opt.grads_in_order(&grads), stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mixture::{AnalyticDenoiser, ExactValue, GaussianMixture};
+    use crate::models::{MlpConfig, MlpDenoiser};
+    use crate::optim::AdamWConfig;
+    use crate::rng::rng_for;
+    use crate::schedule::VpSchedule;
+    use candle_core::DType;
+    use candle_nn::{VarBuilder, VarMap};
+
+    #[test]
+    fn starts_cover_the_chain() {
+        assert_eq!(segment_starts(20, 4), vec![20, 16, 12, 8, 4]);
+        assert_eq!(segment_starts(10, 3), vec![10, 7, 4]);
+        assert_eq!(segment_starts(5, 6), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn pairs_share_their_start_and_chain_on() {
+        let s = VpSchedule::ddpm_default();
+        let g = SamplingGrid::new(&s, 20, 1.0).unwrap();
+        let m = GaussianMixture::quickstart();
+        let r = AnalyticDenoiser {
+            mixture: m,
+            schedule: s,
+        };
+        let pairs =
+            make_segment_pairs(&r, &g, &[2], 8, 5, &mut rng_for(1, 0, 0), &Device::Cpu).unwrap();
+        assert_eq!(
+            pairs.iter().map(|p| p.k_start).collect::<Vec<_>>(),
+            vec![20, 15, 10, 5]
+        );
+        for w in pairs.windows(2) {
+            // Same start for a and b; the next start is a's endpoint.
+            assert_eq!(
+                w[0].a.states[0].to_vec2::<f32>().unwrap(),
+                w[0].b.states[0].to_vec2::<f32>().unwrap()
+            );
+            assert_eq!(
+                w[0].a.endpoint().to_vec2::<f32>().unwrap(),
+                w[1].a.states[0].to_vec2::<f32>().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn zero_residual_gives_ln2_and_learning_moves_delta_toward_the_value_gap() {
+        // At init Delta = 0: loss = ln 2 exactly, the margin gap is -(V(a) - V(b)) on average.
+        // A few hundred Adam steps on one fixed batch shrink |beta Delta - (V(a) - V(b))|: the
+        // soft-label optimum is the h-transform (DESIGN.md).
+        let s = VpSchedule::ddpm_default();
+        let g = SamplingGrid::new(&s, 20, 1.0).unwrap();
+        let mix = GaussianMixture::quickstart();
+        let r = AnalyticDenoiser {
+            mixture: mix.clone(),
+            schedule: s.clone(),
+        };
+        let v = ExactValue {
+            mixture: mix,
+            schedule: s,
+            a: vec![1.0, 0.0],
+            b: 0.0,
+        };
+        let pairs =
+            make_segment_pairs(&r, &g, &[2], 64, 4, &mut rng_for(2, 0, 0), &Device::Cpu).unwrap();
+        let p = &pairs[3];
+        let (va, vb) = score_pair(&v, &g, p, 1.0).unwrap();
+        let batch = VrpoBatch {
+            k_starts: vec![p.k_start; 64],
+            xa: p.a.states.clone(),
+            za: p.a.noises.clone(),
+            xb: p.b.states.clone(),
+            zb: p.b.noises.clone(),
+            v_a: va,
+            v_b: vb,
+        };
+        let vm = VarMap::new();
+        let res = MlpDenoiser::new(
+            MlpConfig {
+                dim: 2,
+                hidden: 64,
+                depth: 2,
+                time_dim: 16,
+                classes: 0,
+                zero_init_output: true,
+            },
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let vars = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut opt = AdamW::new(
+            vars,
+            AdamWConfig {
+                lr: 3e-3,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (_, st0) = vrpo_grads(&res, &opt, &g, &batch, VrpoLabels::Soft, 1.0).unwrap();
+        assert!((st0.loss - std::f32::consts::LN_2).abs() < 1e-6);
+        let gap_abs = |res: &MlpDenoiser| {
+            let ks = vec![p.k_start; 128];
+            let st = [p.a.states.clone(), p.b.states.clone()];
+            let states: Vec<Tensor> = st[0]
+                .iter()
+                .zip(&st[1])
+                .map(|(x, y)| Tensor::cat(&[x, y], 0).unwrap())
+                .collect();
+            let noises: Vec<Tensor> =
+                p.a.noises
+                    .iter()
+                    .zip(&p.b.noises)
+                    .map(|(x, y)| Tensor::cat(&[x, y], 0).unwrap())
+                    .collect();
+            let ratio = path_log_ratio_residual_rows(res, &g, &states, &noises, &ks, None).unwrap();
+            let d = (ratio.narrow(0, 0, 64).unwrap() - ratio.narrow(0, 64, 64).unwrap()).unwrap();
+            (d - (&batch.v_a - &batch.v_b).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let before = gap_abs(&res);
+        for _ in 0..300 {
+            let (gr, _) = vrpo_grads(&res, &opt, &g, &batch, VrpoLabels::Soft, 1.0).unwrap();
+            opt.step_with(&gr).unwrap();
+        }
+        let after = gap_abs(&res);
+        assert!(
+            after < 0.5 * before,
+            "mean |Delta - dV| {before} -> {after}"
+        );
+    }
+}
