@@ -1,7 +1,14 @@
 //! tilt-actors: the runtime. ractor actors (rollout, critic, learner, coordinator) that move data
 //! between the replay buffer and the math of `tilt-kernels`; no math lives here.
 
+pub mod checkpoint;
+pub mod codec;
+pub mod control;
+pub mod coordinator;
+pub mod critic;
 pub mod error;
+pub mod learner;
 pub mod replay;
+pub mod rollout;
 
 pub use error::{ActorError, Result};

@@ -1,0 +1,111 @@
+//! Records <-> tensors for VRPO pairs: one record per pair (start, both paths, their noises, the
+//! endpoint values, the reference path log-probabilities), and a batch of records back into one
+//! `VrpoBatch` of stacked tensors for a learner.
+
+use candle_core::{Device, Tensor};
+use tilt_kernels::vrpo::{SegmentPair, VrpoBatch};
+
+use crate::replay::{payload_to_tensors, tensors_to_payload, Record};
+use crate::{ActorError, Result};
+
+/// Stack L+1 tensors [B, ...] into [B, L+1, ...] (rows first, so a row is one narrow).
+fn rows_first(ts: &[Tensor]) -> Result<Tensor> {
+    Ok(Tensor::stack(ts, 1)?.contiguous()?)
+}
+
+/// One record per row of a scored segment pair. `next_seq` numbers them.
+pub fn pair_records(
+    pair: &SegmentPair,
+    v_a: &Tensor,
+    v_b: &Tensor,
+    producer: u32,
+    version: u64,
+    next_seq: &mut u64,
+) -> Result<Vec<Record>> {
+    let xa = rows_first(&pair.a.states)?; // [B, L+1, ...]
+    let za = rows_first(&pair.a.noises)?; // [B, L, ...]
+    let xb = rows_first(&pair.b.states)?;
+    let zb = rows_first(&pair.b.noises)?;
+    let va = v_a.to_vec1::<f32>()?;
+    let vb = v_b.to_vec1::<f32>()?;
+    let la = pair.a.log_prob.to_vec1::<f32>()?;
+    let lb = pair.b.log_prob.to_vec1::<f32>()?;
+    let b = xa.dim(0)?;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let row = |t: &Tensor| -> Result<Tensor> { Ok(t.get(i)?) };
+        let payload = tensors_to_payload(&[
+            ("xa", &row(&xa)?),
+            ("za", &row(&za)?),
+            ("xb", &row(&xb)?),
+            ("zb", &row(&zb)?),
+        ])?;
+        out.push(Record {
+            seq: *next_seq,
+            producer,
+            version,
+            payload,
+            scalars: vec![
+                ("k_start".into(), pair.k_start as f64),
+                ("v_a".into(), va[i] as f64),
+                ("v_b".into(), vb[i] as f64),
+                ("ref_logp_a".into(), la[i] as f64),
+                ("ref_logp_b".into(), lb[i] as f64),
+            ],
+        });
+        *next_seq += 1;
+    }
+    Ok(out)
+}
+
+/// Decode records into one learner batch. Every record must hold the same segment length.
+pub fn records_to_batch(records: &[Record], device: &Device) -> Result<VrpoBatch> {
+    if records.is_empty() {
+        return Err(ActorError::Replay(
+            "cannot build a batch from zero records".into(),
+        ));
+    }
+    let mut cols: [Vec<Tensor>; 4] = Default::default();
+    let (mut ks, mut va, mut vb) = (Vec::new(), Vec::new(), Vec::new());
+    for r in records {
+        let bad = |detail: String| ActorError::Record {
+            seq: r.seq,
+            producer: r.producer,
+            detail,
+        };
+        let mut ts = payload_to_tensors(&r.payload)?;
+        for (j, name) in ["xa", "za", "xb", "zb"].iter().enumerate() {
+            let t = ts
+                .remove(*name)
+                .ok_or_else(|| bad(format!("missing tensor {name}")))?;
+            cols[j].push(t.to_device(device)?);
+        }
+        let get = |n: &str| {
+            r.scalar(n)
+                .ok_or_else(|| bad(format!("missing scalar {n}")))
+        };
+        ks.push(get("k_start")? as usize);
+        va.push(get("v_a")? as f32);
+        vb.push(get("v_b")? as f32);
+    }
+    let unstack = |ts: &[Tensor]| -> Result<Vec<Tensor>> {
+        let s = Tensor::stack(ts, 1)?; // [L(+1), B, ...]
+        (0..s.dim(0)?).map(|j| Ok(s.get(j)?)).collect()
+    };
+    let shape0 = cols[0][0].shape().clone();
+    if cols[0].iter().any(|t| t.shape() != &shape0) {
+        return Err(ActorError::Replay(
+            "records in one batch have different segment shapes".into(),
+        ));
+    }
+    let b = records.len();
+    Ok(VrpoBatch {
+        k_starts: ks,
+        xa: unstack(&cols[0])?,
+        za: unstack(&cols[1])?,
+        xb: unstack(&cols[2])?,
+        zb: unstack(&cols[3])?,
+        v_a: Tensor::from_vec(va, b, device)?,
+        v_b: Tensor::from_vec(vb, b, device)?,
+    })
+}

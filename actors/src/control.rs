@@ -1,0 +1,80 @@
+//! Shared run state every actor reads and updates: the stop flag (one shutdown path) and the
+//! counters the progress line, the summary and the metrics are built from.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// The run's shared switches and counters. Cheap to share as `Arc<RunControl>`.
+#[derive(Debug)]
+pub struct RunControl {
+    stopping: AtomicBool,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    /// Pairs produced by rollout actors (rows of segment pairs).
+    pub pairs_produced: AtomicU64,
+    /// Pairs scored by critic actors and inserted into the replay.
+    pub pairs_inserted: AtomicU64,
+    /// Pairs consumed by learners (rows of applied batches).
+    pub pairs_consumed: AtomicU64,
+    /// Optimiser steps applied.
+    pub learner_step: AtomicU64,
+    /// Actors restarted by the coordinator after a failure.
+    pub restarts: AtomicU64,
+    /// Microseconds the learner spent computing (vs waiting for data).
+    pub learner_busy_us: AtomicU64,
+    /// Last learner statistics (loss, pair accuracy, margin gap).
+    pub last: Mutex<LastStats>,
+}
+
+/// The latest learner numbers, for progress and reports.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LastStats {
+    pub loss: f32,
+    pub accuracy: f32,
+    pub margin_gap: f32,
+}
+
+impl Default for RunControl {
+    fn default() -> Self {
+        Self {
+            stopping: AtomicBool::new(false),
+            stop_tx: tokio::sync::watch::channel(false).0,
+            pairs_produced: AtomicU64::new(0),
+            pairs_inserted: AtomicU64::new(0),
+            pairs_consumed: AtomicU64::new(0),
+            learner_step: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+            learner_busy_us: AtomicU64::new(0),
+            last: Mutex::new(LastStats::default()),
+        }
+    }
+}
+
+impl RunControl {
+    /// Ask every producer to stop and the learner to finish after its current step.
+    pub fn request_stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.stop_tx.send_replace(true);
+    }
+    /// Resolves once a stop has been requested (for `select!` next to a blocking wait).
+    pub async fn stopped(&self) {
+        let mut rx = self.stop_tx.subscribe();
+        // wait_for errs only when the sender is gone, which cannot happen while `self` lives.
+        let _ = rx.wait_for(|s| *s).await;
+    }
+    /// Has a stop been requested?
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+    /// Read a counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+    /// Add to a counter.
+    pub fn add(c: &AtomicU64, v: u64) {
+        c.fetch_add(v, Ordering::Relaxed);
+    }
+    /// The latest learner statistics.
+    pub fn last(&self) -> LastStats {
+        self.last.lock().map(|g| *g).unwrap_or_default()
+    }
+}

@@ -1,0 +1,124 @@
+//! The critic role: takes segment pairs from the rollout channel, scores both endpoints with
+//! V(., lambda) (`tilt_kernels::vrpo::score_pair`), and writes one record per pair into the replay.
+//! Inserting waits on the replay's rate limiter: that is where back-pressure reaches the producers.
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tilt_kernels::critic::ValueCritic;
+use tilt_kernels::schedule::SamplingGrid;
+use tilt_kernels::vrpo::{score_pair, SegmentPair};
+
+use crate::codec::pair_records;
+use crate::control::RunControl;
+use crate::replay::ReplayBuffer;
+use crate::ActorError;
+
+/// The critic actor.
+pub struct CriticActor;
+
+/// Everything a critic actor needs.
+#[derive(Clone)]
+pub struct CriticArgs {
+    /// Producer id written into every record.
+    pub id: u32,
+    pub generation: u64,
+    pub critic: Arc<dyn ValueCritic>,
+    pub grid: Arc<SamplingGrid>,
+    pub lambda: f64,
+    pub input: flume::Receiver<Vec<SegmentPair>>,
+    pub replay: Arc<dyn ReplayBuffer>,
+    pub control: Arc<RunControl>,
+    /// Test hook: panic when this many units have been scored (0 = never).
+    pub panic_after_units: u64,
+}
+
+/// Per-actor state.
+pub struct CriticState {
+    args: CriticArgs,
+    units: u64,
+    next_seq: u64,
+}
+
+/// Verbs of the critic actor.
+#[derive(Debug)]
+pub enum CriticMsg {
+    /// Score the next unit from the channel, then schedule the next.
+    Score,
+}
+
+impl Actor for CriticActor {
+    type Msg = CriticMsg;
+    type State = CriticState;
+    type Arguments = CriticArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: CriticArgs,
+    ) -> Result<CriticState, ActorProcessingErr> {
+        myself.cast(CriticMsg::Score)?;
+        // Sequence numbers of a restarted producer continue in a fresh range (generation << 40).
+        let next_seq = args.generation << 40;
+        Ok(CriticState {
+            args,
+            units: 0,
+            next_seq,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _msg: CriticMsg,
+        st: &mut CriticState,
+    ) -> Result<(), ActorProcessingErr> {
+        let a = st.args.clone();
+        if a.panic_after_units > 0 && st.units == a.panic_after_units && a.generation == 0 {
+            panic!(
+                "critic {}: injected fault after {} units (fault.critic_panic_after)",
+                a.id, st.units
+            );
+        }
+        let unit = tokio::select! {
+            r = a.input.recv_async() => match r {
+                Ok(u) => u,
+                Err(_) => { myself.stop(Some("rollout channel closed".into())); return Ok(()); }
+            },
+            _ = a.control.stopped() => {
+                // Drain what the rollouts already produced, without waiting for more.
+                match a.input.try_recv() {
+                    Ok(u) => u,
+                    Err(_) => { myself.stop(Some("run stopping".into())); return Ok(()); }
+                }
+            }
+        };
+        let (critic, grid, lambda, id) = (a.critic.clone(), a.grid.clone(), a.lambda, a.id);
+        let mut seq = st.next_seq;
+        let records = tokio::task::spawn_blocking(move || -> Result<_, ActorError> {
+            let mut out = Vec::new();
+            for pair in &unit {
+                let (va, vb) = score_pair(critic.as_ref(), &grid, pair, lambda)?;
+                out.extend(pair_records(pair, &va, &vb, id, 0, &mut seq)?);
+            }
+            Ok((out, seq))
+        })
+        .await??;
+        st.next_seq = records.1;
+        st.units += 1;
+        let n = records.0.len() as u64;
+        for r in records.0 {
+            // Waits while the rate limiter forbids inserts; a closed replay ends this actor.
+            if let Err(e) = a.replay.insert(r).await {
+                if matches!(e, ActorError::Closed) {
+                    myself.stop(Some("replay closed".into()));
+                    return Ok(());
+                }
+                return Err(e.into());
+            }
+        }
+        RunControl::add(&a.control.pairs_inserted, n);
+        myself.cast(CriticMsg::Score)?;
+        Ok(())
+    }
+}

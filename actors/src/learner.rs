@@ -1,0 +1,339 @@
+//! The learner role: synchronous data-parallel replicas of the policy residual. The rank-0 leader
+//! samples one batch per replica from the replay, every replica computes VRPO gradients on its own
+//! batch (`tilt_kernels::vrpo::vrpo_grads`), the leader averages them and every replica applies the
+//! same averaged step, so all replicas stay identical. The leader checkpoints; a failed step writes
+//! a checkpoint of the last good state and stops the run.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tilt_kernels::denoiser::Denoiser;
+use tilt_kernels::losses::VrpoLabels;
+use tilt_kernels::optim::{average_grads, AdamW};
+use tilt_kernels::schedule::SamplingGrid;
+use tilt_kernels::vrpo::{vrpo_grads, VrpoBatch, VrpoStats};
+
+use crate::checkpoint::{write_checkpoint, CheckpointState};
+use crate::codec::records_to_batch;
+use crate::control::{LastStats, RunControl};
+use crate::coordinator::CoordinatorMsg;
+use crate::replay::ReplayBuffer;
+use crate::ActorError;
+
+/// The trainable part of a replica: residual network, its variables, optimiser, step.
+pub struct LearnerCore {
+    pub varmap: VarMap,
+    pub residual: Arc<dyn Denoiser>,
+    pub opt: AdamW,
+    pub step: u64,
+}
+
+/// The learner actor (one per replica).
+pub struct LearnerActor;
+
+/// Checkpointing settings (leader only).
+#[derive(Clone, Debug)]
+pub struct CheckpointSpec {
+    pub run_dir: PathBuf,
+    /// Write every this many steps (0 = only at the end).
+    pub every: u64,
+    /// Also write at these steps (evaluation points).
+    pub at_steps: Vec<u64>,
+    pub seed: u64,
+    /// The critic weights to copy into each checkpoint.
+    pub critic_file: Option<PathBuf>,
+}
+
+/// Everything a learner replica needs.
+pub struct LearnerArgs {
+    pub rank: usize,
+    pub world: usize,
+    pub core: Arc<Mutex<LearnerCore>>,
+    pub replay: Arc<dyn ReplayBuffer>,
+    pub grid: Arc<SamplingGrid>,
+    pub labels: VrpoLabels,
+    pub beta: f64,
+    /// Pairs per replica per step.
+    pub batch: usize,
+    pub total_steps: u64,
+    pub checkpoint: CheckpointSpec,
+    pub control: Arc<RunControl>,
+    pub coordinator: Option<ActorRef<CoordinatorMsg>>,
+    /// Test hook: fail the step that would reach this step number (0 = never).
+    pub fail_at_step: u64,
+}
+
+/// Per-replica state.
+pub struct LearnerState {
+    args: LearnerArgs,
+    peers: Vec<ActorRef<LearnerMsg>>,
+    finished: bool,
+}
+
+type GradReply = Result<(Vec<Option<Tensor>>, VrpoStats), String>;
+
+/// Verbs of a learner replica.
+pub enum LearnerMsg {
+    /// Leader: run one synchronous step over all replicas.
+    Tick,
+    /// Leader: the other replicas (ranks 1..world).
+    SetPeers(Vec<ActorRef<LearnerMsg>>),
+    /// Any replica: gradients of the VRPO loss on this batch.
+    Grads(Arc<VrpoBatch>, RpcReplyPort<GradReply>),
+    /// Any replica: apply these averaged gradients.
+    Apply(Arc<Vec<Option<Tensor>>>, RpcReplyPort<Result<(), String>>),
+}
+
+fn compute(
+    core: &Arc<Mutex<LearnerCore>>,
+    grid: &SamplingGrid,
+    batch: &VrpoBatch,
+    labels: VrpoLabels,
+    beta: f64,
+) -> GradReply {
+    let c = core
+        .lock()
+        .map_err(|_| "learner core lock poisoned".to_string())?;
+    vrpo_grads(c.residual.as_ref(), &c.opt, grid, batch, labels, beta).map_err(|e| e.to_string())
+}
+
+fn apply(core: &Arc<Mutex<LearnerCore>>, grads: &[Option<Tensor>]) -> Result<(), String> {
+    let mut c = core
+        .lock()
+        .map_err(|_| "learner core lock poisoned".to_string())?;
+    c.opt.step_with(grads).map_err(|e| e.to_string())?;
+    c.step += 1;
+    Ok(())
+}
+
+impl LearnerState {
+    fn checkpoint(&self) -> Result<PathBuf, ActorError> {
+        let c = self.args.core.lock().map_err(|_| ActorError::Actor {
+            role: "learner".into(),
+            detail: "lock poisoned".into(),
+        })?;
+        let spec = &self.args.checkpoint;
+        let state = CheckpointState {
+            step: c.step,
+            seed: spec.seed,
+            policy_version: c.step,
+        };
+        write_checkpoint(
+            &spec.run_dir,
+            &state,
+            &c.varmap,
+            &c.opt,
+            spec.critic_file.as_deref(),
+        )
+    }
+
+    fn step(&self) -> u64 {
+        self.args.core.lock().map(|c| c.step).unwrap_or(0)
+    }
+
+    async fn fail(&self, detail: String) -> Result<(), ActorProcessingErr> {
+        let saved = self
+            .checkpoint()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|e| format!("(checkpoint failed too: {e})"));
+        Err(format!(
+            "learner step {} failed: {detail}; last good state saved in {saved}",
+            self.step() + 1
+        )
+        .into())
+    }
+
+    /// One synchronous data-parallel step. Ok(false) when no data was available yet.
+    async fn leader_step(&mut self) -> Result<bool, ActorProcessingErr> {
+        let a = &self.args;
+        let Some(records) = a
+            .replay
+            .sample(a.batch * a.world, Duration::from_millis(250))
+            .await?
+        else {
+            return Ok(false);
+        };
+        if records.len() < a.world {
+            return Ok(false);
+        }
+        let t0 = Instant::now();
+        let next = self.step() + 1;
+        if a.fail_at_step > 0 && next == a.fail_at_step {
+            self.fail("injected fault (fault.learner_fail_at_step)".into())
+                .await?;
+        }
+        let world = a.world;
+        let batches =
+            tokio::task::spawn_blocking(move || -> Result<Vec<Arc<VrpoBatch>>, ActorError> {
+                let per = records.len() / world;
+                (0..world)
+                    .map(|r| {
+                        Ok(Arc::new(records_to_batch(
+                            &records[r * per..(r + 1) * per],
+                            &Device::Cpu,
+                        )?))
+                    })
+                    .collect()
+            })
+            .await??;
+        // Replicas 1.. compute on their batches while the leader computes on batch 0.
+        let mut pending = Vec::new();
+        for (peer, b) in self.peers.iter().zip(batches.iter().skip(1)) {
+            let b = b.clone();
+            let peer = peer.clone();
+            pending.push(tokio::spawn(async move {
+                peer.call(
+                    |port| LearnerMsg::Grads(b, port),
+                    Some(Duration::from_secs(300)),
+                )
+                .await
+            }));
+        }
+        let (core, grid, b0, labels, beta) = (
+            a.core.clone(),
+            a.grid.clone(),
+            batches[0].clone(),
+            a.labels,
+            a.beta,
+        );
+        let own =
+            tokio::task::spawn_blocking(move || compute(&core, &grid, &b0, labels, beta)).await;
+        let own = match own {
+            Ok(Ok(g)) => g,
+            Ok(Err(e)) => return self.fail(e).await.map(|_| true),
+            Err(e) => return self.fail(format!("panicked: {e}")).await.map(|_| true),
+        };
+        let mut all = vec![own.0];
+        let mut stats = vec![own.1];
+        for p in pending {
+            match p.await {
+                Ok(Ok(ractor::rpc::CallResult::Success(Ok((g, s))))) => {
+                    all.push(g);
+                    stats.push(s);
+                }
+                other => {
+                    return self
+                        .fail(format!("replica failed: {other:?}"))
+                        .await
+                        .map(|_| true)
+                }
+            }
+        }
+        let avg = Arc::new(average_grads(&all)?);
+        for peer in &self.peers {
+            let g = avg.clone();
+            match peer
+                .call(
+                    |port| LearnerMsg::Apply(g, port),
+                    Some(Duration::from_secs(300)),
+                )
+                .await
+            {
+                Ok(ractor::rpc::CallResult::Success(Ok(()))) => {}
+                other => {
+                    return self
+                        .fail(format!("replica apply failed: {other:?}"))
+                        .await
+                        .map(|_| true)
+                }
+            }
+        }
+        let core = a.core.clone();
+        let g = avg.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || apply(&core, &g)).await? {
+            return self.fail(e).await.map(|_| true);
+        }
+        let n = stats.len() as f32;
+        let last = LastStats {
+            loss: stats.iter().map(|s| s.loss).sum::<f32>() / n,
+            accuracy: stats.iter().map(|s| s.accuracy).sum::<f32>() / n,
+            margin_gap: stats.iter().map(|s| s.margin_gap).sum::<f32>() / n,
+        };
+        if let Ok(mut l) = a.control.last.lock() {
+            *l = last;
+        }
+        RunControl::add(&a.control.pairs_consumed, (a.batch * a.world) as u64);
+        RunControl::add(&a.control.learner_busy_us, t0.elapsed().as_micros() as u64);
+        a.control
+            .learner_step
+            .store(next, std::sync::atomic::Ordering::Relaxed);
+        let spec = &a.checkpoint;
+        if (spec.every > 0 && next % spec.every == 0) || spec.at_steps.contains(&next) {
+            self.checkpoint()?;
+        }
+        Ok(true)
+    }
+}
+
+impl Actor for LearnerActor {
+    type Msg = LearnerMsg;
+    type State = LearnerState;
+    type Arguments = LearnerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: LearnerArgs,
+    ) -> Result<LearnerState, ActorProcessingErr> {
+        Ok(LearnerState {
+            args,
+            peers: vec![],
+            finished: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: LearnerMsg,
+        st: &mut LearnerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            LearnerMsg::SetPeers(p) => st.peers = p,
+            LearnerMsg::Grads(batch, port) => {
+                let (core, grid, labels, beta) = (
+                    st.args.core.clone(),
+                    st.args.grid.clone(),
+                    st.args.labels,
+                    st.args.beta,
+                );
+                let r = tokio::task::spawn_blocking(move || {
+                    compute(&core, &grid, &batch, labels, beta)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("panicked: {e}")));
+                let _ = port.send(r);
+            }
+            LearnerMsg::Apply(grads, port) => {
+                let core = st.args.core.clone();
+                let r = tokio::task::spawn_blocking(move || apply(&core, &grads))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("panicked: {e}")));
+                let _ = port.send(r);
+            }
+            LearnerMsg::Tick => {
+                if st.finished {
+                    return Ok(());
+                }
+                if st.args.control.stopping() || st.step() >= st.args.total_steps {
+                    st.finished = true;
+                    let dir = st.checkpoint()?;
+                    if let Some(c) = &st.args.coordinator {
+                        c.cast(CoordinatorMsg::LearnerDone {
+                            step: st.step(),
+                            checkpoint: dir,
+                        })?;
+                    }
+                    return Ok(());
+                }
+                st.leader_step().await?;
+                myself.cast(LearnerMsg::Tick)?;
+            }
+        }
+        Ok(())
+    }
+}
