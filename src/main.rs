@@ -1,6 +1,94 @@
-//! The `tilt` command line. (Being built: see issue 3.)
+//! The `tilt` command line: run, resume, check-config.
 
-fn main() {
-    eprintln!("tilt: not yet implemented: the runtime lands with issue 3");
-    std::process::exit(2);
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tilt::config::Config;
+use tilt::run::{default_out, execute, prepare_run_dir};
+
+#[derive(Parser)]
+#[command(
+    name = "tilt",
+    version,
+    about = "Fine-tune diffusion models toward a reward or a preference (VRPO, DF-DPO)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the stages a config lists, in order, in a fresh run directory.
+    Run {
+        /// A TOML config (see configs/).
+        config: PathBuf,
+        /// Run directory (default: runs/<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override any config key: --set vrpo.labels=hard --set sampling.steps=20
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Continue a stopped run from its last checkpoint.
+    Resume {
+        run_dir: PathBuf,
+        /// Override keys of the saved config (e.g. a larger vrpo.steps).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Validate a config and print it fully resolved.
+    CheckConfig {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+}
+
+async fn main_inner(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::CheckConfig { config, sets } => {
+            let cfg = Config::load(&config, &sets)?;
+            print!("{}", cfg.to_toml()?);
+        }
+        Cmd::Run { config, out, sets } => {
+            let cfg = Config::load(&config, &sets)?;
+            let out = out.unwrap_or_else(|| default_out(&cfg));
+            prepare_run_dir(&out, &cfg)?;
+            execute(&cfg, &out).await?;
+        }
+        Cmd::Resume { run_dir, sets } => {
+            let path = run_dir.join("config.toml");
+            let cfg = Config::load(&path, &sets)
+                .with_context(|| format!("{} is not a tilt run directory", run_dir.display()))?;
+            if !sets.is_empty() {
+                std::fs::write(&path, cfg.to_toml()?)?;
+            }
+            execute(&cfg, &run_dir).await?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tilt: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(main_inner(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tilt: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

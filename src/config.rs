@@ -1,0 +1,544 @@
+//! The run configuration: typed, nested, `deny_unknown_fields`, with defaults and a `validate()`
+//! that names the offending key. `--set a.b=value` edits the TOML tree before it is typed, so every
+//! key can be overridden and a misspelt one fails exactly like a misspelt key in the file.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tilt_actors::replay::ReplayConfig;
+use tilt_kernels::critic::CriticLossWeights;
+use tilt_kernels::losses::VrpoLabels;
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// A name for reports.
+    pub name: String,
+    /// Master seed: every random stream is derived from it.
+    pub seed: u64,
+    /// Stages to run, in order: "critic", "vrpo", "eval".
+    pub stages: Vec<String>,
+    /// "cpu" (or "cuda" with the `cuda` feature).
+    pub device: String,
+    pub data: DataConfig,
+    pub reward: RewardConfig,
+    pub schedule: ScheduleConfig,
+    pub sampling: SamplingConfig,
+    pub policy: PolicyConfig,
+    pub critic: CriticConfig,
+    pub vrpo: VrpoConfig,
+    pub rollout: RolloutConfig,
+    pub learner: LearnerConfig,
+    pub replay: ReplayConfig,
+    pub eval: EvalConfig,
+    pub fault: FaultConfig,
+}
+
+/// The data / reference model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// "mixture2d": an isotropic Gaussian mixture whose exact eps is the reference model.
+    pub kind: String,
+    /// Mixture weights (normalised).
+    pub weights: Vec<f64>,
+    /// Mixture means, one per component.
+    pub means: Vec<Vec<f64>>,
+    /// Mixture standard deviations (isotropic), one per component.
+    pub stds: Vec<f64>,
+}
+
+/// The reward.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardConfig {
+    /// "linear" (a.x + b) or "quadratic" (-scale |x - center|^2).
+    pub kind: String,
+    pub a: Vec<f64>,
+    pub b: f64,
+    pub center: Vec<f64>,
+    pub scale: f64,
+}
+
+/// The training-grid noise schedule.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// N, training steps.
+    pub train_steps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+}
+
+/// The sampling chain.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// K, sampling steps (DESIGN.md: K >= 100 for the tilt to be reachable).
+    pub steps: usize,
+    /// DDIM eta in (0, 1]; 1 = DDPM posterior variance.
+    pub eta: f64,
+}
+
+/// The policy residual (policy = reference + residual, residual initialised to zero).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub hidden: usize,
+    pub depth: usize,
+    pub time_dim: usize,
+}
+
+/// VRPO stage 1: the distributional critic, and the critic role of stage 2.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriticConfig {
+    /// "learned" (CDF critic trained in stage 1) or "exact" (the analytic mixture value).
+    pub kind: String,
+    /// Critic actors scoring endpoints in stage 2.
+    pub actors: usize,
+    /// M, bins of the CDF grid.
+    pub bins: usize,
+    /// Grid range [lo, hi]; empty = from the rewards of the reference rollouts (min/max with 5% margin).
+    pub grid: Vec<f64>,
+    /// Reference chains rolled for the critic's training set (10% held out).
+    pub rollouts: usize,
+    pub train_steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub hidden: usize,
+    pub depth: usize,
+    pub time_dim: usize,
+    pub loss: CriticLossWeights,
+}
+
+/// VRPO stage 2.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VrpoConfig {
+    /// The tilt lambda (the paper's eta): target p_ref exp(lambda r).
+    pub lambda: f64,
+    /// DPO temperature; 1 with soft labels (DESIGN.md).
+    pub beta: f64,
+    /// "soft" (q = sigmoid(V(a) - V(b))) or "hard" (the paper's winner/loser).
+    pub labels: VrpoLabels,
+    /// L, steps per segment.
+    pub segment_len: usize,
+    /// Learner steps.
+    pub steps: u64,
+    /// Pairs per learner replica per step.
+    pub batch: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+}
+
+/// Rollout role.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutConfig {
+    pub actors: usize,
+    /// Reference chains per unit of work (each yields K/L pairs).
+    pub chains: usize,
+    /// Units buffered between rollouts and critics.
+    pub channel: usize,
+}
+
+/// Learner role.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LearnerConfig {
+    /// Synchronous data-parallel replicas.
+    pub actors: usize,
+    /// Checkpoint every this many steps (0 = only at the end and at eval points).
+    pub checkpoint_every: u64,
+}
+
+/// Evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Policy samples per evaluated checkpoint.
+    pub samples: usize,
+    /// Reference samples for the importance-weighted target.
+    pub target_samples: usize,
+    /// Extra learner steps to evaluate at (besides the last), e.g. to show drift.
+    pub at_steps: Vec<u64>,
+}
+
+/// Fault injection (for tests of supervision; 0 = off).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultConfig {
+    /// A rollout actor panics after this many units (once).
+    pub rollout_panic_after: u64,
+    /// A critic actor panics after this many units (once).
+    pub critic_panic_after: u64,
+    /// The learner fails at this step (after checkpointing the previous one).
+    pub learner_fail_at_step: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: "tilt".into(),
+            seed: 0,
+            stages: vec!["critic".into(), "vrpo".into(), "eval".into()],
+            device: "cpu".into(),
+            data: DataConfig::default(),
+            reward: RewardConfig::default(),
+            schedule: ScheduleConfig::default(),
+            sampling: SamplingConfig::default(),
+            policy: PolicyConfig::default(),
+            critic: CriticConfig::default(),
+            vrpo: VrpoConfig::default(),
+            rollout: RolloutConfig::default(),
+            learner: LearnerConfig::default(),
+            replay: ReplayConfig::default(),
+            eval: EvalConfig::default(),
+            fault: FaultConfig::default(),
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        let m = tilt_kernels::mixture::GaussianMixture::quickstart();
+        Self {
+            kind: "mixture2d".into(),
+            weights: m.weights,
+            means: m.means,
+            stds: m.stds,
+        }
+    }
+}
+impl Default for RewardConfig {
+    fn default() -> Self {
+        Self {
+            kind: "linear".into(),
+            a: vec![1.0, 0.0],
+            b: 0.0,
+            center: vec![0.0, 0.0],
+            scale: 1.0,
+        }
+    }
+}
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            train_steps: 1000,
+            beta_start: 1e-4,
+            beta_end: 0.02,
+        }
+    }
+}
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            steps: 100,
+            eta: 1.0,
+        }
+    }
+}
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            hidden: 128,
+            depth: 3,
+            time_dim: 32,
+        }
+    }
+}
+impl Default for CriticConfig {
+    fn default() -> Self {
+        Self {
+            kind: "learned".into(),
+            actors: 1,
+            bins: 50,
+            grid: vec![],
+            rollouts: 4000,
+            train_steps: 2000,
+            batch: 1024,
+            lr: 1e-3,
+            hidden: 128,
+            depth: 3,
+            time_dim: 32,
+            loss: CriticLossWeights::default(),
+        }
+    }
+}
+impl Default for VrpoConfig {
+    fn default() -> Self {
+        Self {
+            lambda: 1.0,
+            beta: 1.0,
+            labels: VrpoLabels::Soft,
+            segment_len: 10,
+            steps: 2000,
+            batch: 256,
+            lr: 1e-3,
+            weight_decay: 0.0,
+            grad_clip: 0.0,
+        }
+    }
+}
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        Self {
+            actors: 1,
+            chains: 64,
+            channel: 4,
+        }
+    }
+}
+impl Default for LearnerConfig {
+    fn default() -> Self {
+        Self {
+            actors: 1,
+            checkpoint_every: 500,
+        }
+    }
+}
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            samples: 20_000,
+            target_samples: 50_000,
+            at_steps: vec![],
+        }
+    }
+}
+
+fn positive(key: &str, v: f64) -> Result<()> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        bail!("{key} = {v}: must be positive")
+    }
+}
+
+impl Config {
+    /// Check every value a user can get wrong; the error names the key and the value.
+    pub fn validate(&self) -> Result<()> {
+        for s in &self.stages {
+            if !["critic", "vrpo", "eval"].contains(&s.as_str()) {
+                bail!("stages: unknown stage {s:?} (expected \"critic\", \"vrpo\", \"eval\")");
+            }
+        }
+        if self.device != "cpu" && self.device != "cuda" {
+            bail!("device = {:?}: expected \"cpu\" or \"cuda\"", self.device);
+        }
+        if self.data.kind != "mixture2d" {
+            bail!("data.kind = {:?}: expected \"mixture2d\" (other data sets arrive with later issues)", self.data.kind);
+        }
+        tilt_kernels::mixture::GaussianMixture::new(
+            self.data.weights.clone(),
+            self.data.means.clone(),
+            self.data.stds.clone(),
+        )
+        .map_err(|e| anyhow!("data: {e}"))?;
+        let dim = self.data.means.first().map_or(0, |m| m.len());
+        match self.reward.kind.as_str() {
+            "linear" if self.reward.a.len() == dim => {}
+            "linear" => bail!(
+                "reward.a = {:?}: needs {dim} entries (the data dimension)",
+                self.reward.a
+            ),
+            "quadratic" if self.reward.center.len() == dim => {}
+            "quadratic" => bail!(
+                "reward.center = {:?}: needs {dim} entries",
+                self.reward.center
+            ),
+            k => bail!("reward.kind = {k:?}: expected \"linear\" or \"quadratic\""),
+        }
+        if self.critic.kind != "learned" && self.critic.kind != "exact" {
+            bail!(
+                "critic.kind = {:?}: expected \"learned\" or \"exact\"",
+                self.critic.kind
+            );
+        }
+        if self.critic.kind == "exact" && self.reward.kind != "linear" {
+            bail!("critic.kind = \"exact\": the exact value is only known for a linear reward (reward.kind = {:?})", self.reward.kind);
+        }
+        if !self.critic.grid.is_empty()
+            && (self.critic.grid.len() != 2 || self.critic.grid[0] >= self.critic.grid[1])
+        {
+            bail!(
+                "critic.grid = {:?}: expected [lo, hi] with lo < hi, or [] for automatic",
+                self.critic.grid
+            );
+        }
+        let counts = [
+            ("critic.actors", self.critic.actors),
+            ("critic.bins", self.critic.bins),
+            ("critic.rollouts", self.critic.rollouts),
+            ("critic.batch", self.critic.batch),
+            ("critic.hidden", self.critic.hidden),
+            ("critic.depth", self.critic.depth),
+            ("policy.hidden", self.policy.hidden),
+            ("policy.depth", self.policy.depth),
+            ("vrpo.segment_len", self.vrpo.segment_len),
+            ("vrpo.batch", self.vrpo.batch),
+            ("rollout.actors", self.rollout.actors),
+            ("rollout.chains", self.rollout.chains),
+            ("rollout.channel", self.rollout.channel),
+            ("learner.actors", self.learner.actors),
+            ("eval.samples", self.eval.samples),
+            ("eval.target_samples", self.eval.target_samples),
+        ];
+        for (k, v) in counts {
+            if v == 0 {
+                bail!("{k} = 0: must be at least 1");
+            }
+        }
+        for (k, v) in [
+            ("critic.time_dim", self.critic.time_dim),
+            ("policy.time_dim", self.policy.time_dim),
+        ] {
+            if v == 0 || v % 2 != 0 {
+                bail!("{k} = {v}: must be even and positive");
+            }
+        }
+        if self.vrpo.segment_len > self.sampling.steps {
+            bail!(
+                "vrpo.segment_len = {}: must be at most sampling.steps = {}",
+                self.vrpo.segment_len,
+                self.sampling.steps
+            );
+        }
+        if !(self.sampling.eta > 0.0 && self.sampling.eta <= 1.0) {
+            bail!("sampling.eta = {}: must be in (0, 1]", self.sampling.eta);
+        }
+        if self.sampling.steps == 0 || self.sampling.steps > self.schedule.train_steps {
+            bail!(
+                "sampling.steps = {}: must be in 1..={} (schedule.train_steps)",
+                self.sampling.steps,
+                self.schedule.train_steps
+            );
+        }
+        positive("vrpo.beta", self.vrpo.beta)?;
+        positive("vrpo.lr", self.vrpo.lr)?;
+        positive("critic.lr", self.critic.lr)?;
+        if !self.vrpo.lambda.is_finite() {
+            bail!("vrpo.lambda = {}: must be finite", self.vrpo.lambda);
+        }
+        self.replay.validate().map_err(|e| anyhow!("{e}"))?;
+        if self.replay.backend != "memory" {
+            bail!("replay.backend = {:?}: only \"memory\" is available in this build (Redis arrives with issue 4)", self.replay.backend);
+        }
+        self.critic
+            .loss
+            .validate()
+            .map_err(|e| anyhow!("critic.loss: {e}"))?;
+        Ok(())
+    }
+
+    /// Parse TOML text, apply `--set key=value` overrides, type-check and validate. `origin` names
+    /// the file in errors.
+    pub fn from_toml_str(text: &str, origin: &str, sets: &[String]) -> Result<Self> {
+        let mut tree: toml::Value =
+            toml::from_str(text).map_err(|e| anyhow!("{origin}: invalid TOML: {}", e.message()))?;
+        for s in sets {
+            apply_set(&mut tree, s).with_context(|| format!("--set {s}"))?;
+        }
+        let cfg: Config =
+            Config::deserialize(tree).map_err(|e| anyhow!("{origin}: {}", e.message()))?;
+        cfg.validate().map_err(|e| anyhow!("{origin}: {e}"))?;
+        Ok(cfg)
+    }
+
+    /// Read, override, type-check and validate a config file.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::from_toml_str(&text, &path.display().to_string(), sets)
+    }
+
+    /// The resolved config as TOML (saved into the run directory).
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+}
+
+/// Apply one `a.b.c=value` to the TOML tree. The value is parsed as TOML (numbers, booleans,
+/// arrays, quoted strings); anything else is taken as a bare string.
+pub fn apply_set(tree: &mut toml::Value, set: &str) -> Result<()> {
+    let (key, raw) = set
+        .split_once('=')
+        .ok_or_else(|| anyhow!("expected key=value"))?;
+    let key = key.trim();
+    if key.is_empty() {
+        bail!("empty key");
+    }
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.trim().to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut node = tree;
+    for p in &parts[..parts.len() - 1] {
+        let table = node
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("{key}: {p} is not a table"))?;
+        node = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    let table = node
+        .as_table_mut()
+        .ok_or_else(|| anyhow!("{key}: parent is not a table"))?;
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let back = Config::from_toml_str(&c.to_toml().unwrap(), "x", &[]).unwrap();
+        assert_eq!(c, back);
+    }
+
+    #[test]
+    fn errors_name_file_key_and_value() {
+        let e = Config::from_toml_str("[vrpo]\nlamda = 2.0\n", "f.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("f.toml") && e.contains("lamda"), "{e}");
+        let e = Config::from_toml_str("", "f.toml", &["vrpo.beta=-1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vrpo.beta") && e.contains("-1"), "{e}");
+        let e = Config::from_toml_str("", "f.toml", &["vrpo.labels=medium".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("medium"), "{e}");
+    }
+
+    #[test]
+    fn set_reaches_nested_keys_and_arrays() {
+        let c = Config::from_toml_str(
+            "",
+            "f",
+            &[
+                "vrpo.labels=hard".into(),
+                "sampling.steps=20".into(),
+                "eval.at_steps=[10, 20]".into(),
+                "name=abc".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.vrpo.labels, VrpoLabels::Hard);
+        assert_eq!(c.sampling.steps, 20);
+        assert_eq!(c.eval.at_steps, vec![10, 20]);
+        assert_eq!(c.name, "abc");
+    }
+}

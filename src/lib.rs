@@ -1,0 +1,8 @@
+//! The `tilt` package: configuration, pipeline wiring and the command line. The math lives in
+//! `tilt-kernels`, the actors in `tilt-actors`.
+
+pub mod config;
+pub mod pipeline;
+pub mod progress;
+pub mod run;
+pub mod signals;

@@ -1,0 +1,86 @@
+//! Progress output: one plain line every few seconds (stage, step, pairs/s, loss, ETA), written to
+//! stderr and appended to the run's `progress.log`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tilt_actors::control::RunControl;
+use tilt_actors::replay::ReplayBuffer;
+
+/// Where progress goes.
+#[derive(Clone)]
+pub struct Progress {
+    pub log: Option<PathBuf>,
+    pub every: Duration,
+}
+
+/// "1h02m", "3m05s", "12s".
+pub fn fmt_secs(s: f64) -> String {
+    if !s.is_finite() {
+        return "?".into();
+    }
+    let s = s.max(0.0) as u64;
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}
+
+impl Progress {
+    /// Print a line and append it to the log.
+    pub fn line(&self, s: &str) {
+        eprintln!("{s}");
+        if let Some(p) = &self.log {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+            {
+                let _ = writeln!(f, "{s}");
+            }
+        }
+    }
+
+    /// A background task that reports the VRPO stage until aborted.
+    pub fn spawn_vrpo(
+        &self,
+        control: Arc<RunControl>,
+        replay: Arc<dyn ReplayBuffer>,
+        start: u64,
+        total: u64,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            loop {
+                tokio::time::sleep(me.every).await;
+                let el = t0.elapsed().as_secs_f64();
+                let step = RunControl::get(&control.learner_step);
+                let done = step.saturating_sub(start) as f64;
+                let rate = done / el;
+                let eta = if rate > 0.0 {
+                    (total.saturating_sub(step)) as f64 / rate
+                } else {
+                    f64::NAN
+                };
+                let last = control.last();
+                let st = replay.stats();
+                me.line(&format!(
+                    "[vrpo] step {step}/{total} ({:.0}%) | {:.0} pairs/s in, {:.1} steps/s | loss {:.4} pair-acc {:.3} | replay {} | restarts {} | {} elapsed, ETA {}",
+                    100.0 * step as f64 / total.max(1) as f64,
+                    RunControl::get(&control.pairs_inserted) as f64 / el,
+                    rate,
+                    last.loss,
+                    last.accuracy,
+                    st.depth,
+                    RunControl::get(&control.restarts),
+                    fmt_secs(el),
+                    fmt_secs(eta)
+                ));
+            }
+        })
+    }
+}
