@@ -17,8 +17,8 @@ use tilt_actors::coordinator::{CoordinatorActor, CoordinatorMsg, RunOutcome, Run
 use tilt_actors::learner::{CheckpointSpec, LearnerArgs, LearnerCore};
 use tilt_actors::replay::{MemoryReplay, ReplayBuffer};
 use tilt_kernels::critic::{
-    bucket_of, critic_loss, cross_entropy, crps_loss, topk_accuracy, CdfCritic, CdfGrid,
-    MlpEncoder, MlpEncoderConfig, ValueCritic, DEFAULT_EPS,
+    critic_loss, cross_entropy, crps_loss, topk_accuracy, CdfCritic, CdfGrid, MlpEncoder,
+    MlpEncoderConfig, ValueCritic, DEFAULT_EPS,
 };
 use tilt_kernels::denoiser::{load_weights, save_weights, timesteps, Denoiser, ResidualPolicy};
 use tilt_kernels::logprob::sample_chain;
@@ -258,8 +258,8 @@ pub fn stage_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<CriticRep
         let yt = y.narrow(0, n_train, n_test)?;
         let exact = exact_value(cfg, s);
         let (mut se, mut cnt, mut agree, mut pairs) = (0.0, 0usize, 0usize, 0usize);
-        for kk in 1..=k {
-            let xt = states[kk].narrow(0, n_train, n_test)?;
+        for (kk, state) in states.iter().enumerate().skip(1) {
+            let xt = state.narrow(0, n_train, n_test)?;
             let nt = timesteps(s.grid.n_of_k[kk], n_test, &s.device)?;
             let f = critic.cdf(&xt, &nt, None)?;
             crps += crps_loss(&f, &yt, &grid)?.to_scalar::<f32>()? as f64;
@@ -292,7 +292,6 @@ pub fn stage_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<CriticRep
             report.value_rmse_vs_exact = Some((se / cnt as f64).sqrt());
             report.order_agreement_vs_exact = Some(agree as f64 / pairs.max(1) as f64);
         }
-        let _ = bucket_of; // bucket convention documented in kernels::critic
     }
     report.train_s = t0.elapsed().as_secs_f64();
     write_json(&jfile, &report)?;
