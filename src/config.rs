@@ -34,6 +34,7 @@ pub struct Config {
     pub replay: ReplayConfig,
     pub eval: EvalConfig,
     pub fault: FaultConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// The data / reference model.
@@ -168,6 +169,26 @@ pub struct EvalConfig {
     pub at_steps: Vec<u64>,
 }
 
+/// Live metrics.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Prometheus endpoint address, e.g. "127.0.0.1:9184"; port 0 picks a free port (logged at
+    /// start); "" turns the endpoint off.
+    pub listen: String,
+    /// Seconds between progress lines (and gauge updates).
+    pub progress_every_s: f64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9184".into(),
+            progress_every_s: 3.0,
+        }
+    }
+}
+
 /// Fault injection (for tests of supervision; 0 = off).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -199,6 +220,7 @@ impl Default for Config {
             replay: ReplayConfig::default(),
             eval: EvalConfig::default(),
             fault: FaultConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -3,6 +3,9 @@
 
 pub mod config;
 pub mod pipeline;
+pub mod plots;
 pub mod progress;
+pub mod report;
 pub mod run;
 pub mod signals;
+pub mod telemetry;

@@ -39,6 +39,8 @@ enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Re-render the plots of a run and print its summary (or its progress so far).
+    Report { run_dir: PathBuf },
     /// Validate a config and print it fully resolved.
     CheckConfig {
         config: PathBuf,
@@ -49,6 +51,7 @@ enum Cmd {
 
 async fn main_inner(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Report { run_dir } => tilt::report::report(&run_dir)?,
         Cmd::CheckConfig { config, sets } => {
             let cfg = Config::load(&config, &sets)?;
             print!("{}", cfg.to_toml()?);

@@ -255,6 +255,7 @@ pub fn stage_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<CriticRep
     };
     if n_test > 0 {
         let (mut crps, mut ce, mut t1, mut t3) = (0.0, 0.0, 0.0, 0.0);
+        let mut calib: Vec<(f64, bool)> = Vec::new();
         let yt = y.narrow(0, n_train, n_test)?;
         let exact = exact_value(cfg, s);
         let (mut se, mut cnt, mut agree, mut pairs) = (0.0, 0usize, 0usize, 0usize);
@@ -263,6 +264,16 @@ pub fn stage_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<CriticRep
             let nt = timesteps(s.grid.n_of_k[kk], n_test, &s.device)?;
             let f = critic.cdf(&xt, &nt, None)?;
             crps += crps_loss(&f, &yt, &grid)?.to_scalar::<f32>()? as f64;
+            if kk % (k / 4).max(1) == 0 {
+                // Calibration pairs (F(c_m | x_k), 1{r <= c_m}) for the report's reliability plot.
+                let fv = f.to_vec2::<f32>()?;
+                let yv = yt.to_vec1::<f32>()?;
+                for (row, yi) in fv.iter().zip(&yv).take(100) {
+                    for (m, fm) in row.iter().enumerate().step_by(5) {
+                        calib.push((*fm as f64, (*yi as f64) <= grid.c[m]));
+                    }
+                }
+            }
             ce += cross_entropy(&f, &yt, &grid, DEFAULT_EPS)?;
             t1 += topk_accuracy(&f, &yt, &grid, 1)?;
             t3 += topk_accuracy(&f, &yt, &grid, 3)?;
@@ -288,6 +299,7 @@ pub fn stage_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<CriticRep
         report.ce = ce / kf;
         report.top1 = t1 / kf;
         report.top3 = t3 / kf;
+        write_json(&run_dir.join("calibration.json"), &calib)?;
         if cnt > 0 {
             report.value_rmse_vs_exact = Some((se / cnt as f64).sqrt());
             report.order_agreement_vs_exact = Some(agree as f64 / pairs.max(1) as f64);
@@ -382,6 +394,8 @@ pub struct VrpoReport {
     pub final_pair_accuracy: f32,
     pub final_checkpoint: String,
     pub stopped_early: bool,
+    /// Per-stage latency percentiles, merged across actors (this invocation of the stage).
+    pub latency: std::collections::BTreeMap<String, tilt_actors::telemetry::LatencySummary>,
 }
 
 /// Stage 2: spawn the actors and run until the step budget, a signal, or a learner failure.
@@ -524,7 +538,24 @@ pub async fn stage_vrpo(
         final_pair_accuracy: last.accuracy,
         final_checkpoint: String::new(),
         stopped_early: steps_done < cfg.vrpo.steps,
+        latency: control.latency.summary(),
     };
+    // Loss curves: append this invocation's history to the run's (a resumed run continues it).
+    let hist_file = run_dir.join("history.json");
+    let mut hist: Vec<(u64, f32, f32)> = if hist_file.exists() {
+        read_json(&hist_file)?
+    } else {
+        vec![]
+    };
+    hist.retain(|h| h.0 <= start_step);
+    hist.extend(
+        control
+            .history
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default(),
+    );
+    write_json(&hist_file, &hist)?;
     match outcome {
         RunOutcome::Finished { step, checkpoint } => {
             eprintln!(
@@ -606,6 +637,18 @@ pub fn stage_eval(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<EvalReport>
         )?;
         rep.mode_weights_closed_form = Some(s.mixture.mode_weights(&xt, None)?);
     }
+    // Samples for the report's scatter: reference, target-weighted (systematic resampling), policy.
+    let rows = x0.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let take = 2000.min(rows.len());
+    let xy = |r: &Vec<f64>| (r[0], r.get(1).copied().unwrap_or(0.0));
+    let mut samples = PlotSamples {
+        reference: rows.iter().take(take).map(xy).collect(),
+        target: systematic_resample(&est.weights, take, 0.5)
+            .into_iter()
+            .map(|i| xy(&rows[i]))
+            .collect(),
+        policy: vec![],
+    };
     let mut steps: Vec<u64> = cfg
         .eval
         .at_steps
@@ -650,9 +693,37 @@ pub fn stage_eval(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<EvalReport>
             round3(&point.mode_weights_policy),
             round3(&rep.mode_weights_target)
         );
+        metrics::gauge!("tilt_reward_mean", "role" => "eval", "actor" => "0")
+            .set(point.reward_mean_policy);
         rep.points.push(point);
+        let pr = p0.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        samples.policy = pr.iter().take(take).map(xy).collect();
     }
+    write_json(&run_dir.join("samples.json"), &samples)?;
     Ok(rep)
+}
+
+/// 2-D samples kept for the report (at most 2000 each).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct PlotSamples {
+    pub reference: Vec<(f64, f64)>,
+    pub target: Vec<(f64, f64)>,
+    pub policy: Vec<(f64, f64)>,
+}
+
+/// Indices drawn by systematic resampling of normalised `weights` (offset u in [0, 1)).
+pub fn systematic_resample(weights: &[f64], n: usize, u: f64) -> Vec<usize> {
+    let mut out = Vec::with_capacity(n);
+    let (mut acc, mut i) = (weights.first().copied().unwrap_or(0.0), 0);
+    for j in 0..n {
+        let t = (j as f64 + u) / n as f64;
+        while acc < t && i + 1 < weights.len() {
+            i += 1;
+            acc += weights[i];
+        }
+        out.push(i);
+    }
+    out
 }
 
 /// Round for display.

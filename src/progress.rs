@@ -14,6 +14,8 @@ use tilt_actors::replay::ReplayBuffer;
 pub struct Progress {
     pub log: Option<PathBuf>,
     pub every: Duration,
+    /// stderr is a terminal: draw one updating bar instead of periodic lines.
+    pub interactive: bool,
 }
 
 /// "1h02m", "3m05s", "12s".
@@ -32,7 +34,22 @@ pub fn fmt_secs(s: f64) -> String {
 impl Progress {
     /// Print a line and append it to the log.
     pub fn line(&self, s: &str) {
+        if self.interactive {
+            eprint!("\r\x1b[2K");
+        }
         eprintln!("{s}");
+        self.append(s);
+    }
+
+    /// Periodic lines: to stderr only when it is not a terminal (a bar is drawn instead), always to the log.
+    fn log_only(&self, s: &str) {
+        if !self.interactive {
+            eprintln!("{s}");
+        }
+        self.append(s);
+    }
+
+    fn append(&self, s: &str) {
         if let Some(p) = &self.log {
             if let Ok(mut f) = std::fs::OpenOptions::new()
                 .create(true)
@@ -68,7 +85,27 @@ impl Progress {
                 };
                 let last = control.last();
                 let st = replay.stats();
-                me.line(&format!(
+                let util = RunControl::get(&control.learner_busy_us) as f64 / 1e6 / el;
+                metrics::gauge!("tilt_replay_depth", "role" => "replay", "actor" => "0")
+                    .set(st.depth as f64);
+                metrics::counter!("tilt_pairs_dropped_total", "role" => "replay", "actor" => "0")
+                    .absolute(st.dropped);
+                metrics::gauge!("tilt_learner_utilisation", "role" => "learner", "actor" => "0")
+                    .set(util);
+                if me.interactive {
+                    let frac = step as f64 / total.max(1) as f64;
+                    let filled = (frac * 30.0).round() as usize;
+                    eprint!(
+                        "\r\x1b[2K[vrpo] [{}{}] {step}/{total} | {:.0} pairs/s | loss {:.4} acc {:.3} | ETA {}",
+                        "#".repeat(filled.min(30)),
+                        ".".repeat(30 - filled.min(30)),
+                        RunControl::get(&control.pairs_inserted) as f64 / el,
+                        last.loss,
+                        last.accuracy,
+                        fmt_secs(eta)
+                    );
+                }
+                me.log_only(&format!(
                     "[vrpo] step {step}/{total} ({:.0}%) | {:.0} pairs/s in, {:.1} steps/s | loss {:.4} pair-acc {:.3} | replay {} | restarts {} | {} elapsed, ETA {}",
                     100.0 * step as f64 / total.max(1) as f64,
                     RunControl::get(&control.pairs_inserted) as f64 / el,

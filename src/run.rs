@@ -44,6 +44,8 @@ pub struct Summary {
     /// The policy evaluated at each listed training length (drift of hard labels shows here).
     pub evals: Vec<EvalPoint>,
     pub stopped_early: bool,
+    /// Per-stage latency percentiles (ms), merged across actors.
+    pub latency: std::collections::BTreeMap<String, tilt_actors::telemetry::LatencySummary>,
 }
 
 /// Throughput of the VRPO stage.
@@ -73,11 +75,16 @@ pub fn prepare_run_dir(out: &Path, cfg: &Config) -> Result<()> {
 /// Run the configured stages in `run_dir` (fresh or resumed) and write `summary.json`.
 pub async fn execute(cfg: &Config, run_dir: &Path) -> Result<Option<Summary>> {
     let t0 = Instant::now();
+    use std::io::IsTerminal;
     let progress = Progress {
         log: Some(run_dir.join("progress.log")),
-        every: Duration::from_secs(3),
+        every: Duration::from_secs_f64(cfg.metrics.progress_every_s),
+        interactive: std::io::stderr().is_terminal(),
     };
     progress.line(&format!("tilt: run {} in {}", cfg.name, run_dir.display()));
+    if let Some(addr) = crate::telemetry::start_metrics(&cfg.metrics.listen)? {
+        progress.line(&format!("tilt: metrics at http://{addr}/metrics"));
+    }
     let s = setup(cfg)?;
     let has = |st: &str| cfg.stages.iter().any(|x| x == st);
     let mut critic: Option<CriticReport> = None;
@@ -154,8 +161,23 @@ pub async fn execute(cfg: &Config, run_dir: &Path) -> Result<Option<Summary>> {
         restarts: vrpo.restarts,
         evals: ev.points.clone(),
         stopped_early: false,
+        latency: vrpo.latency.clone(),
     };
+    for (stage, l) in &summary.latency {
+        progress.line(&format!(
+            "latency {stage:<16} n={:<7} p50 {:>9.3} ms  p90 {:>9.3} ms  p99 {:>9.3} ms  max {:>9.3} ms",
+            l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+        ));
+    }
     write_json(&run_dir.join("summary.json"), &summary)?;
+    match crate::report::render_plots(run_dir) {
+        Ok(files) => progress.line(&format!(
+            "tilt: {} plots in {}",
+            files.len(),
+            run_dir.display()
+        )),
+        Err(e) => progress.line(&format!("tilt: warning: plots failed: {e:#}")),
+    }
     progress.line(&format!(
         "tilt: done in {:.0}s: reward {:.4} (reference {:.4}, target {:.4}), gap closed {:.3}, max mode-weight error {:.3}; {}",
         summary.wall_s,

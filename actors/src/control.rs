@@ -23,6 +23,10 @@ pub struct RunControl {
     pub learner_busy_us: AtomicU64,
     /// Last learner statistics (loss, pair accuracy, margin gap).
     pub last: Mutex<LastStats>,
+    /// Per-stage latency histograms.
+    pub latency: crate::telemetry::Latencies,
+    /// (step, loss, accuracy) every step, for the loss curves of the report.
+    pub history: Mutex<Vec<(u64, f32, f32)>>,
 }
 
 /// The latest learner numbers, for progress and reports.
@@ -45,6 +49,8 @@ impl Default for RunControl {
             restarts: AtomicU64::new(0),
             learner_busy_us: AtomicU64::new(0),
             last: Mutex::new(LastStats::default()),
+            latency: Default::default(),
+            history: Mutex::new(Vec::new()),
         }
     }
 }

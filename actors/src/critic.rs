@@ -12,6 +12,7 @@ use tilt_kernels::vrpo::{score_pair, SegmentPair};
 use crate::codec::pair_records;
 use crate::control::RunControl;
 use crate::replay::ReplayBuffer;
+use crate::telemetry::Stage;
 use crate::ActorError;
 
 /// The critic actor.
@@ -95,6 +96,7 @@ impl Actor for CriticActor {
         };
         let (critic, grid, lambda, id) = (a.critic.clone(), a.grid.clone(), a.lambda, a.id);
         let mut seq = st.next_seq;
+        let t0 = std::time::Instant::now();
         let records = tokio::task::spawn_blocking(move || -> Result<_, ActorError> {
             let mut out = Vec::new();
             for pair in &unit {
@@ -104,12 +106,20 @@ impl Actor for CriticActor {
             Ok((out, seq))
         })
         .await??;
+        a.control
+            .latency
+            .record(Stage::CriticScore, "critic", a.id, t0.elapsed());
         st.next_seq = records.1;
         st.units += 1;
         let n = records.0.len() as u64;
         for r in records.0 {
             // Waits while the rate limiter forbids inserts; a closed replay ends this actor.
-            if let Err(e) = a.replay.insert(r).await {
+            let t1 = std::time::Instant::now();
+            let res = a.replay.insert(r).await;
+            a.control
+                .latency
+                .record(Stage::ReplayInsert, "critic", a.id, t1.elapsed());
+            if let Err(e) = res {
                 if matches!(e, ActorError::Closed) {
                     myself.stop(Some("replay closed".into()));
                     return Ok(());
@@ -118,6 +128,7 @@ impl Actor for CriticActor {
             }
         }
         RunControl::add(&a.control.pairs_inserted, n);
+        metrics::counter!("tilt_pairs_inserted_total", "role" => "critic", "actor" => a.id.to_string()).increment(n);
         myself.cast(CriticMsg::Score)?;
         Ok(())
     }

@@ -22,6 +22,7 @@ use crate::codec::records_to_batch;
 use crate::control::{LastStats, RunControl};
 use crate::coordinator::CoordinatorMsg;
 use crate::replay::ReplayBuffer;
+use crate::telemetry::Stage;
 use crate::ActorError;
 
 /// The trainable part of a replica: residual network, its variables, optimiser, step.
@@ -150,13 +151,17 @@ impl LearnerState {
     /// One synchronous data-parallel step. Ok(false) when no data was available yet.
     async fn leader_step(&mut self) -> Result<bool, ActorProcessingErr> {
         let a = &self.args;
-        let Some(records) = a
+        let ts = Instant::now();
+        let sampled = a
             .replay
             .sample(a.batch * a.world, Duration::from_millis(250))
-            .await?
-        else {
+            .await?;
+        let Some(records) = sampled else {
             return Ok(false);
         };
+        a.control
+            .latency
+            .record(Stage::ReplaySample, "learner", 0, ts.elapsed());
         if records.len() < a.world {
             return Ok(false);
         }
@@ -256,11 +261,31 @@ impl LearnerState {
         if let Ok(mut l) = a.control.last.lock() {
             *l = last;
         }
-        RunControl::add(&a.control.pairs_consumed, (a.batch * a.world) as u64);
+        let consumed = (batches.len() * batches[0].k_starts.len()) as u64;
+        RunControl::add(&a.control.pairs_consumed, consumed);
         RunControl::add(&a.control.learner_busy_us, t0.elapsed().as_micros() as u64);
         a.control
             .learner_step
             .store(next, std::sync::atomic::Ordering::Relaxed);
+        a.control
+            .latency
+            .record(Stage::LearnerStep, "learner", 0, t0.elapsed());
+        if let Ok(mut h) = a.control.history.lock() {
+            h.push((next, last.loss, last.accuracy));
+        }
+        metrics::counter!("tilt_pairs_consumed_total", "role" => "learner", "actor" => "0")
+            .increment(consumed);
+        let rs = a.replay.stats();
+        metrics::gauge!("tilt_replay_depth", "role" => "replay", "actor" => "0")
+            .set(rs.depth as f64);
+        metrics::counter!("tilt_pairs_dropped_total", "role" => "replay", "actor" => "0")
+            .absolute(rs.dropped);
+        metrics::gauge!("tilt_learner_step", "role" => "learner", "actor" => "0").set(next as f64);
+        metrics::gauge!("tilt_policy_version", "role" => "learner", "actor" => "0")
+            .set(next as f64);
+        metrics::gauge!("tilt_loss", "role" => "learner", "actor" => "0").set(last.loss as f64);
+        metrics::gauge!("tilt_implicit_accuracy", "role" => "learner", "actor" => "0")
+            .set(last.accuracy as f64);
         let spec = &a.checkpoint;
         if (spec.every > 0 && next % spec.every == 0) || spec.at_steps.contains(&next) {
             self.checkpoint()?;

@@ -10,5 +10,6 @@ pub mod error;
 pub mod learner;
 pub mod replay;
 pub mod rollout;
+pub mod telemetry;
 
 pub use error::{ActorError, Result};

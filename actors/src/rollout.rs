@@ -88,6 +88,7 @@ impl Actor for RolloutActor {
             st.units,
         );
         // Tensor work off the async executor.
+        let t0 = std::time::Instant::now();
         let pairs = tokio::task::spawn_blocking(move || {
             make_segment_pairs(
                 reference.as_ref(),
@@ -100,6 +101,12 @@ impl Actor for RolloutActor {
             )
         })
         .await??;
+        a.control.latency.record(
+            crate::telemetry::Stage::RolloutSegment,
+            "rollout",
+            a.id,
+            t0.elapsed(),
+        );
         let rows: u64 = pairs
             .iter()
             .map(|p| p.a.log_prob.dims1().unwrap_or(0) as u64)
@@ -119,6 +126,7 @@ impl Actor for RolloutActor {
             }
         }
         RunControl::add(&a.control.pairs_produced, rows);
+        metrics::counter!("tilt_pairs_produced_total", "role" => "rollout", "actor" => a.id.to_string()).increment(rows);
         myself.cast(RolloutMsg::Produce)?;
         Ok(())
     }

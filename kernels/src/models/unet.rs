@@ -498,19 +498,6 @@ impl Denoiser for UNetDenoiser {
     }
 }
 
-/// The zero-padded reference of a 3x3 conv through candle's own `conv2d`, for tests of the
-/// gather tables: `x` [n, cin, h, w], `w` [cout, 9 * cin] in (dy, dx, cin) order.
-#[cfg(test)]
-pub(crate) fn conv2d_reference(x: &Tensor, w: &Tensor, stride: usize) -> Result<Tensor> {
-    let (cout, k) = w.dims2()?;
-    let cin = k / 9;
-    let kernel = w
-        .reshape((cout, 3, 3, cin))?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?;
-    Ok(x.conv2d(&kernel, 1, stride, 1, 1)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,7 +507,18 @@ mod tests {
     use candle_core::DType;
     use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
     use rand::Rng;
-    use std::time::Instant;
+
+    /// The zero-padded reference of a 3x3 conv through candle's own `conv2d`, for tests of the
+    /// gather tables: `x` [n, cin, h, w], `w` [cout, 9 * cin] in (dy, dx, cin) order.
+    fn conv2d_reference(x: &Tensor, w: &Tensor, stride: usize) -> Result<Tensor> {
+        let (cout, k) = w.dims2()?;
+        let cin = k / 9;
+        let kernel = w
+            .reshape((cout, 3, 3, cin))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
+        Ok(x.conv2d(&kernel, 1, stride, 1, 1)?)
+    }
 
     fn cfg(channels: usize, size: usize, classes: usize, zero: bool) -> UNetConfig {
         UNetConfig {
@@ -768,11 +766,15 @@ mod tests {
     fn learns_to_denoise_two_patterns() {
         // Sanity of the whole graph under autograd: on 1-channel 8x8 images of two fixed
         // patterns (a cross and a ring, one per class), noised with the DDPM VP schedule,
-        // 150 AdamW steps (lr 1e-3, batch 32) bring the eps MSE below 0.6x its initial value.
+        // 100 AdamW steps (lr 1e-3, batch 16, base 8) bring the eps MSE below 0.6x its initial
+        // value.
         // A net that predicts 0 has MSE 1; with two possible images eps is recoverable from x_n
         // at all but the noisiest n, so a working net gets far below 1.
         let d = Device::Cpu;
-        let (vm, m) = build(cfg(1, 8, 2, false));
+        let (vm, m) = build(UNetConfig {
+            base: 8,
+            ..cfg(1, 8, 2, false)
+        });
         let mut cross = [-1f32; 64];
         let mut ring = [-1f32; 64];
         for i in 0..8 {
@@ -792,9 +794,9 @@ mod tests {
             ..Default::default()
         };
         let mut opt = AdamW::new(vm.all_vars(), params).unwrap();
-        let batch = 32;
+        let batch = 16;
         let mut losses = Vec::new();
-        for step in 0..150u64 {
+        for step in 0..100u64 {
             let mut rng = rng_for(5, 0, step);
             let labels: Vec<u32> = (0..batch).map(|_| rng.random_range(0..2)).collect();
             let ns: Vec<usize> = (0..batch).map(|_| rng.random_range(1..=1000)).collect();
@@ -816,101 +818,5 @@ mod tests {
         let first: f32 = losses[..10].iter().sum::<f32>() / 10.0;
         let last: f32 = losses[losses.len() - 20..].iter().sum::<f32>() / 20.0;
         assert!(last < 0.6 * first, "eps MSE {first} -> {last}");
-    }
-
-    #[test]
-    fn tmp_timing() {
-        let d = Device::Cpu;
-        for (size, base) in [(8, 32), (16, 32), (16, 16), (32, 32)] {
-            let (vm, m) = build(UNetConfig {
-                base,
-                ..cfg(1, size, 2, false)
-            });
-            let x = randn(&mut rng_for(9, 0, 0), (64, 1, size, size), &d).unwrap();
-            let n = Tensor::full(300f32, 64, &d).unwrap();
-            let _ = m.eps(&x, &n, None).unwrap();
-            let mut fwd = f64::MAX;
-            for _ in 0..8 {
-                let t = std::time::Instant::now();
-                let _ = m.eps(&x, &n, None).unwrap();
-                fwd = fwd.min(t.elapsed().as_secs_f64() * 1e3);
-            }
-            let mut opt = AdamW::new(vm.all_vars(), ParamsAdamW::default()).unwrap();
-            let mut st = f64::MAX;
-            for _ in 0..4 {
-                let t = std::time::Instant::now();
-                let l = m
-                    .eps(&x, &n, None)
-                    .unwrap()
-                    .sqr()
-                    .unwrap()
-                    .mean_all()
-                    .unwrap();
-                opt.backward_step(&l).unwrap();
-                st = st.min(t.elapsed().as_secs_f64() * 1e3);
-            }
-            eprintln!(
-                "TIMING size {size} base {base} batch 64: fwd {fwd:.1} ms, train step {st:.1} ms"
-            );
-        }
-    }
-
-    #[test]
-    fn tmp_profile() {
-        let d = Device::Cpu;
-        let (b, s, c) = (64usize, 8usize, 32usize);
-        let vm = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vm, DType::F32, &d);
-        let conv = PixelConv::new(c, c, 9, false, vb.pp("conv")).unwrap();
-        let norm = PixelNorm::new(c, vb.pp("norm")).unwrap();
-        let block = ResBlock::new(c, c, 4 * c, vb.pp("block")).unwrap();
-        let table = conv3x3_table(b, s, Resample::Same, &d).unwrap();
-        let xv = candle_core::Var::from_tensor(
-            &randn(&mut rng_for(1, 0, 0), (b * s * s, c), &d).unwrap(),
-        )
-        .unwrap();
-        let emb = randn(&mut rng_for(1, 0, 0), (b, 4 * c), &d).unwrap();
-        let g = randn(&mut rng_for(2, 0, 0), (b * s * s, c), &d).unwrap();
-        let tm = |name: &str, f: &dyn Fn() -> Tensor| {
-            let mut best = (f64::MAX, f64::MAX);
-            for _ in 0..8 {
-                let t = Instant::now();
-                let y = f();
-                let t1 = t.elapsed().as_secs_f64() * 1e3;
-                let l = (y * &g).unwrap().sum_all().unwrap();
-                let t = Instant::now();
-                let _ = l.backward().unwrap();
-                let t2 = t.elapsed().as_secs_f64() * 1e3;
-                best = (best.0.min(t1), best.1.min(t2));
-            }
-            eprintln!("PROF {name}: fwd {:.2} ms, bwd {:.2} ms", best.0, best.1);
-        };
-        let cols = randn(&mut rng_for(1, 0, 0), (b * s * s, 9 * c), &d).unwrap();
-        let w = randn(&mut rng_for(1, 0, 0), (c, 9 * c), &d).unwrap();
-        let t0 = |name: &str, f: &dyn Fn() -> Tensor| {
-            let mut best = f64::MAX;
-            for _ in 0..10 {
-                let t = Instant::now();
-                let _y = f();
-                best = best.min(t.elapsed().as_secs_f64() * 1e3);
-            }
-            eprintln!("PROF {name}: {best:.2} ms");
-        };
-        t0("g @ w", &|| g.matmul(&w).unwrap());
-        t0("cols.t @ g", &|| cols.t().unwrap().matmul(&g).unwrap());
-        t0("g.t @ cols", &|| g.t().unwrap().matmul(&cols).unwrap());
-        t0("cols @ w.t", &|| cols.matmul(&w.t().unwrap()).unwrap());
-        t0("zeros big", &|| cols.zeros_like().unwrap());
-        t0("add big", &|| (&cols + &cols).unwrap());
-        t0("zeros+add big", &|| {
-            cols.zeros_like().unwrap().add(&cols).unwrap()
-        });
-        t0("copy big", &|| cols.copy().unwrap());
-        let cv = candle_core::Var::from_tensor(&cols).unwrap();
-        t0("matmul bwd only", &|| {
-            let y = cv.as_tensor().matmul(&w.t().unwrap()).unwrap();
-            let gs = y.backward().unwrap();
-            gs.get(&cv).unwrap().clone()
-        });
     }
 }

@@ -490,20 +490,26 @@ mod tests {
 
     #[test]
     fn learns_to_denoise_and_prefers_the_trained_motion_direction() {
-        // Training sanity: 4-frame 8x8 clips of a bar moving right (start column 0..=4), noised
-        // with the DDPM VP schedule; 150 AdamW steps (lr 1e-3, batch 16) bring the eps MSE below
-        // 0.6x its initial value (a net predicting 0 has MSE 1).
-        // Then the direction of motion: the reversed clips (bar moving left) contain exactly the
-        // same frames, so a per-frame model would score them the same; with the same noise and
-        // n, the trained net must denoise the forward clips better than the reversed ones.
+        // Training sanity: 4-frame 8x8 clips of a bar moving right one column per frame (start
+        // column 0..=4), noised with the DDPM VP schedule; 150 AdamW steps (batch 8, base 8)
+        // bring the eps MSE below 0.6x its initial value (a net predicting 0 has MSE 1). lr is
+        // 3e-3 rather than 1e-3 so this tiny, briefly trained net also gets far enough to show
+        // the next property (measured: MSE ~1.0 -> ~0.1).
+        // Direction of motion: the reversed clips (bar moving left) contain exactly the same
+        // frames, so a per-frame model would score them the same up to noise (ratio ~1); with the
+        // same noise and n, the trained net must denoise the forward clips clearly better
+        // (measured ratio 0.80-0.85 over 8 runs with fresh random inits; asserted < 0.9).
         let d = Device::Cpu;
-        let (frames, size, batch) = (4, 8, 16);
-        let (vm, m) = build(cfg(frames, 1, size, false));
+        let (frames, size, batch) = (4, 8, 8);
+        let (vm, m) = build(VideoConfig {
+            base: 8,
+            ..cfg(frames, 1, size, false)
+        });
         let sched = VpSchedule::ddpm_default();
         let mut opt = AdamW::new(
             vm.all_vars(),
             ParamsAdamW {
-                lr: 1e-3,
+                lr: 3e-3,
                 weight_decay: 0.0,
                 ..Default::default()
             },
@@ -535,7 +541,7 @@ mod tests {
         assert!(last < 0.6 * first, "eps MSE {first} -> {last}");
 
         // Forward vs reversed motion: every start column, 4 noise draws each, at n where the bar
-        // is partly hidden by noise (abar from ~0.6 down to ~0.1).
+        // is largely hidden by noise (abar_n from ~0.40 at n = 300 down to ~0.03 at n = 600).
         let mut rng = rng_for(16, 0, 0);
         let (mut fwd, mut rev) = (Vec::new(), Vec::new());
         for start in 0..=size - frames {
@@ -546,7 +552,7 @@ mod tests {
         }
         let k = fwd.len() / (frames * size * size);
         let shape = (k, frames, 1, size, size);
-        let ns: Vec<usize> = (0..k).map(|i| [200, 300, 400, 500][i % 4]).collect();
+        let ns: Vec<usize> = (0..k).map(|i| [300, 400, 500, 600][i % 4]).collect();
         let n = Tensor::from_vec(ns.iter().map(|&v| v as f32).collect(), k, &d).unwrap();
         let eps = randn(&mut rng, shape, &d).unwrap();
         let mse = |clips: Vec<f32>| {
@@ -562,45 +568,5 @@ mod tests {
         };
         let (mf, mr) = (mse(fwd), mse(rev));
         assert!(mf < 0.9 * mr, "forward MSE {mf} vs reversed {mr}");
-    }
-
-    #[test]
-    fn tmp_timing() {
-        let d = Device::Cpu;
-        for (b, f, size, base) in [
-            (8, 8, 8, 16),
-            (8, 8, 16, 16),
-            (8, 8, 16, 32),
-            (4, 16, 32, 16),
-        ] {
-            let (vm, m) = build(VideoConfig {
-                base,
-                ..cfg(f, 1, size, false)
-            });
-            let x = randn(&mut rng_for(9, 0, 0), (b, f, 1, size, size), &d).unwrap();
-            let n = Tensor::full(300f32, b, &d).unwrap();
-            let _ = m.eps(&x, &n, None).unwrap();
-            let mut fwd = f64::MAX;
-            for _ in 0..8 {
-                let t = std::time::Instant::now();
-                let _ = m.eps(&x, &n, None).unwrap();
-                fwd = fwd.min(t.elapsed().as_secs_f64() * 1e3);
-            }
-            let mut opt = AdamW::new(vm.all_vars(), ParamsAdamW::default()).unwrap();
-            let mut st = f64::MAX;
-            for _ in 0..4 {
-                let t = std::time::Instant::now();
-                let l = m
-                    .eps(&x, &n, None)
-                    .unwrap()
-                    .sqr()
-                    .unwrap()
-                    .mean_all()
-                    .unwrap();
-                opt.backward_step(&l).unwrap();
-                st = st.min(t.elapsed().as_secs_f64() * 1e3);
-            }
-            eprintln!("TIMING video b {b} f {f} size {size} base {base}: fwd {fwd:.1} ms, train step {st:.1} ms");
-        }
     }
 }
