@@ -1,7 +1,7 @@
 //! PNG plots for run reports, drawn in Rust with `plotters`: curves over steps, scatters of 2-D
 //! samples, critic reliability diagrams, and image grids / filmstrips of samples. Every file is
 //! drawn to a temporary `.png` next to its destination and renamed into place, so readers never
-//! see half-written plots; `check_png` is the matching validator used by tests and `tilt report`.
+//! see half-written plots; `check_png` validates the result.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};

@@ -6,3 +6,5 @@ pub mod unet;
 pub mod video;
 
 pub use mlp::{MlpConfig, MlpDenoiser};
+pub use unet::{UNetConfig, UNetDenoiser};
+pub use video::{VideoConfig, VideoDenoiser};
