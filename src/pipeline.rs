@@ -468,6 +468,12 @@ pub async fn stage_vrpo(
         seed: cfg.seed,
         critic_file,
     };
+    let objective: Arc<dyn tilt_actors::objective::Objective> =
+        Arc::new(tilt_actors::objective::VrpoObjective {
+            grid: s.grid.clone(),
+            labels: cfg.vrpo.labels,
+            beta: cfg.vrpo.beta,
+        });
     let learners = cores
         .iter()
         .enumerate()
@@ -476,9 +482,7 @@ pub async fn stage_vrpo(
             world: cfg.learner.actors,
             core: core.clone(),
             replay: replay.clone(),
-            grid: s.grid.clone(),
-            labels: cfg.vrpo.labels,
-            beta: cfg.vrpo.beta,
+            objective: objective.clone(),
             batch: cfg.vrpo.batch,
             total_steps: cfg.vrpo.steps,
             checkpoint: spec_ck.clone(),

@@ -15,6 +15,7 @@ use tilt::pipeline::{build_policy, setup};
 use tilt_actors::codec::pair_records;
 use tilt_actors::control::RunControl;
 use tilt_actors::learner::{CheckpointSpec, LearnerActor, LearnerArgs, LearnerCore, LearnerMsg};
+use tilt_actors::objective::VrpoObjective;
 use tilt_actors::replay::{MemoryReplay, ReplayBuffer, ReplayConfig, Sampler};
 use tilt_kernels::mixture::ExactValue;
 use tilt_kernels::rng::rng_for;
@@ -107,9 +108,11 @@ async fn train(world: usize, batch: usize, name: &str) -> Vec<Vec<(String, Vec<f
             world,
             core: core.clone(),
             replay: replay.clone(),
-            grid: s.grid.clone(),
-            labels: cfg.vrpo.labels,
-            beta: 1.0,
+            objective: Arc::new(VrpoObjective {
+                grid: s.grid.clone(),
+                labels: cfg.vrpo.labels,
+                beta: 1.0,
+            }),
             batch,
             total_steps: STEPS,
             checkpoint: CheckpointSpec {

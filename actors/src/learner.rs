@@ -1,6 +1,6 @@
 //! The learner role: synchronous data-parallel replicas of the policy residual. The rank-0 leader
-//! samples one batch per replica from the replay, every replica computes VRPO gradients on its own
-//! batch (`tilt_kernels::vrpo::vrpo_grads`), the leader averages them and every replica applies the
+//! samples one batch per replica from the replay, every replica computes the gradients of its
+//! `Objective` (VRPO or DF-DPO) on its own batch, the leader averages them and every replica applies the
 //! same averaged step, so all replicas stay identical. The leader checkpoints; a failed step writes
 //! a checkpoint of the last good state and stops the run.
 
@@ -8,19 +8,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tilt_kernels::denoiser::Denoiser;
-use tilt_kernels::losses::VrpoLabels;
 use tilt_kernels::optim::{average_grads, AdamW};
-use tilt_kernels::schedule::SamplingGrid;
-use tilt_kernels::vrpo::{vrpo_grads, VrpoBatch, VrpoStats};
 
 use crate::checkpoint::{write_checkpoint, CheckpointState};
-use crate::codec::records_to_batch;
 use crate::control::{LastStats, RunControl};
 use crate::coordinator::CoordinatorMsg;
+use crate::objective::{Objective, StepStats};
+use crate::replay::Record;
 use crate::replay::ReplayBuffer;
 use crate::telemetry::Stage;
 use crate::ActorError;
@@ -55,9 +53,8 @@ pub struct LearnerArgs {
     pub world: usize,
     pub core: Arc<Mutex<LearnerCore>>,
     pub replay: Arc<dyn ReplayBuffer>,
-    pub grid: Arc<SamplingGrid>,
-    pub labels: VrpoLabels,
-    pub beta: f64,
+    /// The loss (VRPO or DF-DPO).
+    pub objective: Arc<dyn Objective>,
     /// Pairs per replica per step.
     pub batch: usize,
     pub total_steps: u64,
@@ -75,7 +72,7 @@ pub struct LearnerState {
     finished: bool,
 }
 
-type GradReply = Result<(Vec<Option<Tensor>>, VrpoStats), String>;
+type GradReply = Result<(Vec<Option<Tensor>>, StepStats), String>;
 
 /// Verbs of a learner replica.
 pub enum LearnerMsg {
@@ -84,22 +81,24 @@ pub enum LearnerMsg {
     /// Leader: the other replicas (ranks 1..world).
     SetPeers(Vec<ActorRef<LearnerMsg>>),
     /// Any replica: gradients of the VRPO loss on this batch.
-    Grads(Arc<VrpoBatch>, RpcReplyPort<GradReply>),
+    Grads(Arc<Vec<Record>>, u64, RpcReplyPort<GradReply>),
     /// Any replica: apply these averaged gradients.
     Apply(Arc<Vec<Option<Tensor>>>, RpcReplyPort<Result<(), String>>),
 }
 
 fn compute(
     core: &Arc<Mutex<LearnerCore>>,
-    grid: &SamplingGrid,
-    batch: &VrpoBatch,
-    labels: VrpoLabels,
-    beta: f64,
+    objective: &dyn Objective,
+    records: &[Record],
+    step: u64,
+    replica: usize,
 ) -> GradReply {
     let c = core
         .lock()
         .map_err(|_| "learner core lock poisoned".to_string())?;
-    vrpo_grads(c.residual.as_ref(), &c.opt, grid, batch, labels, beta).map_err(|e| e.to_string())
+    objective
+        .grads(c.residual.as_ref(), &c.opt, records, step, replica)
+        .map_err(|e| e.to_string())
 }
 
 fn apply(core: &Arc<Mutex<LearnerCore>>, grads: &[Option<Tensor>]) -> Result<(), String> {
@@ -172,19 +171,10 @@ impl LearnerState {
                 .await?;
         }
         let world = a.world;
-        let batches =
-            tokio::task::spawn_blocking(move || -> Result<Vec<Arc<VrpoBatch>>, ActorError> {
-                let per = records.len() / world;
-                (0..world)
-                    .map(|r| {
-                        Ok(Arc::new(records_to_batch(
-                            &records[r * per..(r + 1) * per],
-                            &Device::Cpu,
-                        )?))
-                    })
-                    .collect()
-            })
-            .await??;
+        let per = records.len() / world;
+        let batches: Vec<Arc<Vec<Record>>> = (0..world)
+            .map(|r| Arc::new(records[r * per..(r + 1) * per].to_vec()))
+            .collect();
         // Replicas 1.. compute on their batches while the leader computes on batch 0.
         let mut pending = Vec::new();
         for (peer, b) in self.peers.iter().zip(batches.iter().skip(1)) {
@@ -192,21 +182,16 @@ impl LearnerState {
             let peer = peer.clone();
             pending.push(tokio::spawn(async move {
                 peer.call(
-                    |port| LearnerMsg::Grads(b, port),
+                    |port| LearnerMsg::Grads(b, next, port),
                     Some(Duration::from_secs(300)),
                 )
                 .await
             }));
         }
-        let (core, grid, b0, labels, beta) = (
-            a.core.clone(),
-            a.grid.clone(),
-            batches[0].clone(),
-            a.labels,
-            a.beta,
-        );
+        let (core, objective, b0) = (a.core.clone(), a.objective.clone(), batches[0].clone());
         let own =
-            tokio::task::spawn_blocking(move || compute(&core, &grid, &b0, labels, beta)).await;
+            tokio::task::spawn_blocking(move || compute(&core, objective.as_ref(), &b0, next, 0))
+                .await;
         let own = match own {
             Ok(Ok(g)) => g,
             Ok(Err(e)) => return self.fail(e).await.map(|_| true),
@@ -256,12 +241,12 @@ impl LearnerState {
         let last = LastStats {
             loss: stats.iter().map(|s| s.loss).sum::<f32>() / n,
             accuracy: stats.iter().map(|s| s.accuracy).sum::<f32>() / n,
-            margin_gap: stats.iter().map(|s| s.margin_gap).sum::<f32>() / n,
+            margin_gap: stats.iter().map(|s| s.aux).sum::<f32>() / n,
         };
         if let Ok(mut l) = a.control.last.lock() {
             *l = last;
         }
-        let consumed = (batches.len() * batches[0].k_starts.len()) as u64;
+        let consumed = (batches.len() * batches[0].len()) as u64;
         RunControl::add(&a.control.pairs_consumed, consumed);
         RunControl::add(&a.control.learner_busy_us, t0.elapsed().as_micros() as u64);
         a.control
@@ -319,15 +304,14 @@ impl Actor for LearnerActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             LearnerMsg::SetPeers(p) => st.peers = p,
-            LearnerMsg::Grads(batch, port) => {
-                let (core, grid, labels, beta) = (
+            LearnerMsg::Grads(batch, step, port) => {
+                let (core, objective, rank) = (
                     st.args.core.clone(),
-                    st.args.grid.clone(),
-                    st.args.labels,
-                    st.args.beta,
+                    st.args.objective.clone(),
+                    st.args.rank,
                 );
                 let r = tokio::task::spawn_blocking(move || {
-                    compute(&core, &grid, &batch, labels, beta)
+                    compute(&core, objective.as_ref(), &batch, step, rank)
                 })
                 .await
                 .unwrap_or_else(|e| Err(format!("panicked: {e}")));

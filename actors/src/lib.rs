@@ -8,6 +8,7 @@ pub mod coordinator;
 pub mod critic;
 pub mod error;
 pub mod learner;
+pub mod objective;
 pub mod replay;
 pub mod rollout;
 pub mod telemetry;
