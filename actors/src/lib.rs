@@ -10,6 +10,7 @@ pub mod error;
 pub mod learner;
 pub mod objective;
 pub mod replay;
+pub mod replay_redis;
 pub mod rollout;
 pub mod telemetry;
 

@@ -5,6 +5,7 @@
 pub mod critic;
 pub mod cuda;
 pub mod denoiser;
+pub mod dfdpo;
 pub mod distort;
 pub mod error;
 pub mod logprob;
