@@ -447,9 +447,6 @@ impl Config {
             bail!("vrpo.lambda = {}: must be finite", self.vrpo.lambda);
         }
         self.replay.validate().map_err(|e| anyhow!("{e}"))?;
-        if self.replay.backend != "memory" {
-            bail!("replay.backend = {:?}: only \"memory\" is available in this build (Redis arrives with issue 4)", self.replay.backend);
-        }
         self.critic
             .loss
             .validate()
@@ -478,9 +475,12 @@ impl Config {
         Self::from_toml_str(&text, &path.display().to_string(), sets)
     }
 
-    /// The resolved config as TOML (saved into the run directory).
+    /// The resolved config as TOML (saved into the run directory). A password in `replay.url`
+    /// is replaced by "***" (pass it again through TILT_REDIS_URL when resuming).
     pub fn to_toml(&self) -> Result<String> {
-        Ok(toml::to_string_pretty(self)?)
+        let mut c = self.clone();
+        c.replay.url = tilt_actors::replay_redis::redact(&c.replay.url);
+        Ok(toml::to_string_pretty(&c)?)
     }
 }
 

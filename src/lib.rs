@@ -9,3 +9,4 @@ pub mod report;
 pub mod run;
 pub mod signals;
 pub mod telemetry;
+pub mod worker;

@@ -39,6 +39,21 @@ enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Run one role (rollout, critic or learner) of a multi-process run that meets through Redis.
+    Worker {
+        #[arg(long, value_enum)]
+        role: tilt::worker::WorkerRole,
+        #[arg(long)]
+        config: PathBuf,
+        /// Names the run: Redis keys are namespaced by it; every worker of the run passes the same.
+        #[arg(long)]
+        run_id: String,
+        /// The shared run directory (default: runs/<run-id>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// Re-render the plots of a run and print its summary (or its progress so far).
     Report { run_dir: PathBuf },
     /// Validate a config and print it fully resolved.
@@ -51,6 +66,17 @@ enum Cmd {
 
 async fn main_inner(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Worker {
+            role,
+            config,
+            run_id,
+            out,
+            sets,
+        } => {
+            let cfg = Config::load(&config, &sets)?;
+            let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&run_id));
+            tilt::worker::run_worker(&cfg, role, &run_id, &out).await?;
+        }
         Cmd::Report { run_dir } => tilt::report::report(&run_dir)?,
         Cmd::CheckConfig { config, sets } => {
             let cfg = Config::load(&config, &sets)?;

@@ -398,22 +398,101 @@ pub struct VrpoReport {
     pub latency: std::collections::BTreeMap<String, tilt_actors::telemetry::LatencySummary>,
 }
 
+/// Which roles this process runs in the VRPO stage, and how it meets the others.
+pub struct Roles {
+    pub rollouts: usize,
+    pub critics: usize,
+    pub learners: bool,
+    pub replay: Arc<dyn ReplayBuffer>,
+    /// A rollout -> critic channel bridged to another process (worker mode); None = in-process.
+    pub channel: Option<tilt_actors::coordinator::PairChannel>,
+    /// Fires when a producer-only process should stop (worker mode: the learner finished).
+    pub stop: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Roles {
+    /// Every role in this process, as configured.
+    pub fn all(cfg: &Config, replay: Arc<dyn ReplayBuffer>) -> Self {
+        Roles {
+            rollouts: cfg.rollout.actors,
+            critics: cfg.critic.actors,
+            learners: true,
+            replay,
+            channel: None,
+            stop: None,
+        }
+    }
+}
+
+/// The replay of a run: in-process, or Redis namespaced by `run_id` (consumer name `consumer`).
+/// TILT_REDIS_URL overrides `replay.url`.
+pub async fn make_replay(
+    cfg: &Config,
+    run_id: &str,
+    consumer: &str,
+) -> Result<Arc<dyn ReplayBuffer>> {
+    Ok(match cfg.replay.backend.as_str() {
+        "redis" => {
+            let url = std::env::var("TILT_REDIS_URL").unwrap_or_else(|_| cfg.replay.url.clone());
+            Arc::new(
+                tilt_actors::replay_redis::RedisReplay::connect(
+                    &url,
+                    run_id,
+                    consumer,
+                    cfg.replay.clone(),
+                )
+                .await?,
+            )
+        }
+        _ => Arc::new(MemoryReplay::new(cfg.replay.clone())?),
+    })
+}
+
+/// Stands in for the critic in processes that run no critic role.
+struct NoCritic;
+
+impl ValueCritic for NoCritic {
+    fn value(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: f64,
+    ) -> tilt_kernels::Result<Tensor> {
+        Err(tilt_kernels::KernelError::param(
+            "critic",
+            "none",
+            "this process runs no critic role",
+        ))
+    }
+}
+
 /// Stage 2: spawn the actors and run until the step budget, a signal, or a learner failure.
 pub async fn stage_vrpo(
     cfg: &Config,
     s: &Setup,
     run_dir: &Path,
     progress: &Progress,
+    roles: Roles,
 ) -> Result<VrpoReport> {
-    let critic = load_critic(cfg, s, run_dir)?;
+    let critic: Arc<dyn ValueCritic> = if roles.critics > 0 {
+        load_critic(cfg, s, run_dir)?
+    } else {
+        Arc::new(NoCritic)
+    };
     let control = Arc::new(RunControl::default());
-    let replay: Arc<dyn ReplayBuffer> = Arc::new(MemoryReplay::new(cfg.replay.clone())?);
+    let replay = roles.replay.clone();
     let critic_file = (cfg.critic.kind == "learned").then(|| critic_files(run_dir).0);
     // Replicas: identical initial weights (the residual starts at zero output; hidden layers are
     // copied from replica 0), then the same averaged step each time.
     let mut start_step = 0;
     let mut cores = Vec::new();
-    for rank in 0..cfg.learner.actors {
+    let n_learners = if roles.learners {
+        cfg.learner.actors
+    } else {
+        0
+    };
+    for rank in 0..n_learners {
         let (mut vm, res, mut opt) = build_policy(cfg, s)?;
         if let Some((step, dir)) = latest_checkpoint(run_dir)? {
             let st = load_checkpoint(&dir, &mut vm, &mut opt)
@@ -450,7 +529,7 @@ pub async fn stage_vrpo(
     control
         .learner_step
         .store(start_step, std::sync::atomic::Ordering::Relaxed);
-    if start_step >= cfg.vrpo.steps {
+    if roles.learners && start_step >= cfg.vrpo.steps {
         eprintln!(
             "[vrpo] already at step {start_step} >= vrpo.steps = {}: nothing to train",
             cfg.vrpo.steps
@@ -494,13 +573,13 @@ pub async fn stage_vrpo(
     let (tx, rx) = tokio::sync::oneshot::channel();
     let spec = RunSpec {
         seed: cfg.seed.wrapping_add(start_step.wrapping_mul(0x9E37)),
-        rollouts: cfg.rollout.actors,
+        rollouts: roles.rollouts,
         reference: s.reference.clone(),
         grid: s.grid.clone(),
         sample_shape: vec![s.dim],
         chains_per_unit: cfg.rollout.chains,
         segment_len: cfg.vrpo.segment_len,
-        critics: cfg.critic.actors,
+        critics: roles.critics,
         critic,
         lambda: cfg.vrpo.lambda,
         learners,
@@ -510,18 +589,31 @@ pub async fn stage_vrpo(
         rollout_panic_after: cfg.fault.rollout_panic_after,
         critic_panic_after: cfg.fault.critic_panic_after,
         done: Arc::new(Mutex::new(Some(tx))),
+        channel: roles.channel,
+        distortion: None,
     };
     let t0 = Instant::now();
     let (coord, handle) = ractor::Actor::spawn(None, CoordinatorActor, spec)
         .await
         .map_err(|e| anyhow!("cannot start the actors: {e}"))?;
-    let ticker = progress.spawn_vrpo(control.clone(), replay.clone(), start_step, cfg.vrpo.steps);
+    let ticker = progress.spawn_vrpo(
+        control.clone(),
+        replay.clone(),
+        start_step,
+        if roles.learners { cfg.vrpo.steps } else { 0 },
+    );
     let mut rx = rx;
+    let mut external = roles.stop;
+    let roles_learners = roles.learners;
     let outcome = loop {
         tokio::select! {
             r = &mut rx => break r.map_err(|_| anyhow!("the coordinator stopped without reporting an outcome"))?,
             _ = crate::signals::shutdown_signal() => {
                 let _ = coord.cast(CoordinatorMsg::Shutdown("signal received".into()));
+            }
+            _ = async { match external.as_mut() { Some(r) => { let _ = r.await; } None => std::future::pending::<()>().await } } => {
+                external = None;
+                let _ = coord.cast(CoordinatorMsg::Shutdown("the run's learner has finished".into()));
             }
         }
     };
@@ -544,23 +636,29 @@ pub async fn stage_vrpo(
         stopped_early: steps_done < cfg.vrpo.steps,
         latency: control.latency.summary(),
     };
-    // Loss curves: append this invocation's history to the run's (a resumed run continues it).
-    let hist_file = run_dir.join("history.json");
-    let mut hist: Vec<(u64, f32, f32)> = if hist_file.exists() {
-        read_json(&hist_file)?
-    } else {
-        vec![]
-    };
-    hist.retain(|h| h.0 <= start_step);
-    hist.extend(
-        control
-            .history
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_default(),
-    );
-    write_json(&hist_file, &hist)?;
+    if roles_learners {
+        // Loss curves: append this invocation's history to the run's (a resumed run continues it).
+        let hist_file = run_dir.join("history.json");
+        let mut hist: Vec<(u64, f32, f32)> = if hist_file.exists() {
+            read_json(&hist_file)?
+        } else {
+            vec![]
+        };
+        hist.retain(|h| h.0 <= start_step);
+        hist.extend(
+            control
+                .history
+                .lock()
+                .map(|h| h.clone())
+                .unwrap_or_default(),
+        );
+        write_json(&hist_file, &hist)?;
+    }
     match outcome {
+        RunOutcome::Finished { .. } if !roles_learners => {
+            eprintln!("[vrpo] producer stopped");
+            Ok(report)
+        }
         RunOutcome::Finished { step, checkpoint } => {
             eprintln!(
                 "[vrpo] finished at step {step}; checkpoint {}",

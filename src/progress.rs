@@ -85,6 +85,22 @@ impl Progress {
                 };
                 let last = control.last();
                 let st = replay.stats();
+                if total == 0 {
+                    // A producer-only process (worker mode): no learner step to show.
+                    let (p, i) = (
+                        RunControl::get(&control.pairs_produced),
+                        RunControl::get(&control.pairs_inserted),
+                    );
+                    me.log_only(&format!(
+                        "[vrpo:producer] produced {p} pairs ({:.0}/s), inserted {i} ({:.0}/s) | stream depth {} | restarts {} | {} elapsed",
+                        p as f64 / el,
+                        i as f64 / el,
+                        st.depth,
+                        RunControl::get(&control.restarts),
+                        fmt_secs(el)
+                    ));
+                    continue;
+                }
                 let util = RunControl::get(&control.learner_busy_us) as f64 / 1e6 / el;
                 metrics::gauge!("tilt_replay_depth", "role" => "replay", "actor" => "0")
                     .set(st.depth as f64);

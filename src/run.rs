@@ -86,6 +86,22 @@ pub async fn execute(cfg: &Config, run_dir: &Path) -> Result<Option<Summary>> {
         progress.line(&format!("tilt: metrics at http://{addr}/metrics"));
     }
     let s = setup(cfg)?;
+    // Connect the replay first: a Redis that is down fails the run before any work is done. A run
+    // id unique to this invocation namespaces the Redis keys (removed at the end).
+    let replay = if cfg.stages.iter().any(|x| x == "vrpo") {
+        let run_id = format!(
+            "{}-{}-{}",
+            cfg.name,
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        );
+        Some(crate::pipeline::make_replay(cfg, &run_id, "learner-0").await?)
+    } else {
+        None
+    };
     let has = |st: &str| cfg.stages.iter().any(|x| x == st);
     let mut critic: Option<CriticReport> = None;
     if has("critic") && cfg.critic.kind == "learned" {
@@ -101,7 +117,23 @@ pub async fn execute(cfg: &Config, run_dir: &Path) -> Result<Option<Summary>> {
     }
     let mut vrpo = VrpoReport::default();
     if has("vrpo") {
-        vrpo = stage_vrpo(cfg, &s, run_dir, &progress).await?;
+        let replay = replay
+            .clone()
+            .expect("created above when the vrpo stage is listed");
+        let res = stage_vrpo(
+            cfg,
+            &s,
+            run_dir,
+            &progress,
+            crate::pipeline::Roles::all(cfg, replay.clone()),
+        )
+        .await;
+        if let Err(e) = replay.purge().await {
+            progress.line(&format!(
+                "tilt: warning: could not remove the run's Redis keys: {e}"
+            ));
+        }
+        vrpo = res?;
         write_json(&run_dir.join("vrpo.json"), &vrpo)?;
         if vrpo.stopped_early {
             progress.line(&format!(
@@ -116,7 +148,20 @@ pub async fn execute(cfg: &Config, run_dir: &Path) -> Result<Option<Summary>> {
     if !has("eval") {
         return Ok(None);
     }
-    let ev: EvalReport = stage_eval(cfg, &s, run_dir)?;
+    finish(cfg, &s, run_dir, critic, &vrpo, t0, &progress).map(Some)
+}
+
+/// Evaluate, write summary.json, print latencies and draw the plots.
+pub fn finish(
+    cfg: &Config,
+    s: &crate::pipeline::Setup,
+    run_dir: &Path,
+    critic: Option<CriticReport>,
+    vrpo: &VrpoReport,
+    t0: Instant,
+    progress: &Progress,
+) -> Result<Summary> {
+    let ev: EvalReport = stage_eval(cfg, s, run_dir)?;
     write_json(&run_dir.join("eval.json"), &ev)?;
     let last = ev.points.last().cloned();
     let Some(last) = last else {
@@ -188,7 +233,7 @@ pub async fn execute(cfg: &Config, run_dir: &Path) -> Result<Option<Summary>> {
         summary.max_mode_weight_error,
         run_dir.join("summary.json").display()
     ));
-    Ok(Some(summary))
+    Ok(summary)
 }
 
 /// The default run directory for a config: runs/<name>.

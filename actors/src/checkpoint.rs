@@ -48,7 +48,7 @@ pub fn write_checkpoint(
     std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp, e))?;
     save_weights(policy, &tmp.join("policy.safetensors"))?;
     opt.save_state(&tmp.join("optimizer.safetensors"))?;
-    if let Some(c) = critic {
+    if let Some(c) = critic.filter(|c| c.exists()) {
         std::fs::copy(c, tmp.join("critic.safetensors")).map_err(|e| err(c, e))?;
     }
     let json = serde_json::to_vec_pretty(state).map_err(|e| err(&tmp, e))?;

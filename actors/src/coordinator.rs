@@ -16,6 +16,7 @@ use tilt_kernels::vrpo::SegmentPair;
 
 use crate::control::RunControl;
 use crate::critic::{CriticActor, CriticArgs};
+use crate::distortion::{DistortionActor, DistortionArgs};
 use crate::learner::{LearnerActor, LearnerArgs, LearnerMsg};
 use crate::replay::ReplayBuffer;
 use crate::rollout::{RolloutActor, RolloutArgs};
@@ -51,6 +52,24 @@ pub struct RunSpec {
     pub critic_panic_after: u64,
     /// Where the outcome goes (taken once).
     pub done: Arc<Mutex<Option<tokio::sync::oneshot::Sender<RunOutcome>>>>,
+    /// The rollout -> critic channel, when the caller bridges one end to another process
+    /// (worker mode); None = a fresh in-process channel.
+    pub channel: Option<PairChannel>,
+    /// DF-DPO: distortion actors producing (real, edited) pairs straight into the replay.
+    pub distortion: Option<DistortionTemplate>,
+}
+
+/// Both ends of the rollout -> critic channel.
+pub type PairChannel = (flume::Sender<Vec<SegmentPair>>, flume::Receiver<Vec<SegmentPair>>);
+
+/// How to spawn the DF-DPO distortion actors.
+#[derive(Clone)]
+pub struct DistortionTemplate {
+    pub actors: usize,
+    pub clips: Arc<candle_core::Tensor>,
+    pub curriculum: Arc<tilt_kernels::distort::Curriculum>,
+    pub per_unit: usize,
+    pub panic_after_units: u64,
 }
 
 /// The coordinator actor.
@@ -60,6 +79,7 @@ pub struct CoordinatorActor;
 enum Role {
     Rollout { id: u32, generation: u64 },
     Critic { id: u32, generation: u64 },
+    Distortion { id: u32, generation: u64 },
     Learner { rank: usize },
 }
 
@@ -137,6 +157,28 @@ impl CoordinatorState {
             .await?
             .0
             .get_cell(),
+            Role::Distortion { id, generation } => {
+                let t = self
+                    .spec
+                    .distortion
+                    .clone()
+                    .ok_or("no distortion template")?;
+                let args = DistortionArgs {
+                    id,
+                    generation,
+                    seed: self.spec.seed,
+                    clips: t.clips,
+                    curriculum: t.curriculum,
+                    per_unit: t.per_unit,
+                    replay: self.spec.replay.clone(),
+                    control: self.spec.control.clone(),
+                    panic_after_units: t.panic_after_units,
+                };
+                Actor::spawn_linked(None, DistortionActor, args, myself.get_cell())
+                    .await?
+                    .0
+                    .get_cell()
+            }
             Role::Learner { .. } => unreachable!("learners are spawned once, in pre_start"),
         };
         self.roles.insert(cell.get_id(), role);
@@ -164,7 +206,10 @@ impl Actor for CoordinatorActor {
         myself: ActorRef<Self::Msg>,
         mut spec: RunSpec,
     ) -> Result<CoordinatorState, ActorProcessingErr> {
-        let (tx, rx) = flume::bounded(spec.channel_capacity.max(1));
+        let (tx, rx) = spec
+            .channel
+            .take()
+            .unwrap_or_else(|| flume::bounded(spec.channel_capacity.max(1)));
         let learners = std::mem::take(&mut spec.learners);
         let mut st = CoordinatorState {
             spec,
@@ -182,6 +227,10 @@ impl Actor for CoordinatorActor {
         }
         for id in 0..st.spec.critics as u32 {
             st.spawn_role(&myself, Role::Critic { id, generation: 0 })
+                .await?;
+        }
+        for id in 0..st.spec.distortion.as_ref().map_or(0, |d| d.actors) as u32 {
+            st.spawn_role(&myself, Role::Distortion { id, generation: 0 })
                 .await?;
         }
         for id in 0..st.spec.rollouts as u32 {
@@ -204,8 +253,21 @@ impl Actor for CoordinatorActor {
         match msg {
             // The leader sees the flag at its next step, writes the final checkpoint and reports back.
             CoordinatorMsg::Shutdown(reason) => {
-                eprintln!("tilt: stopping ({reason}): producers stop, the learner finishes its step and checkpoints");
-                st.spec.control.request_stop();
+                let has_learner = st.roles.values().any(|r| matches!(r, Role::Learner { .. }));
+                if has_learner {
+                    eprintln!("tilt: stopping ({reason}): producers stop, the learner finishes its step and checkpoints");
+                    st.spec.control.request_stop();
+                } else {
+                    // A producer-only process (worker mode): nothing to checkpoint.
+                    eprintln!("tilt: stopping ({reason})");
+                    st.finish(
+                        &myself,
+                        RunOutcome::Finished {
+                            step: 0,
+                            checkpoint: PathBuf::new(),
+                        },
+                    );
+                }
             }
             CoordinatorMsg::LearnerDone { step, checkpoint } => {
                 st.finish(&myself, RunOutcome::Finished { step, checkpoint })
@@ -232,18 +294,16 @@ impl Actor for CoordinatorActor {
                         eprintln!("tilt: {msg}");
                         st.finish(&myself, RunOutcome::LearnerFailed(msg));
                     }
-                    Role::Rollout { id, generation } | Role::Critic { id, generation }
+                    Role::Rollout { id, generation }
+                    | Role::Critic { id, generation }
+                    | Role::Distortion { id, generation }
                         if !st.spec.control.stopping() =>
                     {
+                        let generation = generation + 1;
                         let next = match role {
-                            Role::Rollout { .. } => Role::Rollout {
-                                id,
-                                generation: generation + 1,
-                            },
-                            _ => Role::Critic {
-                                id,
-                                generation: generation + 1,
-                            },
+                            Role::Rollout { .. } => Role::Rollout { id, generation },
+                            Role::Critic { .. } => Role::Critic { id, generation },
+                            _ => Role::Distortion { id, generation },
                         };
                         eprintln!("tilt: {role:?} failed ({err}); restarting as {next:?}");
                         RunControl::add(&st.spec.control.restarts, 1);

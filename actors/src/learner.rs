@@ -171,6 +171,7 @@ impl LearnerState {
                 .await?;
         }
         let world = a.world;
+        let keys: Vec<(u32, u64)> = records.iter().map(|r| r.key()).collect();
         let per = records.len() / world;
         let batches: Vec<Arc<Vec<Record>>> = (0..world)
             .map(|r| Arc::new(records[r * per..(r + 1) * per].to_vec()))
@@ -237,6 +238,8 @@ impl LearnerState {
         if let Err(e) = tokio::task::spawn_blocking(move || apply(&core, &g)).await? {
             return self.fail(e).await.map(|_| true);
         }
+        // Applied: acknowledge (the redis backend XACKs and deletes; memory is a no-op).
+        a.replay.ack(&keys).await?;
         let n = stats.len() as f32;
         let last = LastStats {
             loss: stats.iter().map(|s| s.loss).sum::<f32>() / n,

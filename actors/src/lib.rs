@@ -6,6 +6,7 @@ pub mod codec;
 pub mod control;
 pub mod coordinator;
 pub mod critic;
+pub mod distortion;
 pub mod error;
 pub mod learner;
 pub mod objective;

@@ -67,3 +67,94 @@ impl Objective for VrpoObjective {
         ))
     }
 }
+
+/// Decode (winner, loser) clip pairs into two stacked tensors [B, T, C, H, W].
+pub fn records_to_clip_pairs(records: &[Record]) -> Result<(Tensor, Tensor)> {
+    let (mut w, mut l) = (
+        Vec::with_capacity(records.len()),
+        Vec::with_capacity(records.len()),
+    );
+    for r in records {
+        let mut ts = crate::replay::payload_to_tensors(&r.payload)?;
+        let bad = |n: &str| crate::ActorError::Record {
+            seq: r.seq,
+            producer: r.producer,
+            detail: format!("missing tensor {n}"),
+        };
+        w.push(ts.remove("w").ok_or_else(|| bad("w"))?);
+        l.push(ts.remove("l").ok_or_else(|| bad("l"))?);
+    }
+    Ok((Tensor::stack(&w, 0)?, Tensor::stack(&l, 0)?))
+}
+
+/// DF-DPO: Diffusion-DPO + lambda SFT on (real, edited) pairs against the frozen reference.
+pub struct DfDpoObjective {
+    pub reference: Arc<dyn Denoiser>,
+    pub schedule: tilt_kernels::schedule::VpSchedule,
+    pub beta: f64,
+    pub lambda_sft: f64,
+    pub seed: u64,
+}
+
+impl Objective for DfDpoObjective {
+    fn grads(
+        &self,
+        model: &dyn Denoiser,
+        opt: &AdamW,
+        records: &[Record],
+        step: u64,
+        replica: usize,
+    ) -> Result<(Vec<Option<Tensor>>, StepStats)> {
+        let (w, l) = records_to_clip_pairs(records)?;
+        let mut rng = tilt_kernels::rng::rng_for(self.seed, 5_000 + replica as u64, step);
+        let (g, s) = tilt_kernels::dfdpo::dfdpo_grads(
+            model,
+            self.reference.as_ref(),
+            opt,
+            &self.schedule,
+            &w,
+            &l,
+            self.beta,
+            self.lambda_sft,
+            &mut rng,
+        )?;
+        Ok((
+            g,
+            StepStats {
+                loss: s.loss,
+                accuracy: s.implicit_accuracy,
+                aux: s.sft,
+            },
+        ))
+    }
+}
+
+/// The SFT baseline: the plain denoising loss on the winners (real clips) of the same pairs.
+pub struct SftObjective {
+    pub schedule: tilt_kernels::schedule::VpSchedule,
+    pub seed: u64,
+}
+
+impl Objective for SftObjective {
+    fn grads(
+        &self,
+        model: &dyn Denoiser,
+        opt: &AdamW,
+        records: &[Record],
+        step: u64,
+        replica: usize,
+    ) -> Result<(Vec<Option<Tensor>>, StepStats)> {
+        let (w, _) = records_to_clip_pairs(records)?;
+        let mut rng = tilt_kernels::rng::rng_for(self.seed, 6_000 + replica as u64, step);
+        let (g, loss) =
+            tilt_kernels::dfdpo::denoise_grads(model, opt, &self.schedule, &w, &mut rng)?;
+        Ok((
+            g,
+            StepStats {
+                loss,
+                accuracy: 0.0,
+                aux: loss,
+            },
+        ))
+    }
+}

@@ -339,6 +339,11 @@ pub trait ReplayBuffer: Send + Sync {
 
     /// Close: wake every waiter; later inserts fail with Closed.
     fn close(&self);
+    /// Remove everything this buffer stored outside the process (Redis keys of the run); a no-op
+    /// for the in-process backend.
+    async fn purge(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Counters of a replay buffer.
@@ -395,6 +400,9 @@ pub struct ReplayConfig {
     pub max_times_sampled: u32,
     /// Seed of the uniform sampler's random generator.
     pub seed: u64,
+    /// Redis URL for `backend = "redis"` (redis://[:password@]host:port/db). The environment
+    /// variable TILT_REDIS_URL overrides it; the password never appears in logs or saved configs.
+    pub url: String,
 }
 
 impl Default for ReplayConfig {
@@ -408,6 +416,7 @@ impl Default for ReplayConfig {
             sampler: Sampler::Uniform,
             max_times_sampled: 0,
             seed: 0,
+            url: "redis://127.0.0.1:6379/".to_owned(),
         }
     }
 }

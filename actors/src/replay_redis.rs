@@ -1662,6 +1662,10 @@ impl Inner {
 
 #[async_trait::async_trait]
 impl ReplayBuffer for RedisReplay {
+    async fn purge(&self) -> Result<()> {
+        RedisReplay::purge(self).await.map(|_| ())
+    }
+
     async fn insert(&self, rec: Record) -> Result<()> {
         self.inner.insert(&rec).await
     }

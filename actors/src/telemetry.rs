@@ -23,6 +23,8 @@ pub enum Stage {
     ReplaySample,
     /// One synchronous learner step (gradients on every replica, averaging, apply).
     LearnerStep,
+    /// A DF-DPO distortion actor producing one unit of (real, edited) pairs.
+    DistortionPair,
 }
 
 impl Stage {
@@ -34,6 +36,7 @@ impl Stage {
             Stage::ReplayInsert => "replay_insert",
             Stage::ReplaySample => "replay_sample",
             Stage::LearnerStep => "learner_step",
+            Stage::DistortionPair => "distortion_pair",
         }
     }
 }

@@ -1,0 +1,174 @@
+//! The distortion role of DF-DPO: takes real clips, edits a copy with the operator the curriculum
+//! picks for the current learner step (`tilt_kernels::distort`), and writes (winner = real, loser =
+//! edited) pairs into the replay, each recording its source clip, operator and strength. Logs every
+//! curriculum stage change.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rand::Rng;
+use tilt_kernels::distort::{Curriculum, Distortion};
+use tilt_kernels::rng::rng_for;
+
+use crate::control::RunControl;
+use crate::replay::{tensors_to_payload, Record, ReplayBuffer};
+use crate::telemetry::Stage;
+use crate::ActorError;
+
+/// The distortion actor.
+pub struct DistortionActor;
+
+/// Everything a distortion actor needs.
+#[derive(Clone)]
+pub struct DistortionArgs {
+    pub id: u32,
+    pub generation: u64,
+    pub seed: u64,
+    /// The real clips [N, T, C, H, W].
+    pub clips: Arc<Tensor>,
+    pub curriculum: Arc<Curriculum>,
+    /// Pairs per unit of work.
+    pub per_unit: usize,
+    pub replay: Arc<dyn ReplayBuffer>,
+    pub control: Arc<RunControl>,
+    /// Test hook: panic when this many units have been produced (0 = never).
+    pub panic_after_units: u64,
+}
+
+/// Per-actor state.
+pub struct DistortionState {
+    args: DistortionArgs,
+    units: u64,
+    next_seq: u64,
+    stage: Option<usize>,
+}
+
+/// Verbs of the distortion actor.
+#[derive(Debug)]
+pub enum DistortionMsg {
+    /// Produce one unit of pairs, then schedule the next.
+    Produce,
+}
+
+/// Index of an operator in `Distortion::ALL` (recorded in each pair).
+pub fn op_index(op: Distortion) -> usize {
+    Distortion::ALL
+        .iter()
+        .position(|&o| o == op)
+        .unwrap_or(usize::MAX)
+}
+
+impl Actor for DistortionActor {
+    type Msg = DistortionMsg;
+    type State = DistortionState;
+    type Arguments = DistortionArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: DistortionArgs,
+    ) -> Result<DistortionState, ActorProcessingErr> {
+        myself.cast(DistortionMsg::Produce)?;
+        let next_seq = args.generation << 40;
+        Ok(DistortionState {
+            args,
+            units: 0,
+            next_seq,
+            stage: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _msg: DistortionMsg,
+        st: &mut DistortionState,
+    ) -> Result<(), ActorProcessingErr> {
+        let a = st.args.clone();
+        if a.control.stopping() {
+            myself.stop(Some("run stopping".into()));
+            return Ok(());
+        }
+        if a.panic_after_units > 0 && st.units == a.panic_after_units && a.generation == 0 {
+            panic!(
+                "distortion {}: injected fault after {} units",
+                a.id, st.units
+            );
+        }
+        let step = RunControl::get(&a.control.learner_step);
+        let (idx, stage) = a.curriculum.stage_at(step);
+        if st.stage != Some(idx) && a.id == 0 {
+            let ops: Vec<String> = stage
+                .ops
+                .iter()
+                .map(|(o, w)| format!("{}:{w}", o.name()))
+                .collect();
+            eprintln!(
+                "[dfdpo] curriculum stage {idx} from step {step}: strength {}, ops {}",
+                stage.strength,
+                ops.join(" ")
+            );
+        }
+        st.stage = Some(idx);
+        let t0 = std::time::Instant::now();
+        let mut rng = rng_for(
+            a.seed,
+            2_000 + a.id as u64 + 1_000_000 * a.generation,
+            st.units,
+        );
+        let mut seq = st.next_seq;
+        let (clips, cur, n, id) = (a.clips.clone(), a.curriculum.clone(), a.per_unit, a.id);
+        let records =
+            tokio::task::spawn_blocking(move || -> Result<(Vec<Record>, u64), ActorError> {
+                let total = clips.dim(0)?;
+                let mut out = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let src = rng.random_range(0..total);
+                    let real = clips.get(src)?;
+                    let edited = cur.distort(step, &real, &mut rng)?;
+                    let payload = tensors_to_payload(&[("w", &real), ("l", &edited.clip)])?;
+                    out.push(Record {
+                        seq,
+                        producer: id,
+                        version: 0,
+                        payload,
+                        scalars: vec![
+                            ("source".into(), src as f64),
+                            ("op".into(), op_index(edited.op) as f64),
+                            ("strength".into(), cur.stage_at(step).1.strength as f64),
+                        ],
+                    });
+                    seq += 1;
+                }
+                Ok((out, seq))
+            })
+            .await??;
+        a.control
+            .latency
+            .record(Stage::DistortionPair, "distortion", a.id, t0.elapsed());
+        st.next_seq = records.1;
+        st.units += 1;
+        let k = records.0.len() as u64;
+        for r in records.0 {
+            let t1 = std::time::Instant::now();
+            let res = a.replay.insert(r).await;
+            a.control
+                .latency
+                .record(Stage::ReplayInsert, "distortion", a.id, t1.elapsed());
+            match res {
+                Ok(()) => {}
+                Err(ActorError::Closed) => {
+                    myself.stop(Some("replay closed".into()));
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        RunControl::add(&a.control.pairs_produced, k);
+        RunControl::add(&a.control.pairs_inserted, k);
+        metrics::counter!("tilt_pairs_produced_total", "role" => "distortion", "actor" => a.id.to_string()).increment(k);
+        myself.cast(DistortionMsg::Produce)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,105 @@
+//! Replay throughput: records/s and MB/s through the in-process and the Redis backend, for small
+//! (1 KiB), tensor-sized (64 KiB) and large (1 MiB) records. One iteration = insert a batch, sample
+//! it back, acknowledge it. Needs Redis on 127.0.0.1:6379 (or TILT_REDIS_URL); compare with
+//! `redis-benchmark -t xadd` on the same machine (scripts/bench-replay.sh runs both).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tilt_actors::replay::{MemoryReplay, Record, ReplayBuffer, ReplayConfig, Sampler};
+use tilt_actors::replay_redis::RedisReplay;
+
+fn cfg(backend: &str, capacity: usize) -> ReplayConfig {
+    ReplayConfig {
+        backend: backend.into(),
+        capacity,
+        min_size: 1,
+        samples_per_insert: 0.0,
+        error_buffer: capacity as f64,
+        sampler: Sampler::Fifo,
+        max_times_sampled: 0,
+        seed: 0,
+        url: std::env::var("TILT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into()),
+    }
+}
+
+fn round_trip(rt: &tokio::runtime::Runtime, replay: &Arc<dyn ReplayBuffer>, recs: &[Record]) {
+    rt.block_on(async {
+        for r in recs {
+            replay.insert(r.clone()).await.unwrap();
+        }
+        let mut got = 0;
+        while got < recs.len() {
+            let batch = replay
+                .sample(recs.len() - got, Duration::from_secs(10))
+                .await
+                .unwrap()
+                .expect("records");
+            let keys: Vec<_> = batch.iter().map(|r| r.key()).collect();
+            replay.ack(&keys).await.unwrap();
+            got += batch.len();
+        }
+    })
+}
+
+fn backends(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("replay");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    let mut seq = 0u64;
+    for (label, size, n) in [
+        ("1KiB", 1usize << 10, 512usize),
+        ("64KiB", 64 << 10, 64),
+        ("1MiB", 1 << 20, 8),
+    ] {
+        g.throughput(Throughput::Bytes((size * n) as u64));
+        let mut make = || -> Vec<Record> {
+            (0..n)
+                .map(|_| {
+                    seq += 1;
+                    Record {
+                        seq,
+                        producer: 1,
+                        version: 0,
+                        payload: vec![7u8; size],
+                        scalars: vec![("v".into(), 1.0)],
+                    }
+                })
+                .collect()
+        };
+        let mem: Arc<dyn ReplayBuffer> = Arc::new(MemoryReplay::new(cfg("memory", 4 * n)).unwrap());
+        g.bench_with_input(BenchmarkId::new("memory", label), &n, |b, _| {
+            let recs = make();
+            b.iter(|| round_trip(&rt, &mem, &recs))
+        });
+        let run_id = format!("bench-{}-{label}", std::process::id());
+        let redis: Arc<dyn ReplayBuffer> = match rt.block_on(RedisReplay::connect(
+            &cfg("redis", 4 * n).url,
+            &run_id,
+            "bench",
+            cfg("redis", 4 * n),
+        )) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                eprintln!("skipping the redis backend: {e}");
+                continue;
+            }
+        };
+        g.bench_with_input(BenchmarkId::new("redis", label), &n, |b, _| {
+            b.iter(|| {
+                let recs = make();
+                round_trip(&rt, &redis, &recs)
+            })
+        });
+        rt.block_on(redis.purge()).unwrap();
+    }
+    g.finish();
+}
+
+criterion_group!(benches, backends);
+criterion_main!(benches);
