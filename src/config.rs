@@ -16,6 +16,9 @@ use tilt_kernels::losses::VrpoLabels;
 pub struct Config {
     /// A name for reports.
     pub name: String,
+    /// "vrpo" (reward tilting, stages critic/vrpo/eval) or "dfdpo" (video preference,
+    /// stages pretrain/sft/dfdpo/ablation/eval).
+    pub algorithm: String,
     /// Master seed: every random stream is derived from it.
     pub seed: u64,
     /// Stages to run, in order: "critic", "vrpo", "eval".
@@ -35,6 +38,10 @@ pub struct Config {
     pub eval: EvalConfig,
     pub fault: FaultConfig,
     pub metrics: MetricsConfig,
+    pub video: VideoDataConfig,
+    pub pretrain: PretrainConfig,
+    pub dfdpo: DfDpoConfig,
+    pub distortion: DistortionConfig,
 }
 
 /// The data / reference model.
@@ -169,6 +176,110 @@ pub struct EvalConfig {
     pub at_steps: Vec<u64>,
 }
 
+/// DF-DPO data and model: procedural clips with an arrow of time, or a directory of .npy clips.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VideoDataConfig {
+    /// "procedural" (built in, no download) or "dir" (one .npy per clip in `dir`).
+    pub source: String,
+    pub dir: String,
+    /// Procedural motion: "friction", "bounce" or "mixed".
+    pub motion: String,
+    /// Number of real clips.
+    pub clips: usize,
+    pub frames: usize,
+    pub channels: usize,
+    pub size: usize,
+    /// Width of the spatio-temporal denoiser.
+    pub base: usize,
+    pub time_dim: usize,
+}
+
+impl Default for VideoDataConfig {
+    fn default() -> Self {
+        Self {
+            source: "procedural".into(),
+            dir: String::new(),
+            motion: "mixed".into(),
+            clips: 512,
+            frames: 8,
+            channels: 1,
+            size: 16,
+            base: 16,
+            time_dim: 32,
+        }
+    }
+}
+
+/// DF-DPO stage "pretrain": the reference denoiser trained on the real clips.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainConfig {
+    pub steps: u64,
+    pub batch: usize,
+    pub lr: f64,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 600,
+            batch: 16,
+            lr: 2e-3,
+        }
+    }
+}
+
+/// DF-DPO stages "sft", "dfdpo" and "ablation" (each continues from the reference).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DfDpoConfig {
+    /// Learner steps of each continuation (SFT, DF-DPO, each ablation).
+    pub steps: u64,
+    /// Pairs per learner replica per step.
+    pub batch: usize,
+    pub lr: f64,
+    /// Diffusion-DPO temperature (per-sample MSE differences are small: beta is large).
+    pub beta: f64,
+    /// Weight of the SFT term.
+    pub lambda_sft: f64,
+    /// The distortion curriculum (operator mix and strength, changing every `every` steps).
+    pub curriculum: tilt_kernels::distort::Curriculum,
+}
+
+impl Default for DfDpoConfig {
+    fn default() -> Self {
+        let mut curriculum = tilt_kernels::distort::Curriculum::default_schedule();
+        curriculum.every = 100;
+        Self {
+            steps: 300,
+            batch: 8,
+            lr: 5e-4,
+            beta: 1000.0,
+            lambda_sft: 1.0,
+            curriculum,
+        }
+    }
+}
+
+/// DF-DPO distortion role.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistortionConfig {
+    pub actors: usize,
+    /// Pairs per unit of work.
+    pub per_unit: usize,
+}
+
+impl Default for DistortionConfig {
+    fn default() -> Self {
+        Self {
+            actors: 1,
+            per_unit: 16,
+        }
+    }
+}
+
 /// Live metrics.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -205,6 +316,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             name: "tilt".into(),
+            algorithm: "vrpo".into(),
             seed: 0,
             stages: vec!["critic".into(), "vrpo".into(), "eval".into()],
             device: "cpu".into(),
@@ -221,6 +333,10 @@ impl Default for Config {
             eval: EvalConfig::default(),
             fault: FaultConfig::default(),
             metrics: MetricsConfig::default(),
+            video: VideoDataConfig::default(),
+            pretrain: PretrainConfig::default(),
+            dfdpo: DfDpoConfig::default(),
+            distortion: DistortionConfig::default(),
         }
     }
 }
@@ -344,10 +460,54 @@ fn positive(key: &str, v: f64) -> Result<()> {
 impl Config {
     /// Check every value a user can get wrong; the error names the key and the value.
     pub fn validate(&self) -> Result<()> {
+        let known: &[&str] = match self.algorithm.as_str() {
+            "vrpo" => &["critic", "vrpo", "eval"],
+            "dfdpo" => &["pretrain", "sft", "dfdpo", "ablation", "eval"],
+            a => bail!("algorithm = {a:?}: expected \"vrpo\" or \"dfdpo\""),
+        };
         for s in &self.stages {
-            if !["critic", "vrpo", "eval"].contains(&s.as_str()) {
-                bail!("stages: unknown stage {s:?} (expected \"critic\", \"vrpo\", \"eval\")");
+            if !known.contains(&s.as_str()) {
+                bail!(
+                    "stages: unknown stage {s:?} for algorithm {:?} (expected one of {known:?})",
+                    self.algorithm
+                );
             }
+        }
+        if self.algorithm == "dfdpo" {
+            let v = &self.video;
+            if v.source != "procedural" && v.source != "dir" {
+                bail!(
+                    "video.source = {:?}: expected \"procedural\" or \"dir\"",
+                    v.source
+                );
+            }
+            if v.source == "dir" && v.dir.is_empty() {
+                bail!("video.dir = \"\": video.source = \"dir\" needs a directory of .npy clips");
+            }
+            if !["friction", "bounce", "mixed"].contains(&v.motion.as_str()) {
+                bail!(
+                    "video.motion = {:?}: expected \"friction\", \"bounce\" or \"mixed\"",
+                    v.motion
+                );
+            }
+            for (k, n) in [
+                ("video.clips", v.clips),
+                ("pretrain.batch", self.pretrain.batch),
+                ("dfdpo.batch", self.dfdpo.batch),
+                ("distortion.actors", self.distortion.actors),
+                ("distortion.per_unit", self.distortion.per_unit),
+            ] {
+                if n == 0 {
+                    bail!("{k} = 0: must be at least 1");
+                }
+            }
+            positive("dfdpo.beta", self.dfdpo.beta)?;
+            positive("dfdpo.lr", self.dfdpo.lr)?;
+            positive("pretrain.lr", self.pretrain.lr)?;
+            self.dfdpo
+                .curriculum
+                .validate()
+                .map_err(|e| anyhow!("dfdpo.curriculum: {e}"))?;
         }
         if self.device != "cpu" && self.device != "cuda" {
             bail!("device = {:?}: expected \"cpu\" or \"cuda\"", self.device);

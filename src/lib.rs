@@ -9,4 +9,5 @@ pub mod report;
 pub mod run;
 pub mod signals;
 pub mod telemetry;
+pub mod video;
 pub mod worker;

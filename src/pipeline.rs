@@ -592,33 +592,10 @@ pub async fn stage_vrpo(
         channel: roles.channel,
         distortion: None,
     };
-    let t0 = Instant::now();
-    let (coord, handle) = ractor::Actor::spawn(None, CoordinatorActor, spec)
-        .await
-        .map_err(|e| anyhow!("cannot start the actors: {e}"))?;
-    let ticker = progress.spawn_vrpo(
-        control.clone(),
-        replay.clone(),
-        start_step,
-        if roles.learners { cfg.vrpo.steps } else { 0 },
-    );
-    let mut rx = rx;
-    let mut external = roles.stop;
     let roles_learners = roles.learners;
-    let outcome = loop {
-        tokio::select! {
-            r = &mut rx => break r.map_err(|_| anyhow!("the coordinator stopped without reporting an outcome"))?,
-            _ = crate::signals::shutdown_signal() => {
-                let _ = coord.cast(CoordinatorMsg::Shutdown("signal received".into()));
-            }
-            _ = async { match external.as_mut() { Some(r) => { let _ = r.await; } None => std::future::pending::<()>().await } } => {
-                external = None;
-                let _ = coord.cast(CoordinatorMsg::Shutdown("the run's learner has finished".into()));
-            }
-        }
-    };
-    ticker.abort();
-    let _ = handle.await;
+    let total = if roles.learners { cfg.vrpo.steps } else { 0 };
+    let t0 = Instant::now();
+    let outcome = run_actors(spec, rx, roles.stop, progress, "vrpo", start_step, total).await?;
     let wall = t0.elapsed().as_secs_f64();
     let steps_done = RunControl::get(&control.learner_step);
     let last = control.last();
@@ -671,6 +648,39 @@ pub async fn stage_vrpo(
         }
         RunOutcome::LearnerFailed(msg) => bail!("{msg}"),
     }
+}
+
+/// Spawn the coordinator (which spawns every role) and wait for the run's outcome, forwarding
+/// SIGINT/SIGTERM and an optional external stop as a graceful shutdown; progress meanwhile.
+pub async fn run_actors(
+    spec: RunSpec,
+    mut rx: tokio::sync::oneshot::Receiver<RunOutcome>,
+    mut external: Option<tokio::sync::oneshot::Receiver<()>>,
+    progress: &Progress,
+    stage: &'static str,
+    start_step: u64,
+    total: u64,
+) -> Result<RunOutcome> {
+    let (control, replay) = (spec.control.clone(), spec.replay.clone());
+    let (coord, handle) = ractor::Actor::spawn(None, CoordinatorActor, spec)
+        .await
+        .map_err(|e| anyhow!("cannot start the actors: {e}"))?;
+    let ticker = progress.spawn_stage(control, replay, start_step, total, stage);
+    let outcome = loop {
+        tokio::select! {
+            r = &mut rx => break r.map_err(|_| anyhow!("the coordinator stopped without reporting an outcome"))?,
+            _ = crate::signals::shutdown_signal() => {
+                let _ = coord.cast(CoordinatorMsg::Shutdown("signal received".into()));
+            }
+            _ = async { match external.as_mut() { Some(r) => { let _ = r.await; } None => std::future::pending::<()>().await } } => {
+                external = None;
+                let _ = coord.cast(CoordinatorMsg::Shutdown("the run's learner has finished".into()));
+            }
+        }
+    };
+    ticker.abort();
+    let _ = handle.await;
+    Ok(outcome)
 }
 
 /// One evaluated policy.

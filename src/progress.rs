@@ -61,13 +61,14 @@ impl Progress {
         }
     }
 
-    /// A background task that reports the VRPO stage until aborted.
-    pub fn spawn_vrpo(
+    /// A background task that reports a stage running through the actors, until aborted.
+    pub fn spawn_stage(
         &self,
         control: Arc<RunControl>,
         replay: Arc<dyn ReplayBuffer>,
         start: u64,
         total: u64,
+        stage: &'static str,
     ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
@@ -92,7 +93,7 @@ impl Progress {
                         RunControl::get(&control.pairs_inserted),
                     );
                     me.log_only(&format!(
-                        "[vrpo:producer] produced {p} pairs ({:.0}/s), inserted {i} ({:.0}/s) | stream depth {} | restarts {} | {} elapsed",
+                        "[{stage}:producer] produced {p} pairs ({:.0}/s), inserted {i} ({:.0}/s) | stream depth {} | restarts {} | {} elapsed",
                         p as f64 / el,
                         i as f64 / el,
                         st.depth,
@@ -112,7 +113,7 @@ impl Progress {
                     let frac = step as f64 / total.max(1) as f64;
                     let filled = (frac * 30.0).round() as usize;
                     eprint!(
-                        "\r\x1b[2K[vrpo] [{}{}] {step}/{total} | {:.0} pairs/s | loss {:.4} acc {:.3} | ETA {}",
+                        "\r\x1b[2K[{stage}] [{}{}] {step}/{total} | {:.0} pairs/s | loss {:.4} acc {:.3} | ETA {}",
                         "#".repeat(filled.min(30)),
                         ".".repeat(30 - filled.min(30)),
                         RunControl::get(&control.pairs_inserted) as f64 / el,
@@ -122,7 +123,7 @@ impl Progress {
                     );
                 }
                 me.log_only(&format!(
-                    "[vrpo] step {step}/{total} ({:.0}%) | {:.0} pairs/s in, {:.1} steps/s | loss {:.4} pair-acc {:.3} | replay {} | restarts {} | {} elapsed, ETA {}",
+                    "[{stage}] step {step}/{total} ({:.0}%) | {:.0} pairs/s in, {:.1} steps/s | loss {:.4} pair-acc {:.3} | replay {} | restarts {} | {} elapsed, ETA {}",
                     100.0 * step as f64 / total.max(1) as f64,
                     RunControl::get(&control.pairs_inserted) as f64 / el,
                     rate,

@@ -72,26 +72,16 @@ fn redis_down_is_one_clear_line_without_the_password() {
 
 #[test]
 fn three_workers_meet_through_redis_and_reach_the_target() {
-    // The quickstart experiment (K = 100, L = 10, soft labels, learned critic), shortened to 600
-    // learner steps so CI stays fast: single-process runs reach gap 0.97 and mode error < 0.04 at
-    // 500 steps. Bar (issue 3): gap_closed >= 0.85, every mode weight within 0.05 of the target.
+    // The full quickstart experiment (K = 100, L = 10, soft labels, learned critic, 1500 steps),
+    // about 5 minutes. Measured three-process runs: gap 0.982 / mode error 0.025 at 1500 steps;
+    // shortened runs sat at the bar (600 steps: 0.059, 1200 steps with a shorter critic stage:
+    // 0.053), so the test does not shorten it. Bar (issue 3): gap_closed >= 0.85, modes within 0.05.
     let run_id = format!("ci-cluster-{}", std::process::id());
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster-local.sh");
     let o = std::process::Command::new("bash")
         .arg(script)
         .args(["configs/quickstart-redis.toml", &run_id])
-        .args([
-            "--set",
-            "vrpo.steps=600",
-            "--set",
-            "critic.train_steps=400",
-            "--set",
-            "eval.at_steps=[]",
-            "--set",
-            "eval.samples=10000",
-            "--set",
-            "eval.target_samples=30000",
-        ])
+        .args(["--set", "eval.at_steps=[]"])
         .env("TILT_BIN", env!("CARGO_BIN_EXE_tilt"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
@@ -112,7 +102,7 @@ fn three_workers_meet_through_redis_and_reach_the_target() {
     let err_modes = s["max_mode_weight_error"].as_f64().unwrap();
     assert!(gap >= 0.85, "gap_closed {gap}");
     assert!(err_modes <= 0.05, "max mode-weight error {err_modes}: {s}");
-    assert_eq!(s["steps"], 600);
+    assert_eq!(s["steps"], 1500);
     assert_eq!(redis_keys(&format!("tilt:{run_id}*")), 0);
     let dir = summary.parent().unwrap();
     for role in ["rollout", "critic", "learner"] {
