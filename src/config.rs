@@ -583,7 +583,7 @@ impl Config {
                 bail!("{k} = {v}: must be even and positive");
             }
         }
-        if self.vrpo.segment_len > self.sampling.steps {
+        if self.algorithm == "vrpo" && self.vrpo.segment_len > self.sampling.steps {
             bail!(
                 "vrpo.segment_len = {}: must be at most sampling.steps = {}",
                 self.vrpo.segment_len,

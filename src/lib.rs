@@ -2,6 +2,7 @@
 //! `tilt-kernels`, the actors in `tilt-actors`.
 
 pub mod config;
+pub mod dfdpo;
 pub mod pipeline;
 pub mod plots;
 pub mod progress;

@@ -449,7 +449,7 @@ pub async fn make_replay(
 }
 
 /// Stands in for the critic in processes that run no critic role.
-struct NoCritic;
+pub struct NoCritic;
 
 impl ValueCritic for NoCritic {
     fn value(

@@ -85,6 +85,10 @@ pub async fn execute(cfg: &Config, run_dir: &Path) -> Result<Option<Summary>> {
     if let Some(addr) = crate::telemetry::start_metrics(&cfg.metrics.listen)? {
         progress.line(&format!("tilt: metrics at http://{addr}/metrics"));
     }
+    if cfg.algorithm == "dfdpo" {
+        crate::dfdpo::execute(cfg, run_dir, &progress).await?;
+        return Ok(None);
+    }
     let s = setup(cfg)?;
     // Connect the replay first: a Redis that is down fails the run before any work is done. A run
     // id unique to this invocation namespaces the Redis keys (removed at the end).
