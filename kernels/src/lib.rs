@@ -16,6 +16,8 @@ pub mod optim;
 pub mod reward;
 pub mod rng;
 pub mod schedule;
+#[cfg(test)]
+mod testutil;
 pub mod tilt;
 pub mod vrpo;
 
