@@ -72,8 +72,8 @@ fn redis_down_is_one_clear_line_without_the_password() {
 
 #[test]
 fn three_workers_meet_through_redis_and_reach_the_target() {
-    // The full quickstart experiment (K = 100, L = 10, soft labels, learned critic, 1500 steps),
-    // about 5 minutes. Measured three-process runs: gap 0.982 / mode error 0.025 at 1500 steps;
+    // The quickstart experiment (K = 100, L = 10, soft labels, learned critic) with 2000 instead of
+    // 1500 steps for margin (measured max mode errors at 1500 steps: 0.015, 0.025, 0.043), ~6 min. Measured three-process runs: gap 0.982 / mode error 0.025 at 1500 steps;
     // shortened runs sat at the bar (600 steps: 0.059, 1200 steps with a shorter critic stage:
     // 0.053), so the test does not shorten it. Bar (issue 3): gap_closed >= 0.85, modes within 0.05.
     let run_id = format!("ci-cluster-{}", std::process::id());
@@ -102,7 +102,7 @@ fn three_workers_meet_through_redis_and_reach_the_target() {
     let err_modes = s["max_mode_weight_error"].as_f64().unwrap();
     assert!(gap >= 0.85, "gap_closed {gap}");
     assert!(err_modes <= 0.05, "max mode-weight error {err_modes}: {s}");
-    assert_eq!(s["steps"], 1500);
+    assert_eq!(s["steps"], 2000);
     assert_eq!(redis_keys(&format!("tilt:{run_id}*")), 0);
     let dir = summary.parent().unwrap();
     for role in ["rollout", "critic", "learner"] {
