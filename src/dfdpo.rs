@@ -25,7 +25,7 @@ use tilt_actors::telemetry::LatencySummary;
 use tilt_kernels::denoiser::{load_weights, save_weights, Denoiser};
 use tilt_kernels::dfdpo::denoise_grads;
 use tilt_kernels::distort::{Curriculum, Distortion};
-use tilt_kernels::logprob::sample_chain;
+use tilt_kernels::logprob::sample_chain_clipped;
 use tilt_kernels::models::{VideoConfig, VideoDenoiser};
 use tilt_kernels::optim::{AdamW, AdamWConfig};
 use tilt_kernels::rng::{randn, rng_for};
@@ -443,8 +443,17 @@ pub async fn execute(cfg: &Config, run_dir: &Path, progress: &Progress) -> Resul
     for (name, model) in &models {
         let mut rng = rng_for(cfg.seed, 30, 0);
         let x = randn(&mut rng, shape, &Device::Cpu)?;
-        let samples = sample_chain(model.as_ref(), &grid, &x, grid.len(), 0, None, &mut rng)?
-            .clamp(-1f32, 1f32)?;
+        // Clips live in [-1, 1]: clip the predicted x_0 at every step (DDPM's clip_denoised).
+        let samples = sample_chain_clipped(
+            model.as_ref(),
+            &schedule,
+            &grid,
+            &x,
+            None,
+            -1.0,
+            1.0,
+            &mut rng,
+        )?;
         let st = video_stats(&samples, hint)?;
         progress.line(&format!(
             "[eval] {name:<14} temporal {:.3} smoothness {:.3} sharpness {:.4} noise {:.4}",
