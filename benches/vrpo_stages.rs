@@ -79,10 +79,10 @@ fn stages(c: &mut Criterion) {
     .unwrap();
     g.bench_function("critic_score", |b| {
         b.iter(|| {
-                for p in &pairs {
-                    score_pair(&critic, &s.grid, p, 1.0).unwrap();
-                }
-            })
+            for p in &pairs {
+                score_pair(&critic, &s.grid, p, 1.0).unwrap();
+            }
+        })
     });
 
     // Encode every pair into a record, decode a learner batch.

@@ -216,10 +216,13 @@ async fn continuation(
     }
     if start >= cfg.dfdpo.steps {
         progress.line(&format!("[{name}] already trained ({start} steps)"));
-        return Ok(ContinuationReport {
-            steps: start,
-            ..Default::default()
-        });
+        // Keep what the training run recorded.
+        return Ok(
+            crate::pipeline::read_json(&dir.join("training.json")).unwrap_or(ContinuationReport {
+                steps: start,
+                ..Default::default()
+            }),
+        );
     }
     let objective: Arc<dyn Objective> = match &curriculum {
         None => Arc::new(SftObjective {

@@ -82,7 +82,7 @@ fn three_workers_meet_through_redis_and_reach_the_target() {
     let o = std::process::Command::new("bash")
         .arg(script)
         .args(["configs/quickstart-redis.toml", &run_id])
-        .args(["--set", "eval.at_steps=[]"])
+        .args(["--set", "eval.at_steps=[]", "--set", "vrpo.steps=2000"])
         .env("TILT_BIN", env!("CARGO_BIN_EXE_tilt"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()

@@ -60,7 +60,10 @@ pub struct RunSpec {
 }
 
 /// Both ends of the rollout -> critic channel.
-pub type PairChannel = (flume::Sender<Vec<SegmentPair>>, flume::Receiver<Vec<SegmentPair>>);
+pub type PairChannel = (
+    flume::Sender<Vec<SegmentPair>>,
+    flume::Receiver<Vec<SegmentPair>>,
+);
 
 /// How to spawn the DF-DPO distortion actors.
 #[derive(Clone)]
