@@ -384,7 +384,8 @@ pub async fn execute(cfg: &Config, run_dir: &Path, progress: &Progress) -> Resul
     let ref_file = run_dir.join("reference.safetensors");
     let has = |s: &str| cfg.stages.iter().any(|x| x == s);
     if has("pretrain") && !ref_file.exists() {
-        pretrain(cfg, &schedule, &clips, &ref_file, progress)?;
+        // Tensor work off the async executor's worker (the metrics endpoint keeps serving).
+        crate::run::off_executor(|| pretrain(cfg, &schedule, &clips, &ref_file, progress))?;
     }
     if !ref_file.exists() {
         bail!(
@@ -447,16 +448,18 @@ pub async fn execute(cfg: &Config, run_dir: &Path, progress: &Progress) -> Resul
         let mut rng = rng_for(cfg.seed, 30, 0);
         let x = randn(&mut rng, shape, &Device::Cpu)?;
         // Clips live in [-1, 1]: clip the predicted x_0 at every step (DDPM's clip_denoised).
-        let samples = sample_chain_clipped(
-            model.as_ref(),
-            &schedule,
-            &grid,
-            &x,
-            None,
-            -1.0,
-            1.0,
-            &mut rng,
-        )?;
+        let samples = crate::run::off_executor(|| {
+            sample_chain_clipped(
+                model.as_ref(),
+                &schedule,
+                &grid,
+                &x,
+                None,
+                -1.0,
+                1.0,
+                &mut rng,
+            )
+        })?;
         let st = video_stats(&samples, hint)?;
         progress.line(&format!(
             "[eval] {name:<14} temporal {:.3} smoothness {:.3} sharpness {:.4} noise {:.4}",

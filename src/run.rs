@@ -55,6 +55,17 @@ pub struct Throughput {
     pub learner_steps_per_s: f64,
 }
 
+/// Run CPU-heavy tensor work without stalling the async executor: on a multi-thread runtime the
+/// current worker hands its other tasks (the metrics endpoint, heartbeats) to the other workers
+/// first (`block_in_place`); on a current-thread runtime, or outside one, the work just runs.
+pub fn off_executor<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Create a fresh run directory; refuse one that already holds a run.
 pub fn prepare_run_dir(out: &Path, cfg: &Config) -> Result<()> {
     if out.join("config.toml").exists() {
@@ -115,7 +126,8 @@ pub async fn execute(cfg: &Config, run_dir: &Path) -> Result<Option<Summary>> {
                 progress.line("[critic] already trained in this run directory: reusing it");
                 read_json(&done)?
             } else {
-                stage_critic(cfg, &s, run_dir)?
+                // Tensor work off the async executor's worker.
+                off_executor(|| stage_critic(cfg, &s, run_dir))?
             },
         );
     }
@@ -152,7 +164,7 @@ pub async fn execute(cfg: &Config, run_dir: &Path) -> Result<Option<Summary>> {
     if !has("eval") {
         return Ok(None);
     }
-    finish(cfg, &s, run_dir, critic, &vrpo, t0, &progress).map(Some)
+    off_executor(|| finish(cfg, &s, run_dir, critic, &vrpo, t0, &progress)).map(Some)
 }
 
 /// Evaluate, write summary.json, print latencies and draw the plots.
@@ -243,4 +255,30 @@ pub fn finish(
 /// The default run directory for a config: runs/<name>.
 pub fn default_out(cfg: &Config) -> PathBuf {
     PathBuf::from("runs").join(&cfg.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::off_executor;
+
+    /// `block_in_place` alone panics on a current-thread runtime (the default of `#[tokio::test]`);
+    /// `off_executor` must run the closure on every kind of runtime and outside one.
+    #[test]
+    fn off_executor_runs_on_every_runtime_flavor() {
+        assert_eq!(off_executor(|| 1 + 1), 2);
+        let ct = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(ct.block_on(async { off_executor(|| 3) }), 3);
+        let mt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let on_worker = mt.block_on(async {
+            tokio::spawn(async { off_executor(|| std::thread::current().id()) })
+                .await
+                .unwrap()
+        });
+        assert_ne!(on_worker, std::thread::current().id());
+    }
 }

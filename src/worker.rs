@@ -151,7 +151,7 @@ pub async fn run_worker(
         }
         WorkerRole::Critic => {
             if cfg.critic.kind == "learned" && !run_dir.join("critic.json").exists() {
-                stage_critic(cfg, &s, run_dir)?;
+                crate::run::off_executor(|| stage_critic(cfg, &s, run_dir))?;
             }
             let segments: Arc<dyn ReplayBuffer> = Arc::new(
                 RedisReplay::connect(&url, &seg_id, &consumer, segments_config(cfg)).await?,
@@ -233,7 +233,9 @@ pub async fn run_worker(
                 return Ok(());
             }
             let critic = read_json(&run_dir.join("critic.json")).ok();
-            crate::run::finish(cfg, &s, run_dir, critic, &vrpo, t0, &progress)?;
+            crate::run::off_executor(|| {
+                crate::run::finish(cfg, &s, run_dir, critic, &vrpo, t0, &progress)
+            })?;
             println!("{}", run_dir.join("summary.json").display());
         }
     }
