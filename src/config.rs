@@ -193,6 +193,8 @@ pub struct VideoDataConfig {
     /// Width of the spatio-temporal denoiser.
     pub base: usize,
     pub time_dim: usize,
+    /// Diffuse standardised clips ((clip - mean) / std of the real clips) and map samples back.
+    pub normalize: bool,
 }
 
 impl Default for VideoDataConfig {
@@ -207,6 +209,7 @@ impl Default for VideoDataConfig {
             size: 16,
             base: 16,
             time_dim: 32,
+            normalize: true,
         }
     }
 }

@@ -23,7 +23,7 @@ use tilt_actors::objective::{DfDpoObjective, Objective, SftObjective};
 use tilt_actors::replay::{MemoryReplay, ReplayBuffer};
 use tilt_actors::telemetry::LatencySummary;
 use tilt_kernels::denoiser::{load_weights, save_weights, Denoiser};
-use tilt_kernels::dfdpo::denoise_grads;
+use tilt_kernels::dfdpo::{denoise_grads, DataScale};
 use tilt_kernels::distort::{Curriculum, Distortion};
 use tilt_kernels::logprob::sample_chain_clipped;
 use tilt_kernels::models::{VideoConfig, VideoDenoiser};
@@ -128,15 +128,50 @@ fn build_model(cfg: &Config, lr: f64) -> Result<(VarMap, Arc<VideoDenoiser>, Ada
     Ok((vm, Arc::new(m), opt))
 }
 
+/// The data-space -> model-space map of this run: `video.normalize = true` standardises with the
+/// real clips' scalar mean and std (DataScale's doc says why), false keeps the identity. Written
+/// to `data_scale.json` by the first run and read back by every later one (resume, eval), so the
+/// models and their scale never disagree.
+fn data_scale(
+    cfg: &Config,
+    clips: &Tensor,
+    run_dir: &Path,
+    progress: &Progress,
+) -> Result<DataScale> {
+    let file = run_dir.join("data_scale.json");
+    if file.exists() {
+        return crate::pipeline::read_json(&file);
+    }
+    let scale = if cfg.video.normalize {
+        DataScale::fit(clips).context("video.normalize = true")?
+    } else {
+        DataScale::IDENTITY
+    };
+    progress.line(&format!(
+        "[data] diffusion space = (clip - {:.4}) / {:.4}{}",
+        scale.shift,
+        scale.scale,
+        if cfg.video.normalize {
+            ""
+        } else {
+            " (video.normalize = false)"
+        }
+    ));
+    write_json(&file, &scale)?;
+    Ok(scale)
+}
+
 /// Stage "pretrain": the reference denoiser on the real clips (plain denoising loss).
 fn pretrain(
     cfg: &Config,
     schedule: &VpSchedule,
     clips: &Tensor,
+    scale: DataScale,
     file: &Path,
     progress: &Progress,
 ) -> Result<()> {
     let (vm, model, mut opt) = build_model(cfg, cfg.pretrain.lr)?;
+    let clips = &scale.to_model(clips)?;
     let n = clips.dim(0)?;
     let t0 = Instant::now();
     let mut last = Instant::now();
@@ -193,6 +228,7 @@ async fn continuation(
     reference: Arc<dyn Denoiser>,
     schedule: &VpSchedule,
     clips: Arc<Tensor>,
+    scale: DataScale,
     dir: &Path,
     progress: &Progress,
 ) -> Result<ContinuationReport> {
@@ -228,6 +264,7 @@ async fn continuation(
         None => Arc::new(SftObjective {
             schedule: schedule.clone(),
             seed: cfg.seed,
+            scale,
         }),
         Some(_) => Arc::new(DfDpoObjective {
             reference: reference.clone(),
@@ -235,6 +272,7 @@ async fn continuation(
             beta: cfg.dfdpo.beta,
             lambda_sft: cfg.dfdpo.lambda_sft,
             seed: cfg.seed,
+            scale,
         }),
     };
     // SFT sees the same pairs (it uses only the real clip); its distortions are the default curriculum's.
@@ -382,10 +420,11 @@ pub async fn execute(cfg: &Config, run_dir: &Path, progress: &Progress) -> Resul
     ));
     let real = reference_stats(&clips)?;
     let ref_file = run_dir.join("reference.safetensors");
+    let scale = data_scale(cfg, &clips, run_dir, progress)?;
     let has = |s: &str| cfg.stages.iter().any(|x| x == s);
     if has("pretrain") && !ref_file.exists() {
         // Tensor work off the async executor's worker (the metrics endpoint keeps serving).
-        crate::run::off_executor(|| pretrain(cfg, &schedule, &clips, &ref_file, progress))?;
+        crate::run::off_executor(|| pretrain(cfg, &schedule, &clips, scale, &ref_file, progress))?;
     }
     if !ref_file.exists() {
         bail!(
@@ -406,6 +445,7 @@ pub async fn execute(cfg: &Config, run_dir: &Path, progress: &Progress) -> Resul
             reference.clone(),
             &schedule,
             clips.clone(),
+            scale,
             &dir,
             progress,
         )
@@ -447,18 +487,13 @@ pub async fn execute(cfg: &Config, run_dir: &Path, progress: &Progress) -> Resul
     for (name, model) in &models {
         let mut rng = rng_for(cfg.seed, 30, 0);
         let x = randn(&mut rng, shape, &Device::Cpu)?;
-        // Clips live in [-1, 1]: clip the predicted x_0 at every step (DDPM's clip_denoised).
+        // Clips live in [-1, 1]: clip the predicted x_0 at every step (DDPM's clip_denoised), in
+        // the model's space, then map the samples back to data space.
+        let (lo, hi) = scale.model_bounds(-1.0, 1.0);
         let samples = crate::run::off_executor(|| {
-            sample_chain_clipped(
-                model.as_ref(),
-                &schedule,
-                &grid,
-                &x,
-                None,
-                -1.0,
-                1.0,
-                &mut rng,
-            )
+            let y =
+                sample_chain_clipped(model.as_ref(), &schedule, &grid, &x, None, lo, hi, &mut rng)?;
+            anyhow::Ok(scale.to_data(&y)?.clamp(-1f32, 1f32)?)
         })?;
         let st = video_stats(&samples, hint)?;
         progress.line(&format!(

@@ -70,6 +70,30 @@ fn tiny_dfdpo_run_writes_eval_ablation_and_filmstrips() {
     }
     // The real clips obey their own arrow of time.
     assert!(s["real"]["temporal"].as_f64().unwrap() > 0.9, "{s}");
+    // The models diffuse standardised clips (video.normalize defaults to true): the recorded map
+    // is the scalar mean and std of the 24 real clips.
+    let spec = tilt::video::ClipSpec {
+        frames: 8,
+        channels: 1,
+        size: 16,
+        kind: tilt::video::Motion::Mixed,
+    };
+    let clips = tilt::video::generate(&spec, 24, 0).unwrap().0;
+    let want = tilt_kernels::dfdpo::DataScale::fit(&clips).unwrap();
+    let got = json(&out.join("data_scale.json"));
+    assert!(
+        (got["shift"].as_f64().unwrap() - want.shift as f64).abs() < 1e-6,
+        "{got}"
+    );
+    assert!(
+        (got["scale"].as_f64().unwrap() - want.scale as f64).abs() < 1e-6,
+        "{got}"
+    );
+    assert!(
+        want.shift < -0.3 && want.scale < 0.5,
+        "dark, low-contrast clips: {want:?}"
+    );
+    assert!(e.contains("diffusion space = (clip - "), "{e}");
     for name in ["real", "reference", "sft", "dfdpo"] {
         tilt::plots::check_png(&out.join(format!("filmstrip-{name}.png")), 200).unwrap();
     }

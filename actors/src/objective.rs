@@ -94,6 +94,8 @@ pub struct DfDpoObjective {
     pub beta: f64,
     pub lambda_sft: f64,
     pub seed: u64,
+    /// Data space -> the space the denoisers diffuse in (applied to winners and losers).
+    pub scale: tilt_kernels::dfdpo::DataScale,
 }
 
 impl Objective for DfDpoObjective {
@@ -106,6 +108,7 @@ impl Objective for DfDpoObjective {
         replica: usize,
     ) -> Result<(Vec<Option<Tensor>>, StepStats)> {
         let (w, l) = records_to_clip_pairs(records)?;
+        let (w, l) = (self.scale.to_model(&w)?, self.scale.to_model(&l)?);
         let mut rng = tilt_kernels::rng::rng_for(self.seed, 5_000 + replica as u64, step);
         let (g, s) = tilt_kernels::dfdpo::dfdpo_grads(
             model,
@@ -133,6 +136,8 @@ impl Objective for DfDpoObjective {
 pub struct SftObjective {
     pub schedule: tilt_kernels::schedule::VpSchedule,
     pub seed: u64,
+    /// Data space -> the space the denoiser diffuses in.
+    pub scale: tilt_kernels::dfdpo::DataScale,
 }
 
 impl Objective for SftObjective {
@@ -145,6 +150,7 @@ impl Objective for SftObjective {
         replica: usize,
     ) -> Result<(Vec<Option<Tensor>>, StepStats)> {
         let (w, _) = records_to_clip_pairs(records)?;
+        let w = self.scale.to_model(&w)?;
         let mut rng = tilt_kernels::rng::rng_for(self.seed, 6_000 + replica as u64, step);
         let (g, loss) =
             tilt_kernels::dfdpo::denoise_grads(model, opt, &self.schedule, &w, &mut rng)?;
