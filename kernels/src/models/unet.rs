@@ -46,13 +46,6 @@ pub struct UNetConfig {
 impl UNetConfig {
     /// Check every field; the error names the offending key.
     pub fn validate(&self) -> Result<()> {
-        if self.channels != 1 && self.channels != 3 {
-            return Err(KernelError::param(
-                "unet.channels",
-                self.channels,
-                "must be 1 or 3",
-            ));
-        }
         if !(8..=32).contains(&self.size) || self.size % 4 != 0 {
             return Err(KernelError::param(
                 "unet.size",
@@ -60,21 +53,12 @@ impl UNetConfig {
                 "must be in 8..=32 and divisible by 4 (two 2x downsamplings)",
             ));
         }
-        if self.base == 0 || self.base > 512 {
-            return Err(KernelError::param(
-                "unet.base",
-                self.base,
-                "must be in 1..=512",
-            ));
-        }
-        if self.time_dim == 0 || self.time_dim % 2 != 0 {
-            return Err(KernelError::param(
-                "unet.time_dim",
-                self.time_dim,
-                "must be even and positive",
-            ));
-        }
-        Ok(())
+        super::validate_widths(
+            ["unet.channels", "unet.base", "unet.time_dim"],
+            self.channels,
+            self.base,
+            self.time_dim,
+        )
     }
 }
 

@@ -52,13 +52,6 @@ impl VideoConfig {
                 "must be in 1..=16",
             ));
         }
-        if self.channels != 1 && self.channels != 3 {
-            return Err(KernelError::param(
-                "video.channels",
-                self.channels,
-                "must be 1 or 3",
-            ));
-        }
         if !(4..=32).contains(&self.size) || self.size % 4 != 0 {
             return Err(KernelError::param(
                 "video.size",
@@ -66,21 +59,12 @@ impl VideoConfig {
                 "must be in 4..=32 and divisible by 4",
             ));
         }
-        if self.base == 0 || self.base > 512 {
-            return Err(KernelError::param(
-                "video.base",
-                self.base,
-                "must be in 1..=512",
-            ));
-        }
-        if self.time_dim == 0 || self.time_dim % 2 != 0 {
-            return Err(KernelError::param(
-                "video.time_dim",
-                self.time_dim,
-                "must be even and positive",
-            ));
-        }
-        Ok(())
+        super::validate_widths(
+            ["video.channels", "video.base", "video.time_dim"],
+            self.channels,
+            self.base,
+            self.time_dim,
+        )
     }
 }
 
