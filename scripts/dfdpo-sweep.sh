@@ -7,10 +7,12 @@
 # RUN_DIR must hold reference.safetensors, data_scale.json and config.toml (any run whose stages
 # included "pretrain"). Each point runs stages dfdpo + eval in RUN_DIR/sweep/beta-B_lambda-L (the
 # reference is copied, so every point starts from the same model and samples the same noise) and
-# the script ends with a table of the eval metrics, reference first.
+# the script ends with a table of the eval metrics, reference first. Finished points (those with a
+# summary.json) are reused; an interrupted point is started over.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 run=${1:?usage: scripts/dfdpo-sweep.sh RUN_DIR \"BETA:LAMBDA ...\" [--set key=value ...]}
+run=$(realpath -- "$run")   # RUN_DIR is relative to the caller's directory, not the repo's
+cd "$(dirname "$0")/.."
 points=${2:?give the sweep points as \"BETA:LAMBDA ...\"}
 shift 2
 for f in reference.safetensors data_scale.json config.toml; do
@@ -22,6 +24,10 @@ for p in $points; do
   beta=${p%%:*}; lambda=${p##*:}
   dir="$run/sweep/beta-${beta}_lambda-${lambda}"
   if [[ ! -f "$dir/summary.json" ]]; then
+    if [[ -e "$dir" ]]; then
+      echo "== $dir has no summary.json (an interrupted point): starting it over" >&2
+      rm -rf -- "$dir"
+    fi
     mkdir -p "$dir"
     cp "$run/reference.safetensors" "$run/data_scale.json" "$dir/"
     echo "== beta $beta lambda_sft $lambda -> $dir" >&2
