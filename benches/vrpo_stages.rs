@@ -7,8 +7,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tilt::algo::vrpo::{build_policy, setup};
 use tilt::config::Config;
-use tilt::pipeline::{build_policy, setup};
 use tilt_actors::codec::{pair_records, records_to_batch};
 use tilt_actors::replay::{MemoryReplay, ReplayBuffer, ReplayConfig};
 use tilt_kernels::critic::{CdfCritic, CdfGrid, MlpEncoder, MlpEncoderConfig};
@@ -35,7 +35,7 @@ fn stages(c: &mut Criterion) {
         b.iter(|| {
             i += 1;
             make_segment_pairs(
-                s.reference.as_ref(),
+                s.data.reference.as_ref(),
                 &s.grid,
                 &[2],
                 chains,
@@ -47,7 +47,7 @@ fn stages(c: &mut Criterion) {
         })
     });
     let pairs = make_segment_pairs(
-        s.reference.as_ref(),
+        s.data.reference.as_ref(),
         &s.grid,
         &[2],
         chains,
@@ -112,11 +112,19 @@ fn stages(c: &mut Criterion) {
 
     // One learner step: gradients of the VRPO loss + AdamW.
     let batch = records_to_batch(&records[..batch_n], &dev).unwrap();
-    let (_vm, res, mut opt) = build_policy(&cfg, &s).unwrap();
+    let mut p = build_policy(&cfg, &s).unwrap();
+    let (res, opt) = (p.model.clone(), &mut p.opt);
     g.bench_function("learner_step", |b| {
         b.iter(|| {
-            let (grads, _) =
-                vrpo_grads(res.as_ref(), &opt, &s.grid, &batch, VrpoLabels::Soft, 1.0).unwrap();
+            let (grads, _) = vrpo_grads(
+                res.as_ref(),
+                opt.vars(),
+                &s.grid,
+                &batch,
+                VrpoLabels::Soft,
+                1.0,
+            )
+            .unwrap();
             opt.step_with(&grads).unwrap();
         })
     });

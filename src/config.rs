@@ -17,13 +17,15 @@ pub struct Config {
     /// A name for reports.
     pub name: String,
     /// "vrpo" (reward tilting, stages critic/vrpo/eval) or "dfdpo" (video preference,
-    /// stages pretrain/sft/dfdpo/ablation/eval).
-    pub algorithm: String,
+    /// stages pretrain/sft/dfdpo/ablation/eval). Each is one file in src/algo/.
+    pub algorithm: AlgorithmKind,
     /// Master seed: every random stream is derived from it.
     pub seed: u64,
-    /// Stages to run, in order: "critic", "vrpo", "eval".
+    /// Stages to run, in order; the algorithm names the ones it offers (vrpo: "critic", "vrpo",
+    /// "eval"; dfdpo: "pretrain", "sft", "dfdpo", "ablation", "eval").
     pub stages: Vec<String>,
-    /// "cpu" (or "cuda" with the `cuda` feature).
+    /// The default device of every role: "cpu", "cuda" or "cuda:N" (CUDA needs the `cuda`
+    /// feature). `rollout.device`, `critic.device` and `learner.device` override it per role.
     pub device: String,
     pub data: DataConfig,
     pub reward: RewardConfig,
@@ -44,30 +46,79 @@ pub struct Config {
     pub distortion: DistortionConfig,
 }
 
-/// The data / reference model.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataConfig {
-    /// "mixture2d": an isotropic Gaussian mixture whose exact eps is the reference model.
-    pub kind: String,
-    /// Mixture weights (normalised).
-    pub weights: Vec<f64>,
-    /// Mixture means, one per component.
-    pub means: Vec<Vec<f64>>,
-    /// Mixture standard deviations (isotropic), one per component.
-    pub stds: Vec<f64>,
+/// Which algorithm runs (`algorithm = "..."`); an unknown name is a parse error naming the key.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AlgorithmKind {
+    Vrpo,
+    Dfdpo,
 }
 
-/// The reward.
+/// The data / reference model of VRPO, one typed section per `kind`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RewardConfig {
-    /// "linear" (a.x + b) or "quadratic" (-scale |x - center|^2).
-    pub kind: String,
-    pub a: Vec<f64>,
-    pub b: f64,
-    pub center: Vec<f64>,
-    pub scale: f64,
+#[serde(tag = "kind", deny_unknown_fields)]
+pub enum DataConfig {
+    /// An isotropic Gaussian mixture whose exact eps is the reference model.
+    #[serde(rename = "mixture2d")]
+    Mixture2d {
+        /// Mixture weights (normalised).
+        weights: Vec<f64>,
+        /// Mixture means, one per component.
+        means: Vec<Vec<f64>>,
+        /// Mixture standard deviations (isotropic), one per component.
+        stds: Vec<f64>,
+    },
+}
+
+/// The reward, one typed section per `kind`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RewardConfig {
+    /// r(x) = a.x + b.
+    Linear {
+        a: Vec<f64>,
+        #[serde(default)]
+        b: f64,
+    },
+    /// r(x) = -scale |x - center|^2.
+    Quadratic {
+        center: Vec<f64>,
+        #[serde(default = "one")]
+        scale: f64,
+    },
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The critic of VRPO.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CriticKind {
+    /// A CDF critic trained in stage 1.
+    Learned,
+    /// The analytic value of the mixture (linear reward only).
+    Exact,
+}
+
+/// Where DF-DPO's real clips come from.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClipSource {
+    /// Built in, no download.
+    Procedural,
+    /// One .npy per clip (or a folder of PNG frames) in `video.dir`.
+    Dir,
+}
+
+/// The motion of procedural clips.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MotionKind {
+    Friction,
+    Bounce,
+    Mixed,
 }
 
 /// The training-grid noise schedule.
@@ -104,9 +155,11 @@ pub struct PolicyConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CriticConfig {
     /// "learned" (CDF critic trained in stage 1) or "exact" (the analytic mixture value).
-    pub kind: String,
+    pub kind: CriticKind,
     /// Critic actors scoring endpoints in stage 2.
     pub actors: usize,
+    /// Device of the critic role (stage 1 training and scoring); "" = the top-level `device`.
+    pub device: String,
     /// M, bins of the CDF grid.
     pub bins: usize,
     /// Grid range [lo, hi]; empty = from the rewards of the reference rollouts (min/max with 5% margin).
@@ -148,6 +201,8 @@ pub struct VrpoConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RolloutConfig {
     pub actors: usize,
+    /// Device of the rollout role; "" = the top-level `device`.
+    pub device: String,
     /// Reference chains per unit of work (each yields K/L pairs).
     pub chains: usize,
     /// Units buffered between rollouts and critics.
@@ -160,6 +215,8 @@ pub struct RolloutConfig {
 pub struct LearnerConfig {
     /// Synchronous data-parallel replicas.
     pub actors: usize,
+    /// Device of the learner replicas (and of evaluation); "" = the top-level `device`.
+    pub device: String,
     /// Checkpoint every this many steps (0 = only at the end and at eval points).
     pub checkpoint_every: u64,
 }
@@ -181,10 +238,10 @@ pub struct EvalConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct VideoDataConfig {
     /// "procedural" (built in, no download) or "dir" (one .npy per clip in `dir`).
-    pub source: String,
+    pub source: ClipSource,
     pub dir: String,
     /// Procedural motion: "friction", "bounce" or "mixed".
-    pub motion: String,
+    pub motion: MotionKind,
     /// Number of real clips.
     pub clips: usize,
     pub frames: usize,
@@ -200,9 +257,9 @@ pub struct VideoDataConfig {
 impl Default for VideoDataConfig {
     fn default() -> Self {
         Self {
-            source: "procedural".into(),
+            source: ClipSource::Procedural,
             dir: String::new(),
-            motion: "mixed".into(),
+            motion: MotionKind::Mixed,
             clips: 512,
             frames: 8,
             channels: 1,
@@ -315,11 +372,29 @@ pub struct FaultConfig {
     pub learner_fail_at_step: u64,
 }
 
+impl AlgorithmKind {
+    /// The name in configs and summaries.
+    pub fn name(self) -> &'static str {
+        match self {
+            AlgorithmKind::Vrpo => "vrpo",
+            AlgorithmKind::Dfdpo => "dfdpo",
+        }
+    }
+
+    /// The stages the algorithm offers, in the order it runs them.
+    pub fn stages(self) -> &'static [&'static str] {
+        match self {
+            AlgorithmKind::Vrpo => &["critic", "vrpo", "eval"],
+            AlgorithmKind::Dfdpo => &["pretrain", "sft", "dfdpo", "ablation", "eval"],
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
             name: "tilt".into(),
-            algorithm: "vrpo".into(),
+            algorithm: AlgorithmKind::Vrpo,
             seed: 0,
             stages: vec!["critic".into(), "vrpo".into(), "eval".into()],
             device: "cpu".into(),
@@ -347,8 +422,7 @@ impl Default for Config {
 impl Default for DataConfig {
     fn default() -> Self {
         let m = tilt_kernels::mixture::GaussianMixture::quickstart();
-        Self {
-            kind: "mixture2d".into(),
+        Self::Mixture2d {
             weights: m.weights,
             means: m.means,
             stds: m.stds,
@@ -357,12 +431,9 @@ impl Default for DataConfig {
 }
 impl Default for RewardConfig {
     fn default() -> Self {
-        Self {
-            kind: "linear".into(),
+        Self::Linear {
             a: vec![1.0, 0.0],
             b: 0.0,
-            center: vec![0.0, 0.0],
-            scale: 1.0,
         }
     }
 }
@@ -395,8 +466,9 @@ impl Default for PolicyConfig {
 impl Default for CriticConfig {
     fn default() -> Self {
         Self {
-            kind: "learned".into(),
+            kind: CriticKind::Learned,
             actors: 1,
+            device: String::new(),
             bins: 50,
             grid: vec![],
             rollouts: 4000,
@@ -429,6 +501,7 @@ impl Default for RolloutConfig {
     fn default() -> Self {
         Self {
             actors: 1,
+            device: String::new(),
             chains: 64,
             channel: 4,
         }
@@ -438,6 +511,7 @@ impl Default for LearnerConfig {
     fn default() -> Self {
         Self {
             actors: 1,
+            device: String::new(),
             checkpoint_every: 500,
         }
     }
@@ -461,91 +535,125 @@ fn positive(key: &str, v: f64) -> Result<()> {
 }
 
 impl Config {
-    /// Check every value a user can get wrong; the error names the key and the value.
+    /// Check every value a user can get wrong; the error names the key and the value. Common
+    /// sections first, then the sections of the configured algorithm.
     pub fn validate(&self) -> Result<()> {
-        let known: &[&str] = match self.algorithm.as_str() {
-            "vrpo" => &["critic", "vrpo", "eval"],
-            "dfdpo" => &["pretrain", "sft", "dfdpo", "ablation", "eval"],
-            a => bail!("algorithm = {a:?}: expected \"vrpo\" or \"dfdpo\""),
-        };
+        let known = self.algorithm.stages();
+        if self.stages.is_empty() {
+            bail!("stages = []: list at least one of {known:?}");
+        }
         for s in &self.stages {
             if !known.contains(&s.as_str()) {
                 bail!(
                     "stages: unknown stage {s:?} for algorithm {:?} (expected one of {known:?})",
-                    self.algorithm
+                    self.algorithm.name()
                 );
             }
         }
-        if self.algorithm == "dfdpo" {
-            let v = &self.video;
-            if v.source != "procedural" && v.source != "dir" {
-                bail!(
-                    "video.source = {:?}: expected \"procedural\" or \"dir\"",
-                    v.source
-                );
+        for (key, d) in [
+            ("device", &self.device),
+            ("rollout.device", &self.rollout.device),
+            ("critic.device", &self.critic.device),
+            ("learner.device", &self.learner.device),
+        ] {
+            if !(d.is_empty() && key != "device") {
+                tilt_kernels::cuda::parse_device(d).map_err(|e| anyhow!("{key} = {d:?}: {e}"))?;
             }
-            if v.source == "dir" && v.dir.is_empty() {
-                bail!("video.dir = \"\": video.source = \"dir\" needs a directory of .npy clips");
+        }
+        for (k, v) in [
+            ("learner.actors", self.learner.actors),
+            ("eval.samples", self.eval.samples),
+        ] {
+            if v == 0 {
+                bail!("{k} = 0: must be at least 1");
             }
-            if !["friction", "bounce", "mixed"].contains(&v.motion.as_str()) {
-                bail!(
-                    "video.motion = {:?}: expected \"friction\", \"bounce\" or \"mixed\"",
-                    v.motion
-                );
-            }
-            for (k, n) in [
-                ("video.clips", v.clips),
-                ("pretrain.batch", self.pretrain.batch),
-                ("dfdpo.batch", self.dfdpo.batch),
-                ("distortion.actors", self.distortion.actors),
-                ("distortion.per_unit", self.distortion.per_unit),
-            ] {
-                if n == 0 {
-                    bail!("{k} = 0: must be at least 1");
-                }
-            }
-            positive("dfdpo.beta", self.dfdpo.beta)?;
-            positive("dfdpo.lr", self.dfdpo.lr)?;
-            positive("pretrain.lr", self.pretrain.lr)?;
-            self.dfdpo
-                .curriculum
-                .validate()
-                .map_err(|e| anyhow!("dfdpo.curriculum: {e}"))?;
         }
-        if self.device != "cpu" && self.device != "cuda" {
-            bail!("device = {:?}: expected \"cpu\" or \"cuda\"", self.device);
+        if !(self.sampling.eta > 0.0 && self.sampling.eta <= 1.0) {
+            bail!("sampling.eta = {}: must be in (0, 1]", self.sampling.eta);
         }
-        if self.data.kind != "mixture2d" {
-            bail!("data.kind = {:?}: expected \"mixture2d\" (other data sets arrive with later issues)", self.data.kind);
-        }
-        tilt_kernels::mixture::GaussianMixture::new(
-            self.data.weights.clone(),
-            self.data.means.clone(),
-            self.data.stds.clone(),
-        )
-        .map_err(|e| anyhow!("data: {e}"))?;
-        let dim = self.data.means.first().map_or(0, |m| m.len());
-        match self.reward.kind.as_str() {
-            "linear" if self.reward.a.len() == dim => {}
-            "linear" => bail!(
-                "reward.a = {:?}: needs {dim} entries (the data dimension)",
-                self.reward.a
-            ),
-            "quadratic" if self.reward.center.len() == dim => {}
-            "quadratic" => bail!(
-                "reward.center = {:?}: needs {dim} entries",
-                self.reward.center
-            ),
-            k => bail!("reward.kind = {k:?}: expected \"linear\" or \"quadratic\""),
-        }
-        if self.critic.kind != "learned" && self.critic.kind != "exact" {
+        if self.sampling.steps == 0 || self.sampling.steps > self.schedule.train_steps {
             bail!(
-                "critic.kind = {:?}: expected \"learned\" or \"exact\"",
-                self.critic.kind
+                "sampling.steps = {}: must be in 1..={} (schedule.train_steps)",
+                self.sampling.steps,
+                self.schedule.train_steps
             );
         }
-        if self.critic.kind == "exact" && self.reward.kind != "linear" {
-            bail!("critic.kind = \"exact\": the exact value is only known for a linear reward (reward.kind = {:?})", self.reward.kind);
+        if !(self.metrics.progress_every_s.is_finite() && self.metrics.progress_every_s >= 0.0) {
+            bail!(
+                "metrics.progress_every_s = {}: must be finite and >= 0",
+                self.metrics.progress_every_s
+            );
+        }
+        self.replay.validate().map_err(|e| anyhow!("{e}"))?;
+        match self.algorithm {
+            AlgorithmKind::Vrpo => self.validate_vrpo(),
+            AlgorithmKind::Dfdpo => self.validate_dfdpo(),
+        }
+    }
+
+    /// The device a role computes on: its own `<role>.device`, else the top-level `device`.
+    pub fn device_of<'a>(&'a self, role_device: &'a str) -> &'a str {
+        if role_device.is_empty() {
+            &self.device
+        } else {
+            role_device
+        }
+    }
+
+    fn validate_dfdpo(&self) -> Result<()> {
+        let v = &self.video;
+        if v.source == ClipSource::Dir && v.dir.is_empty() {
+            bail!("video.dir = \"\": video.source = \"dir\" needs a directory of .npy clips");
+        }
+        for (k, n) in [
+            ("video.clips", v.clips),
+            ("pretrain.batch", self.pretrain.batch),
+            ("dfdpo.batch", self.dfdpo.batch),
+            ("distortion.actors", self.distortion.actors),
+            ("distortion.per_unit", self.distortion.per_unit),
+        ] {
+            if n == 0 {
+                bail!("{k} = 0: must be at least 1");
+            }
+        }
+        positive("dfdpo.beta", self.dfdpo.beta)?;
+        positive("dfdpo.lr", self.dfdpo.lr)?;
+        positive("pretrain.lr", self.pretrain.lr)?;
+        self.dfdpo
+            .curriculum
+            .validate()
+            .map_err(|e| anyhow!("dfdpo.curriculum: {e}"))
+    }
+
+    fn validate_vrpo(&self) -> Result<()> {
+        let dim = match &self.data {
+            DataConfig::Mixture2d {
+                weights,
+                means,
+                stds,
+            } => {
+                tilt_kernels::mixture::GaussianMixture::new(
+                    weights.clone(),
+                    means.clone(),
+                    stds.clone(),
+                )
+                .map_err(|e| anyhow!("data: {e}"))?;
+                means.first().map_or(0, |m| m.len())
+            }
+        };
+        match &self.reward {
+            RewardConfig::Linear { a, .. } if a.len() != dim => {
+                bail!("reward.a = {a:?}: needs {dim} entries (the data dimension)")
+            }
+            RewardConfig::Quadratic { center, .. } if center.len() != dim => {
+                bail!("reward.center = {center:?}: needs {dim} entries")
+            }
+            _ => {}
+        }
+        if self.critic.kind == CriticKind::Exact
+            && !matches!(self.reward, RewardConfig::Linear { .. })
+        {
+            bail!("critic.kind = \"exact\": the exact value is only known for a linear reward (reward.kind = \"quadratic\")");
         }
         if !self.critic.grid.is_empty()
             && (self.critic.grid.len() != 2 || self.critic.grid[0] >= self.critic.grid[1])
@@ -569,8 +677,6 @@ impl Config {
             ("rollout.actors", self.rollout.actors),
             ("rollout.chains", self.rollout.chains),
             ("rollout.channel", self.rollout.channel),
-            ("learner.actors", self.learner.actors),
-            ("eval.samples", self.eval.samples),
             ("eval.target_samples", self.eval.target_samples),
         ];
         for (k, v) in counts {
@@ -586,21 +692,11 @@ impl Config {
                 bail!("{k} = {v}: must be even and positive");
             }
         }
-        if self.algorithm == "vrpo" && self.vrpo.segment_len > self.sampling.steps {
+        if self.vrpo.segment_len > self.sampling.steps {
             bail!(
                 "vrpo.segment_len = {}: must be at most sampling.steps = {}",
                 self.vrpo.segment_len,
                 self.sampling.steps
-            );
-        }
-        if !(self.sampling.eta > 0.0 && self.sampling.eta <= 1.0) {
-            bail!("sampling.eta = {}: must be in (0, 1]", self.sampling.eta);
-        }
-        if self.sampling.steps == 0 || self.sampling.steps > self.schedule.train_steps {
-            bail!(
-                "sampling.steps = {}: must be in 1..={} (schedule.train_steps)",
-                self.sampling.steps,
-                self.schedule.train_steps
             );
         }
         positive("vrpo.beta", self.vrpo.beta)?;
@@ -609,12 +705,10 @@ impl Config {
         if !self.vrpo.lambda.is_finite() {
             bail!("vrpo.lambda = {}: must be finite", self.vrpo.lambda);
         }
-        self.replay.validate().map_err(|e| anyhow!("{e}"))?;
         self.critic
             .loss
             .validate()
-            .map_err(|e| anyhow!("critic.loss: {e}"))?;
-        Ok(())
+            .map_err(|e| anyhow!("critic.loss: {e}"))
     }
 
     /// Parse TOML text, apply `--set key=value` overrides, type-check and validate. `origin` names
@@ -625,8 +719,16 @@ impl Config {
         for s in sets {
             apply_set(&mut tree, s).with_context(|| format!("--set {s}"))?;
         }
-        let cfg: Config =
-            Config::deserialize(tree).map_err(|e| anyhow!("{origin}: {}", e.message()))?;
+        // serde_path_to_error names the key of a type error ("reward.kind: unknown variant ...").
+        let cfg: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." || path.is_empty() {
+                anyhow!("{origin}: {}", inner.message())
+            } else {
+                anyhow!("{origin}: {path}: {}", inner.message())
+            }
+        })?;
         cfg.validate().map_err(|e| anyhow!("{origin}: {e}"))?;
         Ok(cfg)
     }

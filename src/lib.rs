@@ -1,14 +1,17 @@
-//! The `tilt` package: configuration, pipeline wiring and the command line. The math lives in
-//! `tilt-kernels`, the actors in `tilt-actors`.
+//! The `tilt` package: configuration, builders, the algorithms' wiring (`algo`), the shared
+//! learner wiring (`train`), and the command line. The math lives in `tilt-kernels`, the actors in
+//! `tilt-actors`.
 
+pub mod algo;
+pub mod build;
 pub mod config;
-pub mod dfdpo;
-pub mod pipeline;
+pub mod files;
 pub mod plots;
 pub mod progress;
 pub mod report;
 pub mod run;
 pub mod signals;
 pub mod telemetry;
+pub mod train;
 pub mod video;
 pub mod worker;

@@ -42,7 +42,7 @@ enum Cmd {
     /// Run one role (rollout, critic or learner) of a multi-process run that meets through Redis.
     Worker {
         #[arg(long, value_enum)]
-        role: tilt::worker::WorkerRole,
+        role: tilt::algo::WorkerRole,
         #[arg(long)]
         config: PathBuf,
         /// Names the run: Redis keys are namespaced by it; every worker of the run passes the same.

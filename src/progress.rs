@@ -68,7 +68,7 @@ impl Progress {
         replay: Arc<dyn ReplayBuffer>,
         start: u64,
         total: u64,
-        stage: &'static str,
+        stage: String,
     ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {

@@ -1,112 +1,12 @@
-//! The run report: PNG plots rendered from the JSON files a run leaves behind (so `tilt report` can
-//! redraw them for a finished or a running run), and the printed summary.
+//! The run report: the algorithm's figures redrawn from the files a run leaves behind (so `tilt
+//! report` works for a finished or a running run of any algorithm), and the printed summary.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-use crate::pipeline::{read_json, EvalReport, PlotSamples};
-use crate::plots::{calibration, line_chart, scatter, Series};
-
-/// Render every plot whose data exists in `run_dir`; returns the files written.
-pub fn render_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let hist_file = run_dir.join("history.json");
-    if hist_file.exists() {
-        let hist: Vec<(u64, f32, f32)> = read_json(&hist_file)?;
-        let loss: Vec<(f64, f64)> = hist.iter().map(|h| (h.0 as f64, h.1 as f64)).collect();
-        let acc: Vec<(f64, f64)> = hist.iter().map(|h| (h.0 as f64, h.2 as f64)).collect();
-        let p = run_dir.join("loss.png");
-        line_chart(
-            &p,
-            "VRPO loss",
-            "learner step",
-            "loss",
-            &[Series {
-                name: "loss",
-                points: &loss,
-            }],
-            &[("ln 2 (policy = reference)", std::f64::consts::LN_2)],
-        )?;
-        out.push(p);
-        let p = run_dir.join("accuracy.png");
-        line_chart(
-            &p,
-            "Pair accuracy (sign of Delta agrees with V(a) - V(b))",
-            "learner step",
-            "accuracy",
-            &[Series {
-                name: "accuracy",
-                points: &acc,
-            }],
-            &[],
-        )?;
-        out.push(p);
-    }
-    let eval_file = run_dir.join("eval.json");
-    if eval_file.exists() {
-        let ev: EvalReport = read_json(&eval_file)?;
-        let pts: Vec<(f64, f64)> = std::iter::once((0.0, ev.reward_mean_ref))
-            .chain(
-                ev.points
-                    .iter()
-                    .map(|p| (p.step as f64, p.reward_mean_policy)),
-            )
-            .collect();
-        let p = run_dir.join("reward.png");
-        let mut h = vec![
-            (
-                "target (importance-weighted reference)",
-                ev.reward_mean_target,
-            ),
-            ("reference", ev.reward_mean_ref),
-        ];
-        if let Some(c) = ev.reward_mean_closed_form {
-            h.push(("closed-form tilt of the data", c));
-        }
-        line_chart(
-            &p,
-            "Mean reward of the policy",
-            "learner step",
-            "mean reward",
-            &[Series {
-                name: "policy",
-                points: &pts,
-            }],
-            &h,
-        )?;
-        out.push(p);
-    }
-    let cal_file = run_dir.join("calibration.json");
-    if cal_file.exists() {
-        let pairs: Vec<(f64, bool)> = read_json(&cal_file)?;
-        let p = run_dir.join("calibration.png");
-        calibration(
-            &p,
-            "Critic calibration (held-out): predicted CDF vs observed",
-            &pairs,
-            10,
-        )?;
-        out.push(p);
-    }
-    let s_file = run_dir.join("samples.json");
-    if s_file.exists() {
-        let s: PlotSamples = read_json(&s_file)?;
-        let p = run_dir.join("samples.png");
-        scatter(
-            &p,
-            "Samples",
-            &[
-                ("reference", &s.reference),
-                ("target (weighted reference)", &s.target),
-                ("tuned policy", &s.policy),
-            ],
-            2000,
-        )?;
-        out.push(p);
-    }
-    Ok(out)
-}
+use crate::algo::for_kind;
+use crate::config::Config;
 
 /// `tilt report RUN_DIR`: re-render the plots and print the summary (or the progress so far).
 pub fn report(run_dir: &Path) -> Result<()> {
@@ -116,7 +16,9 @@ pub fn report(run_dir: &Path) -> Result<()> {
             run_dir.display()
         );
     }
-    let files = render_plots(run_dir)?;
+    let cfg = Config::load(&run_dir.join("config.toml"), &[])
+        .with_context(|| format!("{} holds no valid config.toml", run_dir.display()))?;
+    let files = for_kind(cfg.algorithm).render(run_dir)?;
     for f in &files {
         println!("plot: {}", f.display());
     }

@@ -10,12 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::Device;
+use tilt::algo::vrpo::{build_policy, setup, VrpoObjective};
 use tilt::config::Config;
-use tilt::pipeline::{build_policy, setup};
 use tilt_actors::codec::pair_records;
 use tilt_actors::control::RunControl;
 use tilt_actors::learner::{CheckpointSpec, LearnerActor, LearnerArgs, LearnerCore, LearnerMsg};
-use tilt_actors::objective::VrpoObjective;
 use tilt_actors::replay::{MemoryReplay, ReplayBuffer, ReplayConfig, Sampler};
 use tilt_kernels::mixture::ExactValue;
 use tilt_kernels::rng::rng_for;
@@ -28,7 +27,7 @@ const HALF: usize = 32;
 async fn replay_with_records(cfg: &Config) -> Arc<dyn ReplayBuffer> {
     let s = setup(cfg).unwrap();
     let v = ExactValue {
-        mixture: s.mixture.clone(),
+        mixture: s.data.mixture.clone(),
         schedule: s.schedule.clone(),
         a: vec![1.0, 0.0],
         b: 0.0,
@@ -43,7 +42,7 @@ async fn replay_with_records(cfg: &Config) -> Arc<dyn ReplayBuffer> {
     })
     .unwrap();
     let pairs = make_segment_pairs(
-        s.reference.as_ref(),
+        s.data.reference.as_ref(),
         &s.grid,
         &[2],
         64,
@@ -77,7 +76,8 @@ async fn train(world: usize, batch: usize, name: &str) -> Vec<Vec<(String, Vec<f
     // All replicas start from replica 0's weights (as the pipeline does).
     let mut cores: Vec<Arc<Mutex<LearnerCore>>> = vec![];
     for _ in 0..world {
-        let (vm, res, opt) = build_policy(&cfg, &s).unwrap();
+        let p = build_policy(&cfg, &s).unwrap();
+        let (vm, res, opt) = (p.varmap, p.model, p.opt);
         if let Some(c0) = cores.first() {
             let c0 = c0.lock().unwrap();
             for (n, v) in vm.data().lock().unwrap().iter() {
@@ -112,6 +112,7 @@ async fn train(world: usize, batch: usize, name: &str) -> Vec<Vec<(String, Vec<f
                 grid: s.grid.clone(),
                 labels: cfg.vrpo.labels,
                 beta: 1.0,
+                device: Device::Cpu,
             }),
             batch,
             total_steps: STEPS,

@@ -9,10 +9,11 @@ use common::*;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tilt_actors::codec::records_to_clip_pairs;
 use tilt_actors::control::RunControl;
-use tilt_actors::distortion::{DistortionActor, DistortionArgs};
-use tilt_actors::objective::records_to_clip_pairs;
+use tilt_actors::distortion::{DistortionActor, DistortionArgs, DistortionSource};
 use tilt_actors::replay::{MemoryReplay, ReplayBuffer, ReplayConfig, Sampler};
+use tilt_actors::source::SourceContext;
 use tilt_kernels::distort::{global_reversal, Curriculum, Distortion};
 
 #[test]
@@ -124,13 +125,18 @@ async fn pairs_keep_winner_and_loser_aligned() {
     let args = DistortionArgs {
         id: 0,
         generation: 0,
-        seed: 9,
-        clips: clips.clone(),
-        curriculum: Arc::new(Curriculum::default_schedule()),
-        per_unit: 8,
-        replay: replay.clone(),
-        control: control.clone(),
-        panic_after_units: 0,
+        source: DistortionSource {
+            actors: 1,
+            clips: clips.clone(),
+            curriculum: Arc::new(Curriculum::default_schedule()),
+            per_unit: 8,
+            panic_after_units: 0,
+        },
+        ctx: SourceContext {
+            seed: 9,
+            replay: replay.clone(),
+            control: control.clone(),
+        },
     };
     let (actor, _) = ractor::Actor::spawn(None, DistortionActor, args)
         .await
@@ -147,7 +153,7 @@ async fn pairs_keep_winner_and_loser_aligned() {
     control.request_stop();
     replay.close();
     actor.stop(None);
-    let (w, l) = records_to_clip_pairs(&got).unwrap();
+    let (w, l) = records_to_clip_pairs(&got, &candle_core::Device::Cpu).unwrap();
     let mut reversals = 0;
     for (i, r) in got.iter().enumerate() {
         let src = r.scalar("source").unwrap() as usize;

@@ -1,6 +1,7 @@
-//! Records <-> tensors for VRPO pairs: one record per pair (start, both paths, their noises, the
-//! endpoint values, the reference path log-probabilities), and a batch of records back into one
-//! `VrpoBatch` of stacked tensors for a learner.
+//! Records <-> tensors: VRPO pairs (one record per pair: start, both paths, their noises, the
+//! endpoint values, the reference path log-probabilities) back into one `VrpoBatch` of stacked
+//! tensors for a learner, and DF-DPO (winner, loser) clip pairs. Records decode on the CPU; the
+//! stacked batch moves to the learner's device here, once per tensor of the batch.
 
 use candle_core::{Device, Tensor};
 use tilt_kernels::vrpo::{SegmentPair, VrpoBatch};
@@ -78,7 +79,7 @@ pub fn records_to_batch(records: &[Record], device: &Device) -> Result<VrpoBatch
             let t = ts
                 .remove(*name)
                 .ok_or_else(|| bad(format!("missing tensor {name}")))?;
-            cols[j].push(t.to_device(device)?);
+            cols[j].push(t);
         }
         let get = |n: &str| {
             r.scalar(n)
@@ -89,7 +90,7 @@ pub fn records_to_batch(records: &[Record], device: &Device) -> Result<VrpoBatch
         vb.push(get("v_b")? as f32);
     }
     let unstack = |ts: &[Tensor]| -> Result<Vec<Tensor>> {
-        let s = Tensor::stack(ts, 1)?; // [L(+1), B, ...]
+        let s = Tensor::stack(ts, 1)?.to_device(device)?; // [L(+1), B, ...]
         (0..s.dim(0)?).map(|j| Ok(s.get(j)?)).collect()
     };
     let shape0 = cols[0][0].shape().clone();
@@ -203,4 +204,26 @@ mod tests {
             );
         }
     }
+}
+
+/// Decode DF-DPO (winner, loser) clip pairs into two stacked tensors [B, T, C, H, W] on `device`.
+pub fn records_to_clip_pairs(records: &[Record], device: &Device) -> Result<(Tensor, Tensor)> {
+    let (mut w, mut l) = (
+        Vec::with_capacity(records.len()),
+        Vec::with_capacity(records.len()),
+    );
+    for r in records {
+        let mut ts = payload_to_tensors(&r.payload)?;
+        let bad = |n: &str| ActorError::Record {
+            seq: r.seq,
+            producer: r.producer,
+            detail: format!("missing tensor {n}"),
+        };
+        w.push(ts.remove("w").ok_or_else(|| bad("w"))?);
+        l.push(ts.remove("l").ok_or_else(|| bad("l"))?);
+    }
+    Ok((
+        Tensor::stack(&w, 0)?.to_device(device)?,
+        Tensor::stack(&l, 0)?.to_device(device)?,
+    ))
 }

@@ -4,34 +4,68 @@
 
 use std::sync::Arc;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use async_trait::async_trait;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
 use tilt_kernels::critic::ValueCritic;
 use tilt_kernels::schedule::SamplingGrid;
 use tilt_kernels::vrpo::{score_pair, SegmentPair};
 
 use crate::codec::pair_records;
 use crate::control::RunControl;
-use crate::replay::ReplayBuffer;
+use crate::source::{PairSource, SourceContext};
 use crate::telemetry::Stage;
 use crate::ActorError;
 
 /// The critic actor.
 pub struct CriticActor;
 
-/// Everything a critic actor needs.
+/// The critic source: what every critic actor of the run shares.
+#[derive(Clone)]
+pub struct CriticSource {
+    pub actors: usize,
+    pub critic: Arc<dyn ValueCritic>,
+    pub grid: Arc<SamplingGrid>,
+    pub lambda: f64,
+    /// The rollout -> critic channel.
+    pub input: flume::Receiver<Vec<SegmentPair>>,
+    /// Test hook: panic when this many units have been scored (0 = never).
+    pub panic_after_units: u64,
+}
+
+/// Everything one critic actor needs.
 #[derive(Clone)]
 pub struct CriticArgs {
     /// Producer id written into every record.
     pub id: u32,
     pub generation: u64,
-    pub critic: Arc<dyn ValueCritic>,
-    pub grid: Arc<SamplingGrid>,
-    pub lambda: f64,
-    pub input: flume::Receiver<Vec<SegmentPair>>,
-    pub replay: Arc<dyn ReplayBuffer>,
-    pub control: Arc<RunControl>,
-    /// Test hook: panic when this many units have been scored (0 = never).
-    pub panic_after_units: u64,
+    pub source: CriticSource,
+    pub ctx: SourceContext,
+}
+
+#[async_trait]
+impl PairSource for CriticSource {
+    fn role(&self) -> &'static str {
+        "critic"
+    }
+    fn actors(&self) -> usize {
+        self.actors
+    }
+    async fn spawn(
+        &self,
+        id: u32,
+        generation: u64,
+        ctx: &SourceContext,
+        supervisor: ActorCell,
+    ) -> Result<ActorCell, SpawnErr> {
+        let args = CriticArgs {
+            id,
+            generation,
+            source: self.clone(),
+            ctx: ctx.clone(),
+        };
+        let (r, _) = Actor::spawn_linked(None, CriticActor, args, supervisor).await?;
+        Ok(r.get_cell())
+    }
 }
 
 /// Per-actor state.
@@ -75,26 +109,27 @@ impl Actor for CriticActor {
         st: &mut CriticState,
     ) -> Result<(), ActorProcessingErr> {
         let a = st.args.clone();
-        if a.panic_after_units > 0 && st.units == a.panic_after_units && a.generation == 0 {
+        let (src, control, replay) = (&a.source, &a.ctx.control, &a.ctx.replay);
+        if src.panic_after_units > 0 && st.units == src.panic_after_units && a.generation == 0 {
             panic!(
                 "critic {}: injected fault after {} units (fault.critic_panic_after)",
                 a.id, st.units
             );
         }
         let unit = tokio::select! {
-            r = a.input.recv_async() => match r {
+            r = src.input.recv_async() => match r {
                 Ok(u) => u,
                 Err(_) => { myself.stop(Some("rollout channel closed".into())); return Ok(()); }
             },
-            _ = a.control.stopped() => {
+            _ = control.stopped() => {
                 // Drain what the rollouts already produced, without waiting for more.
-                match a.input.try_recv() {
+                match src.input.try_recv() {
                     Ok(u) => u,
                     Err(_) => { myself.stop(Some("run stopping".into())); return Ok(()); }
                 }
             }
         };
-        let (critic, grid, lambda, id) = (a.critic.clone(), a.grid.clone(), a.lambda, a.id);
+        let (critic, grid, lambda, id) = (src.critic.clone(), src.grid.clone(), src.lambda, a.id);
         let mut seq = st.next_seq;
         let t0 = std::time::Instant::now();
         let records = tokio::task::spawn_blocking(move || -> Result<_, ActorError> {
@@ -106,7 +141,7 @@ impl Actor for CriticActor {
             Ok((out, seq))
         })
         .await??;
-        a.control
+        control
             .latency
             .record(Stage::CriticScore, "critic", a.id, t0.elapsed());
         st.next_seq = records.1;
@@ -115,8 +150,8 @@ impl Actor for CriticActor {
         for r in records.0 {
             // Waits while the rate limiter forbids inserts; a closed replay ends this actor.
             let t1 = std::time::Instant::now();
-            let res = a.replay.insert(r).await;
-            a.control
+            let res = replay.insert(r).await;
+            control
                 .latency
                 .record(Stage::ReplayInsert, "critic", a.id, t1.elapsed());
             if let Err(e) = res {
@@ -127,7 +162,7 @@ impl Actor for CriticActor {
                 return Err(e.into());
             }
         }
-        RunControl::add(&a.control.pairs_inserted, n);
+        RunControl::add(&control.pairs_inserted, n);
         metrics::counter!("tilt_pairs_inserted_total", "role" => "critic", "actor" => a.id.to_string()).increment(n);
         myself.cast(CriticMsg::Score)?;
         Ok(())

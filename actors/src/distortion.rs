@@ -5,35 +5,68 @@
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use candle_core::Tensor;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
 use rand::Rng;
 use tilt_kernels::distort::{Curriculum, Distortion};
 use tilt_kernels::rng::rng_for;
 
 use crate::control::RunControl;
-use crate::replay::{tensors_to_payload, Record, ReplayBuffer};
+use crate::replay::{tensors_to_payload, Record};
+use crate::source::{PairSource, SourceContext};
 use crate::telemetry::Stage;
 use crate::ActorError;
 
 /// The distortion actor.
 pub struct DistortionActor;
 
-/// Everything a distortion actor needs.
+/// The distortion source: what every distortion actor of the run shares.
 #[derive(Clone)]
-pub struct DistortionArgs {
-    pub id: u32,
-    pub generation: u64,
-    pub seed: u64,
+pub struct DistortionSource {
+    pub actors: usize,
     /// The real clips [N, T, C, H, W].
     pub clips: Arc<Tensor>,
     pub curriculum: Arc<Curriculum>,
     /// Pairs per unit of work.
     pub per_unit: usize,
-    pub replay: Arc<dyn ReplayBuffer>,
-    pub control: Arc<RunControl>,
     /// Test hook: panic when this many units have been produced (0 = never).
     pub panic_after_units: u64,
+}
+
+/// Everything one distortion actor needs.
+#[derive(Clone)]
+pub struct DistortionArgs {
+    pub id: u32,
+    pub generation: u64,
+    pub source: DistortionSource,
+    pub ctx: SourceContext,
+}
+
+#[async_trait]
+impl PairSource for DistortionSource {
+    fn role(&self) -> &'static str {
+        "distortion"
+    }
+    fn actors(&self) -> usize {
+        self.actors
+    }
+    async fn spawn(
+        &self,
+        id: u32,
+        generation: u64,
+        ctx: &SourceContext,
+        supervisor: ActorCell,
+    ) -> Result<ActorCell, SpawnErr> {
+        let args = DistortionArgs {
+            id,
+            generation,
+            source: self.clone(),
+            ctx: ctx.clone(),
+        };
+        let (r, _) = Actor::spawn_linked(None, DistortionActor, args, supervisor).await?;
+        Ok(r.get_cell())
+    }
 }
 
 /// Per-actor state.
@@ -86,18 +119,19 @@ impl Actor for DistortionActor {
         st: &mut DistortionState,
     ) -> Result<(), ActorProcessingErr> {
         let a = st.args.clone();
-        if a.control.stopping() {
+        let (src, control, replay) = (&a.source, &a.ctx.control, &a.ctx.replay);
+        if control.stopping() {
             myself.stop(Some("run stopping".into()));
             return Ok(());
         }
-        if a.panic_after_units > 0 && st.units == a.panic_after_units && a.generation == 0 {
+        if src.panic_after_units > 0 && st.units == src.panic_after_units && a.generation == 0 {
             panic!(
                 "distortion {}: injected fault after {} units",
                 a.id, st.units
             );
         }
-        let step = RunControl::get(&a.control.learner_step);
-        let (idx, stage) = a.curriculum.stage_at(step);
+        let step = RunControl::get(&control.learner_step);
+        let (idx, stage) = src.curriculum.stage_at(step);
         if st.stage != Some(idx) && a.id == 0 {
             let ops: Vec<String> = stage
                 .ops
@@ -113,12 +147,17 @@ impl Actor for DistortionActor {
         st.stage = Some(idx);
         let t0 = std::time::Instant::now();
         let mut rng = rng_for(
-            a.seed,
+            a.ctx.seed,
             2_000 + a.id as u64 + 1_000_000 * a.generation,
             st.units,
         );
         let mut seq = st.next_seq;
-        let (clips, cur, n, id) = (a.clips.clone(), a.curriculum.clone(), a.per_unit, a.id);
+        let (clips, cur, n, id) = (
+            src.clips.clone(),
+            src.curriculum.clone(),
+            src.per_unit,
+            a.id,
+        );
         let records =
             tokio::task::spawn_blocking(move || -> Result<(Vec<Record>, u64), ActorError> {
                 let total = clips.dim(0)?;
@@ -144,7 +183,7 @@ impl Actor for DistortionActor {
                 Ok((out, seq))
             })
             .await??;
-        a.control
+        control
             .latency
             .record(Stage::DistortionPair, "distortion", a.id, t0.elapsed());
         st.next_seq = records.1;
@@ -152,8 +191,8 @@ impl Actor for DistortionActor {
         let k = records.0.len() as u64;
         for r in records.0 {
             let t1 = std::time::Instant::now();
-            let res = a.replay.insert(r).await;
-            a.control
+            let res = replay.insert(r).await;
+            control
                 .latency
                 .record(Stage::ReplayInsert, "distortion", a.id, t1.elapsed());
             match res {
@@ -165,8 +204,8 @@ impl Actor for DistortionActor {
                 Err(e) => return Err(e.into()),
             }
         }
-        RunControl::add(&a.control.pairs_produced, k);
-        RunControl::add(&a.control.pairs_inserted, k);
+        RunControl::add(&control.pairs_produced, k);
+        RunControl::add(&control.pairs_inserted, k);
         metrics::counter!("tilt_pairs_produced_total", "role" => "distortion", "actor" => a.id.to_string()).increment(k);
         myself.cast(DistortionMsg::Produce)?;
         Ok(())

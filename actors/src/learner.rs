@@ -97,7 +97,7 @@ fn compute(
         .lock()
         .map_err(|_| "learner core lock poisoned".to_string())?;
     objective
-        .grads(c.residual.as_ref(), &c.opt, records, step, replica)
+        .grads(c.residual.as_ref(), c.opt.vars(), records, step, replica)
         .map_err(|e| e.to_string())
 }
 

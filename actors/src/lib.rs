@@ -13,6 +13,7 @@ pub mod objective;
 pub mod replay;
 pub mod replay_redis;
 pub mod rollout;
+pub mod source;
 pub mod telemetry;
 
 pub use error::{ActorError, Result};

@@ -4,35 +4,73 @@
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use candle_core::Device;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
 use tilt_kernels::denoiser::Denoiser;
 use tilt_kernels::rng::rng_for;
 use tilt_kernels::schedule::SamplingGrid;
 use tilt_kernels::vrpo::{make_segment_pairs, SegmentPair};
 
 use crate::control::RunControl;
+use crate::source::{PairSource, SourceContext};
 
 /// The rollout actor.
 pub struct RolloutActor;
 
-/// Everything a rollout actor needs.
+/// The rollout source: what every rollout actor of the run shares.
+#[derive(Clone)]
+pub struct RolloutSource {
+    pub actors: usize,
+    pub reference: Arc<dyn Denoiser>,
+    pub grid: Arc<SamplingGrid>,
+    /// One sample's shape ([dim], [C, H, W], ...).
+    pub sample_shape: Vec<usize>,
+    /// Chains per unit of work.
+    pub chains: usize,
+    pub segment_len: usize,
+    /// Where the chains run.
+    pub device: Device,
+    /// The rollout -> critic channel (bounded: back-pressure).
+    pub out: flume::Sender<Vec<SegmentPair>>,
+    /// Test hook: panic in the handler when this many units have been produced (0 = never).
+    pub panic_after_units: u64,
+}
+
+/// Everything one rollout actor needs.
 #[derive(Clone)]
 pub struct RolloutArgs {
     pub id: u32,
     /// Incremented by the coordinator at each restart, so a restarted actor draws fresh randomness.
     pub generation: u64,
-    pub seed: u64,
-    pub reference: Arc<dyn Denoiser>,
-    pub grid: Arc<SamplingGrid>,
-    pub sample_shape: Vec<usize>,
-    /// Chains per unit of work.
-    pub chains: usize,
-    pub segment_len: usize,
-    pub out: flume::Sender<Vec<SegmentPair>>,
-    pub control: Arc<RunControl>,
-    /// Test hook: panic in the handler when this many units have been produced (0 = never).
-    pub panic_after_units: u64,
+    pub source: RolloutSource,
+    pub ctx: SourceContext,
+}
+
+#[async_trait]
+impl PairSource for RolloutSource {
+    fn role(&self) -> &'static str {
+        "rollout"
+    }
+    fn actors(&self) -> usize {
+        self.actors
+    }
+    async fn spawn(
+        &self,
+        id: u32,
+        generation: u64,
+        ctx: &SourceContext,
+        supervisor: ActorCell,
+    ) -> Result<ActorCell, SpawnErr> {
+        let args = RolloutArgs {
+            id,
+            generation,
+            source: self.clone(),
+            ctx: ctx.clone(),
+        };
+        let (r, _) = Actor::spawn_linked(None, RolloutActor, args, supervisor).await?;
+        Ok(r.get_cell())
+    }
 }
 
 /// Per-actor state.
@@ -68,22 +106,27 @@ impl Actor for RolloutActor {
         _msg: RolloutMsg,
         st: &mut RolloutState,
     ) -> Result<(), ActorProcessingErr> {
-        let a = &st.args;
-        if a.control.stopping() {
+        let (a, src) = (&st.args, &st.args.source);
+        let control = &a.ctx.control;
+        if control.stopping() {
             myself.stop(Some("run stopping".into()));
             return Ok(());
         }
-        if a.panic_after_units > 0 && st.units == a.panic_after_units && a.generation == 0 {
+        if src.panic_after_units > 0 && st.units == src.panic_after_units && a.generation == 0 {
             panic!(
                 "rollout {}: injected fault after {} units (fault.rollout_panic_after)",
                 a.id, st.units
             );
         }
-        let (reference, grid, shape) =
-            (a.reference.clone(), a.grid.clone(), a.sample_shape.clone());
-        let (chains, len) = (a.chains, a.segment_len);
+        let (reference, grid, shape, device) = (
+            src.reference.clone(),
+            src.grid.clone(),
+            src.sample_shape.clone(),
+            src.device.clone(),
+        );
+        let (chains, len) = (src.chains, src.segment_len);
         let mut rng = rng_for(
-            a.seed,
+            a.ctx.seed,
             1_000 + a.id as u64 + 1_000_000 * a.generation,
             st.units,
         );
@@ -97,11 +140,11 @@ impl Actor for RolloutActor {
                 chains,
                 len,
                 &mut rng,
-                &Device::Cpu,
+                &device,
             )
         })
         .await??;
-        a.control.latency.record(
+        control.latency.record(
             crate::telemetry::Stage::RolloutSegment,
             "rollout",
             a.id,
@@ -114,18 +157,18 @@ impl Actor for RolloutActor {
         st.units += 1;
         // Bounded hand-off: waits while the critics are behind (back-pressure), unless the run stops.
         tokio::select! {
-            sent = a.out.send_async(pairs) => {
+            sent = src.out.send_async(pairs) => {
                 if sent.is_err() {
                     myself.stop(Some("critic channel closed".into()));
                     return Ok(());
                 }
             }
-            _ = a.control.stopped() => {
+            _ = control.stopped() => {
                 myself.stop(Some("run stopping".into()));
                 return Ok(());
             }
         }
-        RunControl::add(&a.control.pairs_produced, rows);
+        RunControl::add(&control.pairs_produced, rows);
         metrics::counter!("tilt_pairs_produced_total", "role" => "rollout", "actor" => a.id.to_string()).increment(rows);
         myself.cast(RolloutMsg::Produce)?;
         Ok(())

@@ -8,26 +8,43 @@ use candle_core::Device;
 
 use crate::{KernelError, Result};
 
-/// The device tilt computes on: "cpu", or "cuda" (only with the `cuda` feature and a driver).
-pub fn device(name: &str) -> Result<Device> {
+/// A device name from config: "cpu", "cuda" (= "cuda:0") or "cuda:N".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+/// Parse a device name without touching any hardware (config validation).
+pub fn parse_device(name: &str) -> Result<DeviceSpec> {
     match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda_device(),
-        other => Err(KernelError::param(
-            "device",
-            other,
-            "expected \"cpu\" or \"cuda\"",
-        )),
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" => Ok(DeviceSpec::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(DeviceSpec::Cuda)
+            .ok_or_else(|| {
+                KernelError::param("device", other, "expected \"cpu\", \"cuda\" or \"cuda:N\"")
+            }),
+    }
+}
+
+/// The device tilt computes on: "cpu", or "cuda[:N]" (only with the `cuda` feature and a driver).
+pub fn device(name: &str) -> Result<Device> {
+    match parse_device(name)? {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Cuda(ordinal) => cuda_device(ordinal),
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_device() -> Result<Device> {
+fn cuda_device(_ordinal: usize) -> Result<Device> {
     Err(KernelError::NotCompiledWithCuda)
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_device() -> Result<Device> {
+fn cuda_device(_ordinal: usize) -> Result<Device> {
     // cudarc with dynamic loading panics when libcuda is missing: probe inside catch_unwind.
     let probe = std::panic::catch_unwind(|| cudarc::driver::result::init().is_ok());
     match probe {
@@ -54,5 +71,16 @@ mod tests {
             KernelError::NotCompiledWithCuda | KernelError::CudaUnavailable(_)
         ));
         assert!(matches!(device("tpu"), Err(KernelError::Param { .. })));
+        assert!(matches!(device("cuda:x"), Err(KernelError::Param { .. })));
+    }
+
+    #[test]
+    fn device_names_parse() {
+        assert_eq!(parse_device("cpu").unwrap(), DeviceSpec::Cpu);
+        assert_eq!(parse_device("cuda").unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!(parse_device("cuda:3").unwrap(), DeviceSpec::Cuda(3));
+        for bad in ["", "gpu", "cuda:", "cuda:-1", "cuda:1:2", "CPU"] {
+            assert!(parse_device(bad).is_err(), "{bad:?} should not parse");
+        }
     }
 }

@@ -2,13 +2,13 @@
 //! SFT baseline, and the Diffusion-DPO + lambda SFT gradients on (real, edited) clip pairs, where the
 //! pair shares its timestep and its noise (DESIGN.md, DF-DPO).
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use rand::rngs::StdRng;
 use rand::Rng;
 
 use crate::denoiser::Denoiser;
 use crate::losses::diffusion_dpo_loss;
-use crate::optim::AdamW;
+use crate::optim::grads_in_order;
 use crate::rng::randn;
 use crate::schedule::VpSchedule;
 use crate::{KernelError, Result};
@@ -97,7 +97,7 @@ fn as_tensor(ns: &[usize], like: &Tensor) -> Result<Tensor> {
 /// gradients in `opt`'s order. Returns (grads, loss).
 pub fn denoise_grads(
     model: &dyn Denoiser,
-    opt: &AdamW,
+    vars: &[(String, Var)],
     schedule: &VpSchedule,
     x0: &Tensor,
     rng: &mut StdRng,
@@ -109,7 +109,7 @@ pub fn denoise_grads(
     let pred = model.eps(&xn, &as_tensor(&ns, x0)?, None)?;
     let loss = (pred - &eps)?.sqr()?.mean_all()?;
     let grads = loss.backward()?;
-    Ok((opt.grads_in_order(&grads), loss.to_scalar::<f32>()?))
+    Ok((grads_in_order(vars, &grads), loss.to_scalar::<f32>()?))
 }
 
 /// What a DF-DPO step reports.
@@ -127,7 +127,7 @@ pub struct DfDpoStats {
 pub fn dfdpo_grads(
     policy: &dyn Denoiser,
     reference: &dyn Denoiser,
-    opt: &AdamW,
+    vars: &[(String, Var)],
     schedule: &VpSchedule,
     winners: &Tensor,
     losers: &Tensor,
@@ -167,14 +167,14 @@ pub fn dfdpo_grads(
         sft: out.sft,
         implicit_accuracy: out.implicit_accuracy,
     };
-    Ok((opt.grads_in_order(&grads), stats))
+    Ok((grads_in_order(vars, &grads), stats))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::models::{MlpConfig, MlpDenoiser};
-    use crate::optim::AdamWConfig;
+    use crate::optim::{AdamW, AdamWConfig};
     use crate::rng::rng_for;
     use candle_core::{DType, Device};
     use candle_nn::{VarBuilder, VarMap};
@@ -256,8 +256,18 @@ mod tests {
         let d = Device::Cpu;
         let w = randn(&mut rng_for(1, 0, 0), (16, 4), &d).unwrap();
         let l = randn(&mut rng_for(1, 0, 1), (16, 4), &d).unwrap();
-        let (_, st) =
-            dfdpo_grads(&m, &m, &opt, &s, &w, &l, 500.0, 0.0, &mut rng_for(1, 0, 2)).unwrap();
+        let (_, st) = dfdpo_grads(
+            &m,
+            &m,
+            opt.vars(),
+            &s,
+            &w,
+            &l,
+            500.0,
+            0.0,
+            &mut rng_for(1, 0, 2),
+        )
+        .unwrap();
         assert!((st.dpo - std::f32::consts::LN_2).abs() < 1e-6, "{st:?}");
         assert_eq!(st.implicit_accuracy, 0.0);
     }
@@ -293,7 +303,7 @@ mod tests {
             let (g, _) = dfdpo_grads(
                 &policy,
                 &reference,
-                &opt,
+                opt.vars(),
                 &s,
                 &w,
                 &l,
@@ -310,7 +320,7 @@ mod tests {
             let (_, st) = dfdpo_grads(
                 &policy,
                 &reference,
-                &opt,
+                opt.vars(),
                 &s,
                 &w,
                 &l,
@@ -346,7 +356,7 @@ mod tests {
         let eval = |m: &MlpDenoiser, opt: &AdamW| {
             (0..5)
                 .map(|i| {
-                    denoise_grads(m, opt, &s, &data(900 + i), &mut rng_for(5, 0, i))
+                    denoise_grads(m, opt.vars(), &s, &data(900 + i), &mut rng_for(5, 0, i))
                         .unwrap()
                         .1
                 })
@@ -355,7 +365,8 @@ mod tests {
         };
         let before = eval(&m, &opt);
         for i in 0..300 {
-            let (g, _) = denoise_grads(&m, &opt, &s, &data(i), &mut rng_for(6, 0, i)).unwrap();
+            let (g, _) =
+                denoise_grads(&m, opt.vars(), &s, &data(i), &mut rng_for(6, 0, i)).unwrap();
             opt.step_with(&g).unwrap();
         }
         let after = eval(&m, &opt);

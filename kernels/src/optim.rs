@@ -220,10 +220,7 @@ impl AdamW {
 
     /// The gradients of this optimiser's vars in `grads`, in the order of [`AdamW::vars`].
     pub fn grads_in_order(&self, grads: &GradStore) -> Vec<Option<Tensor>> {
-        self.vars
-            .iter()
-            .map(|(_, var)| grads.get(var.as_tensor()).cloned())
-            .collect()
+        grads_in_order(&self.vars, grads)
     }
 
     /// Change the learning rate (e.g. from a schedule). The caller keeps it finite and `>= 0`.
@@ -348,6 +345,15 @@ impl AdamW {
         self.t = t_f as u64;
         Ok(())
     }
+}
+
+/// The gradients of `vars` in `grads`, in that order (None for a var the loss does not reach).
+/// Loss functions take the trainable vars rather than an optimiser: computing gradients needs
+/// no optimiser state.
+pub fn grads_in_order(vars: &[(String, Var)], grads: &GradStore) -> Vec<Option<Tensor>> {
+    vars.iter()
+        .map(|(_, var)| grads.get(var.as_tensor()).cloned())
+        .collect()
 }
 
 /// Element-wise mean of per-replica gradients (each replica's list in the same var order). A

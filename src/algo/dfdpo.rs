@@ -1,0 +1,579 @@
+//! The DF-DPO pipeline (video): `pretrain` the spatio-temporal reference on real clips; continue it
+//! through the actors with `sft` (denoising loss on the real clips of the pairs), `dfdpo`
+//! (Diffusion-DPO + lambda SFT on (real, edited) pairs, curriculum) and `ablation` (DF-DPO with
+//! temporal-only, spatial-only and hybrid operators), all for the same steps on the same data; then
+//! `eval`: sample clips from every model from the same noise and measure the arrow of time,
+//! smoothness, sharpness and noise against the real clips.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use async_trait::async_trait;
+use candle_core::{Device, Tensor, Var};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tilt_actors::checkpoint::{latest_checkpoint, load_checkpoint};
+use tilt_actors::codec::records_to_clip_pairs;
+use tilt_actors::distortion::DistortionSource;
+use tilt_actors::objective::{Objective, StepStats};
+use tilt_actors::replay::{MemoryReplay, Record};
+use tilt_kernels::denoiser::{load_weights, save_weights, Denoiser};
+use tilt_kernels::dfdpo::{denoise_grads, dfdpo_grads, DataScale};
+use tilt_kernels::distort::{Curriculum, Distortion};
+use tilt_kernels::logprob::sample_chain_clipped;
+use tilt_kernels::rng::{randn, rng_for};
+use tilt_kernels::schedule::{SamplingGrid, VpSchedule};
+
+use super::{has_stage, Algorithm, RunCtx, WorkerRole};
+use crate::build;
+use crate::config::{ClipSource, Config, MotionKind};
+use crate::files::{read_json, write_json};
+use crate::progress::Progress;
+use crate::train::{off_executor, train, TrainReport, Trainable, Training};
+use crate::video::{
+    generate, load_clip_dir, load_npy, reference_stats, save_npy, video_stats, ClipSpec, Motion,
+    VideoStats,
+};
+
+/// DF-DPO.
+pub struct DfDpo;
+
+/// Diffusion-DPO + lambda SFT on (real, edited) pairs against the frozen reference.
+pub struct DfDpoObjective {
+    pub reference: Arc<dyn Denoiser>,
+    pub schedule: VpSchedule,
+    pub beta: f64,
+    pub lambda_sft: f64,
+    pub seed: u64,
+    /// Data space -> the space the denoisers diffuse in (applied to winners and losers).
+    pub scale: DataScale,
+    pub device: Device,
+}
+
+impl Objective for DfDpoObjective {
+    fn grads(
+        &self,
+        model: &dyn Denoiser,
+        vars: &[(String, Var)],
+        records: &[Record],
+        step: u64,
+        replica: usize,
+    ) -> tilt_actors::Result<(Vec<Option<Tensor>>, StepStats)> {
+        let (w, l) = records_to_clip_pairs(records, &self.device)?;
+        let (w, l) = (self.scale.to_model(&w)?, self.scale.to_model(&l)?);
+        let mut rng = rng_for(self.seed, 5_000 + replica as u64, step);
+        let (g, s) = dfdpo_grads(
+            model,
+            self.reference.as_ref(),
+            vars,
+            &self.schedule,
+            &w,
+            &l,
+            self.beta,
+            self.lambda_sft,
+            &mut rng,
+        )?;
+        Ok((
+            g,
+            StepStats {
+                loss: s.loss,
+                accuracy: s.implicit_accuracy,
+                aux: s.sft,
+            },
+        ))
+    }
+}
+
+/// The SFT baseline: the plain denoising loss on the winners (real clips) of the same pairs.
+pub struct SftObjective {
+    pub schedule: VpSchedule,
+    pub seed: u64,
+    /// Data space -> the space the denoiser diffuses in.
+    pub scale: DataScale,
+    pub device: Device,
+}
+
+impl Objective for SftObjective {
+    fn grads(
+        &self,
+        model: &dyn Denoiser,
+        vars: &[(String, Var)],
+        records: &[Record],
+        step: u64,
+        replica: usize,
+    ) -> tilt_actors::Result<(Vec<Option<Tensor>>, StepStats)> {
+        let (w, _) = records_to_clip_pairs(records, &self.device)?;
+        let w = self.scale.to_model(&w)?;
+        let mut rng = rng_for(self.seed, 6_000 + replica as u64, step);
+        let (g, loss) = denoise_grads(model, vars, &self.schedule, &w, &mut rng)?;
+        Ok((
+            g,
+            StepStats {
+                loss,
+                accuracy: 0.0,
+                aux: loss,
+            },
+        ))
+    }
+}
+
+/// The models DF-DPO trains from the reference, with the curriculum each uses (None = SFT).
+fn variants(cfg: &Config) -> Result<Vec<(&'static str, Option<Curriculum>)>> {
+    let has = |s: &str| has_stage(cfg, s);
+    let mut v = vec![];
+    if has("sft") {
+        v.push(("sft", None));
+    }
+    if has("dfdpo") {
+        v.push(("dfdpo", Some(cfg.dfdpo.curriculum.clone())));
+    }
+    if has("ablation") {
+        let with_every = |c: Curriculum| Curriculum {
+            every: cfg.dfdpo.curriculum.every,
+            ..c
+        };
+        v.push((
+            "temporal_only",
+            Some(with_every(Curriculum::only(&[
+                Distortion::Reverse,
+                Distortion::Shuffle,
+            ])?)),
+        ));
+        v.push((
+            "spatial_only",
+            Some(with_every(Curriculum::only(&[
+                Distortion::Blur,
+                Distortion::ColourShift,
+                Distortion::Noise,
+            ])?)),
+        ));
+        v.push((
+            "hybrid",
+            Some(with_every(Curriculum::only(&[Distortion::Hybrid])?)),
+        ));
+    }
+    Ok(v)
+}
+
+fn clip_spec(cfg: &Config) -> Result<ClipSpec> {
+    let kind = match cfg.video.motion {
+        MotionKind::Friction => Motion::Friction,
+        MotionKind::Bounce => Motion::Bounce,
+        MotionKind::Mixed => Motion::Mixed,
+    };
+    let spec = ClipSpec {
+        frames: cfg.video.frames,
+        channels: cfg.video.channels,
+        size: cfg.video.size,
+        kind,
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// The data-space -> model-space map of this run: `video.normalize = true` standardises with the
+/// real clips' scalar mean and std (DataScale's doc says why), false keeps the identity. Written
+/// to `data_scale.json` by the first run and read back by every later one (resume, eval), so the
+/// models and their scale never disagree.
+fn data_scale(
+    cfg: &Config,
+    clips: &Tensor,
+    run_dir: &Path,
+    progress: &Progress,
+) -> Result<DataScale> {
+    let file = run_dir.join("data_scale.json");
+    if file.exists() {
+        return read_json(&file);
+    }
+    let scale = if cfg.video.normalize {
+        DataScale::fit(clips).context("video.normalize = true")?
+    } else {
+        DataScale::IDENTITY
+    };
+    progress.line(&format!(
+        "[data] diffusion space = (clip - {:.4}) / {:.4}{}",
+        scale.shift,
+        scale.scale,
+        if cfg.video.normalize {
+            ""
+        } else {
+            " (video.normalize = false)"
+        }
+    ));
+    write_json(&file, &scale)?;
+    Ok(scale)
+}
+
+/// Stage "pretrain": the reference denoiser on the real clips (plain denoising loss).
+fn pretrain(
+    cfg: &Config,
+    schedule: &VpSchedule,
+    clips: &Tensor,
+    scale: DataScale,
+    file: &Path,
+    device: &Device,
+    progress: &Progress,
+) -> Result<()> {
+    let Trainable {
+        varmap: vm,
+        model,
+        mut opt,
+    } = build::video_model(&cfg.video, cfg.pretrain.lr, device)?;
+    let clips = &scale.to_model(&clips.to_device(device)?)?;
+    let n = clips.dim(0)?;
+    let t0 = Instant::now();
+    let mut last = Instant::now();
+    for step in 0..cfg.pretrain.steps {
+        let mut rng = rng_for(cfg.seed, 20, step);
+        let idx: Vec<u32> = (0..cfg.pretrain.batch)
+            .map(|_| rng.random_range(0..n as u32))
+            .collect();
+        let x0 = clips.index_select(&Tensor::new(idx.as_slice(), device)?, 0)?;
+        let (g, loss) = denoise_grads(model.as_ref(), opt.vars(), schedule, &x0, &mut rng)?;
+        opt.step_with(&g)?;
+        if last.elapsed() > Duration::from_secs(3) || step + 1 == cfg.pretrain.steps {
+            last = Instant::now();
+            progress.line(&format!(
+                "[pretrain] step {}/{} loss {loss:.4} ({:.0}s)",
+                step + 1,
+                cfg.pretrain.steps,
+                t0.elapsed().as_secs_f64()
+            ));
+        }
+    }
+    save_weights(&vm, file)?;
+    Ok(())
+}
+
+/// A video model with the weights of `file` (the reference, or a continuation's checkpoint).
+fn load_model(cfg: &Config, file: &Path, device: &Device) -> Result<Arc<dyn Denoiser>> {
+    let mut m = build::video_model(&cfg.video, 1e-3, device)?;
+    load_weights(&mut m.varmap, file)?;
+    Ok(m.model)
+}
+
+/// Everything the continuations and the evaluation share.
+struct Shared {
+    schedule: VpSchedule,
+    clips: Arc<Tensor>,
+    scale: DataScale,
+    reference_file: PathBuf,
+    reference: Arc<dyn Denoiser>,
+    device: Device,
+}
+
+/// One continuation from the reference (SFT, DF-DPO, an ablation) as a `Training`: distortion
+/// actors -> replay -> the shared learners. SFT sees the same pairs (it uses only the real clip);
+/// its distortions are the default curriculum's.
+fn continuation(
+    cfg: &Config,
+    sh: &Shared,
+    name: &str,
+    curriculum: Option<Curriculum>,
+    dir: &Path,
+) -> Result<Training> {
+    let objective: Arc<dyn Objective> = match &curriculum {
+        None => Arc::new(SftObjective {
+            schedule: sh.schedule.clone(),
+            seed: cfg.seed,
+            scale: sh.scale,
+            device: sh.device.clone(),
+        }),
+        Some(_) => Arc::new(DfDpoObjective {
+            reference: sh.reference.clone(),
+            schedule: sh.schedule.clone(),
+            beta: cfg.dfdpo.beta,
+            lambda_sft: cfg.dfdpo.lambda_sft,
+            seed: cfg.seed,
+            scale: sh.scale,
+            device: sh.device.clone(),
+        }),
+    };
+    let (video, lr, device) = (cfg.video.clone(), cfg.dfdpo.lr, sh.device.clone());
+    Ok(Training {
+        name: name.to_string(),
+        dir: dir.to_path_buf(),
+        report_file: dir.join("training.json"),
+        steps: cfg.dfdpo.steps,
+        batch: cfg.dfdpo.batch,
+        replicas: cfg.learner.actors,
+        build: Box::new(move || build::video_model(&video, lr, &device)),
+        // The policy starts as a copy of the reference (equal bit for bit at step 0).
+        init: Some(sh.reference_file.clone()),
+        objective,
+        sources: vec![Arc::new(DistortionSource {
+            actors: cfg.distortion.actors,
+            clips: sh.clips.clone(),
+            curriculum: Arc::new(curriculum.unwrap_or_else(|| cfg.dfdpo.curriculum.clone())),
+            per_unit: cfg.distortion.per_unit,
+            panic_after_units: cfg.fault.rollout_panic_after,
+        })],
+        replay: Arc::new(MemoryReplay::new(cfg.replay.clone())?),
+        checkpoint_every: cfg.learner.checkpoint_every,
+        at_steps: vec![],
+        extra_file: None,
+        seed: cfg.seed,
+        fail_at_step: cfg.fault.learner_fail_at_step,
+        stop: None,
+    })
+}
+
+/// `summary.json` of a DF-DPO run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DfDpoSummary {
+    pub name: String,
+    pub algorithm: String,
+    pub steps: u64,
+    pub beta: f64,
+    pub lambda_sft: f64,
+    pub wall_s: f64,
+    /// The real clips' own measurements (the ceiling; temporal ~1).
+    pub real: VideoStats,
+    /// reference, sft, dfdpo.
+    pub eval: BTreeMap<String, VideoStats>,
+    /// temporal_only, spatial_only, hybrid.
+    pub ablation: BTreeMap<String, VideoStats>,
+    pub training: BTreeMap<String, TrainReport>,
+    pub eval_clips: usize,
+}
+
+/// A clip as nested rows: [frames][channels][h][w].
+type ClipRows = Vec<Vec<Vec<Vec<f32>>>>;
+
+fn to_rows(clips: &Tensor, k: usize) -> Result<Vec<ClipRows>> {
+    let n = clips.dim(0)?.min(k);
+    (0..n)
+        .map(|i| {
+            let c = clips.get(i)?; // [T, C, H, W]
+            (0..c.dim(0)?)
+                .map(|t| Ok(c.get(t)?.to_vec3::<f32>()?))
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect()
+}
+
+/// The real clips of the run: generated, or loaded from `video.dir`.
+fn real_clips(cfg: &Config, spec: &ClipSpec) -> Result<Tensor> {
+    Ok(match cfg.video.source {
+        ClipSource::Dir => load_clip_dir(Path::new(&cfg.video.dir), spec)
+            .with_context(|| format!("video.dir = {:?}", cfg.video.dir))?,
+        ClipSource::Procedural => generate(spec, cfg.video.clips, cfg.seed)?.0,
+    })
+}
+
+/// Where the first clips of each model's evaluation samples are kept, for `tilt report`.
+fn strip_file(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join("samples").join(format!("{name}.npy"))
+}
+
+/// Clips per filmstrip.
+const STRIP: usize = 6;
+
+#[async_trait]
+impl Algorithm for DfDpo {
+    fn stages(&self) -> &'static [&'static str] {
+        crate::config::AlgorithmKind::Dfdpo.stages()
+    }
+
+    async fn execute(&self, run: &RunCtx<'_>) -> Result<Option<serde_json::Value>> {
+        let (cfg, run_dir, progress) = (run.cfg, run.run_dir, run.progress);
+        let t0 = Instant::now();
+        let device = build::device(cfg, "learner.device", &cfg.learner.device)?;
+        let schedule = build::schedule(cfg)?;
+        let spec = clip_spec(cfg)?;
+        let clips = real_clips(cfg, &spec)?;
+        progress.line(&format!(
+            "[data] {} real clips {:?}",
+            clips.dim(0)?,
+            clips.dims()
+        ));
+        let reference_file = run_dir.join("reference.safetensors");
+        let scale = data_scale(cfg, &clips, run_dir, progress)?;
+        if has_stage(cfg, "pretrain") && !reference_file.exists() {
+            // Tensor work off the async executor's worker (the metrics endpoint keeps serving).
+            off_executor(|| {
+                pretrain(
+                    cfg,
+                    &schedule,
+                    &clips,
+                    scale,
+                    &reference_file,
+                    &device,
+                    progress,
+                )
+            })?;
+        }
+        if !reference_file.exists() {
+            bail!(
+                "{}: no reference model; list the \"pretrain\" stage",
+                reference_file.display()
+            );
+        }
+        let sh = Shared {
+            reference: load_model(cfg, &reference_file, &device)?,
+            reference_file,
+            schedule,
+            clips: Arc::new(clips),
+            scale,
+            device,
+        };
+        let mut training = BTreeMap::new();
+        for (name, cur) in variants(cfg)? {
+            let t = continuation(cfg, &sh, name, cur, &run_dir.join(name))?;
+            let rep = train(t, progress).await?;
+            if rep.stopped_early {
+                progress.line(&format!(
+                    "tilt: {name} stopped at step {} of {}; continue with `tilt resume {}`",
+                    rep.steps,
+                    cfg.dfdpo.steps,
+                    run_dir.display()
+                ));
+                return Ok(None);
+            }
+            training.insert(name.to_string(), rep);
+        }
+        if !has_stage(cfg, "eval") {
+            return Ok(None);
+        }
+        let summary = off_executor(|| evaluate(cfg, &sh, &spec, run_dir, training, t0, progress))?;
+        Ok(Some(serde_json::to_value(summary)?))
+    }
+
+    async fn worker(&self, _run: &RunCtx<'_>, role: WorkerRole, _run_id: &str) -> Result<()> {
+        bail!(
+            "algorithm = \"dfdpo\" has no worker mode yet (role {role:?}): run it in one process with `tilt run`"
+        )
+    }
+
+    fn render(&self, run_dir: &Path) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        let dir = run_dir.join("samples");
+        if !dir.exists() {
+            return Ok(out);
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "npy"))
+            .collect();
+        files.sort();
+        for f in files {
+            let Some(name) = f.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+                continue;
+            };
+            let clips = load_npy(&f)?; // [n, T, C, H, W]
+            let p = run_dir.join(format!("filmstrip-{name}.png"));
+            crate::plots::filmstrips(&p, &to_rows(&clips, STRIP)?, STRIP as u32, (-1.0, 1.0))?;
+            out.push(p);
+        }
+        Ok(out)
+    }
+}
+
+/// Sample clips from every model from the same noise (a paired comparison), measure them against
+/// the real clips, save the filmstrips' clips and draw them, and write `summary.json`.
+fn evaluate(
+    cfg: &Config,
+    sh: &Shared,
+    spec: &ClipSpec,
+    run_dir: &Path,
+    training: BTreeMap<String, TrainReport>,
+    t0: Instant,
+    progress: &Progress,
+) -> Result<DfDpoSummary> {
+    let real = reference_stats(&sh.clips)?;
+    let grid = SamplingGrid::new(&sh.schedule, cfg.sampling.steps, cfg.sampling.eta)?;
+    let n = cfg.eval.samples;
+    let shape = (
+        n,
+        cfg.video.frames,
+        cfg.video.channels,
+        cfg.video.size,
+        cfg.video.size,
+    );
+    let mut models: Vec<(String, Arc<dyn Denoiser>)> =
+        vec![("reference".into(), sh.reference.clone())];
+    for (name, _) in variants(cfg)? {
+        let Some((_, ck)) = latest_checkpoint(&run_dir.join(name))? else {
+            continue;
+        };
+        let mut m = build::video_model(&cfg.video, 1e-3, &sh.device)?;
+        load_checkpoint(&ck, &mut m.varmap, &mut m.opt)?;
+        models.push((name.to_string(), m.model));
+    }
+    let hint = match spec.kind {
+        Motion::Mixed => None,
+        k => Some(k),
+    };
+    let mut eval = BTreeMap::new();
+    let mut ablation = BTreeMap::new();
+    std::fs::create_dir_all(run_dir.join("samples"))?;
+    save_npy(
+        &strip_file(run_dir, "real"),
+        &sh.clips.narrow(0, 0, STRIP.min(sh.clips.dim(0)?))?,
+    )?;
+    for (name, model) in &models {
+        let mut rng = rng_for(cfg.seed, 30, 0);
+        let x = randn(&mut rng, shape, &sh.device)?;
+        // Clips live in [-1, 1]: clip the predicted x_0 at every step (DDPM's clip_denoised), in
+        // the model's space, then map the samples back to data space.
+        let (lo, hi) = sh.scale.model_bounds(-1.0, 1.0);
+        let y = sample_chain_clipped(
+            model.as_ref(),
+            &sh.schedule,
+            &grid,
+            &x,
+            None,
+            lo,
+            hi,
+            &mut rng,
+        )?;
+        let samples = sh
+            .scale
+            .to_data(&y)?
+            .clamp(-1f32, 1f32)?
+            .to_device(&Device::Cpu)?;
+        let st = video_stats(&samples, hint)?;
+        progress.line(&format!(
+            "[eval] {name:<14} temporal {:.3} smoothness {:.3} sharpness {:.4} noise {:.4}",
+            st.temporal, st.smoothness, st.sharpness, st.noise
+        ));
+        if ["temporal_only", "spatial_only", "hybrid"].contains(&name.as_str()) {
+            ablation.insert(name.clone(), st);
+        } else {
+            eval.insert(name.clone(), st);
+        }
+        save_npy(
+            &strip_file(run_dir, name),
+            &samples.narrow(0, 0, STRIP.min(n))?,
+        )?;
+    }
+    progress.line(&format!(
+        "[eval] real clips      temporal {:.3} smoothness {:.3} sharpness {:.4} noise {:.4}",
+        real.temporal, real.smoothness, real.sharpness, real.noise
+    ));
+    DfDpo.render(run_dir)?;
+    let summary = DfDpoSummary {
+        name: cfg.name.clone(),
+        algorithm: "dfdpo".into(),
+        steps: cfg.dfdpo.steps,
+        beta: cfg.dfdpo.beta,
+        lambda_sft: cfg.dfdpo.lambda_sft,
+        wall_s: t0.elapsed().as_secs_f64(),
+        real,
+        eval,
+        ablation,
+        training,
+        eval_clips: n,
+    };
+    write_json(&run_dir.join("summary.json"), &summary)?;
+    progress.line(&format!(
+        "tilt: done in {:.0}s; {}",
+        summary.wall_s,
+        run_dir.join("summary.json").display()
+    ));
+    Ok(summary)
+}

@@ -1,0 +1,406 @@
+//! VRPO evaluation: the reference, the importance-weighted tilted target (and the closed form
+//! where one exists) and the policy at each evaluated checkpoint; `summary.json`; the figures.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use tilt_actors::checkpoint::{checkpoint_dir, latest_checkpoint, load_checkpoint};
+use tilt_kernels::denoiser::ResidualPolicy;
+use tilt_kernels::logprob::sample_chain;
+use tilt_kernels::reward::Reward;
+use tilt_kernels::rng::{randn, rng_for};
+use tilt_kernels::tilt::tilted_target;
+
+use super::critic::CriticReport;
+use super::{build_policy, Setup};
+use crate::config::{Config, RewardConfig};
+use crate::files::{read_json, write_json};
+use crate::plots::{calibration, line_chart, scatter, Series};
+use crate::progress::Progress;
+use crate::train::TrainReport;
+
+/// One evaluated policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalPoint {
+    pub step: u64,
+    pub reward_mean_policy: f64,
+    pub mode_weights_policy: Vec<f64>,
+    pub gap_closed: f64,
+}
+
+/// The evaluation: reference, importance-weighted target, closed form, and each evaluated policy.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct EvalReport {
+    pub reward_mean_ref: f64,
+    pub reward_mean_target: f64,
+    pub target_ess: f64,
+    pub mode_weights_ref: Vec<f64>,
+    pub mode_weights_target: Vec<f64>,
+    /// The closed-form tilt of the data mixture (linear reward): differs from the chain's target
+    /// because the K-step chain is itself slightly off the data (DESIGN.md).
+    pub reward_mean_closed_form: Option<f64>,
+    pub mode_weights_closed_form: Option<Vec<f64>>,
+    pub points: Vec<EvalPoint>,
+}
+
+fn rewards_f64(r: &dyn Reward, x: &Tensor) -> Result<Vec<f64>> {
+    Ok(r.reward(x)?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+}
+
+/// Evaluate the reference, the target and the policy at the listed steps (and the last checkpoint).
+pub fn stage_eval(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<EvalReport> {
+    let k = s.grid.len();
+    let mut rng = rng_for(cfg.seed, 3, 0);
+    let x = randn(
+        &mut rng,
+        (cfg.eval.target_samples, s.dim()),
+        &s.learner_device,
+    )?;
+    let x0 = sample_chain(s.data.reference.as_ref(), &s.grid, &x, k, 0, None, &mut rng)?;
+    let r = rewards_f64(s.reward.as_ref(), &x0)?;
+    let est = tilted_target(&r, cfg.vrpo.lambda);
+    let mut rep = EvalReport {
+        reward_mean_ref: r.iter().sum::<f64>() / r.len() as f64,
+        reward_mean_target: est.mean_reward,
+        target_ess: est.ess,
+        mode_weights_ref: s.data.mixture.mode_weights(&x0, None)?,
+        mode_weights_target: s.data.mixture.mode_weights(&x0, Some(&est.weights))?,
+        ..Default::default()
+    };
+    if let RewardConfig::Linear { a, b } = &cfg.reward {
+        let t = s.data.mixture.tilted_linear(cfg.vrpo.lambda, a)?;
+        let mean: f64 = (0..t.components())
+            .map(|i| t.weights[i] * t.means[i].iter().zip(a).map(|(m, a)| m * a).sum::<f64>())
+            .sum::<f64>()
+            + b;
+        rep.reward_mean_closed_form = Some(mean);
+        // Mode weights as `assign` would see exact samples of the tilted mixture.
+        let (xt, _) = t.sample(
+            cfg.eval.target_samples,
+            &mut rng_for(cfg.seed, 3, 1),
+            &s.learner_device,
+        )?;
+        rep.mode_weights_closed_form = Some(s.data.mixture.mode_weights(&xt, None)?);
+    }
+    // Samples for the report's scatter: reference, target-weighted (systematic resampling), policy.
+    let rows = x0.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let take = 2000.min(rows.len());
+    let xy = |r: &Vec<f64>| (r[0], r.get(1).copied().unwrap_or(0.0));
+    let mut samples = PlotSamples {
+        reference: rows.iter().take(take).map(xy).collect(),
+        target: systematic_resample(&est.weights, take, 0.5)
+            .into_iter()
+            .map(|i| xy(&rows[i]))
+            .collect(),
+        policy: vec![],
+    };
+    let mut steps: Vec<u64> = cfg
+        .eval
+        .at_steps
+        .iter()
+        .copied()
+        .filter(|&st| checkpoint_dir(run_dir, st).join("state.json").exists())
+        .collect();
+    if let Some((last, _)) = latest_checkpoint(run_dir)? {
+        steps.push(last);
+    }
+    steps.sort_unstable();
+    steps.dedup();
+    for step in steps {
+        let mut p = build_policy(cfg, s)?;
+        load_checkpoint(&checkpoint_dir(run_dir, step), &mut p.varmap, &mut p.opt)?;
+        let policy = ResidualPolicy {
+            reference: s.data.reference.clone(),
+            residual: p.model,
+        };
+        let mut prng = rng_for(cfg.seed, 4, step);
+        let xk = randn(&mut prng, (cfg.eval.samples, s.dim()), &s.learner_device)?;
+        let p0 = sample_chain(&policy, &s.grid, &xk, k, 0, None, &mut prng)?;
+        let rp = rewards_f64(s.reward.as_ref(), &p0)?;
+        let mean = rp.iter().sum::<f64>() / rp.len() as f64;
+        let denom = rep.reward_mean_target - rep.reward_mean_ref;
+        let point = EvalPoint {
+            step,
+            reward_mean_policy: mean,
+            mode_weights_policy: s.data.mixture.mode_weights(&p0, None)?,
+            gap_closed: if denom.abs() > 1e-12 {
+                (mean - rep.reward_mean_ref) / denom
+            } else {
+                f64::NAN
+            },
+        };
+        eprintln!(
+            "[eval] step {step}: reward {:.4} (ref {:.4}, target {:.4}), gap closed {:.3}, modes {:?} (target {:?})",
+            point.reward_mean_policy,
+            rep.reward_mean_ref,
+            rep.reward_mean_target,
+            point.gap_closed,
+            round3(&point.mode_weights_policy),
+            round3(&rep.mode_weights_target)
+        );
+        metrics::gauge!("tilt_reward_mean", "role" => "eval", "actor" => "0")
+            .set(point.reward_mean_policy);
+        rep.points.push(point);
+        let pr = p0.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        samples.policy = pr.iter().take(take).map(xy).collect();
+    }
+    write_json(&run_dir.join("samples.json"), &samples)?;
+    Ok(rep)
+}
+
+/// 2-D samples kept for the report (at most 2000 each).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct PlotSamples {
+    pub reference: Vec<(f64, f64)>,
+    pub target: Vec<(f64, f64)>,
+    pub policy: Vec<(f64, f64)>,
+}
+
+/// Indices drawn by systematic resampling of normalised `weights` (offset u in [0, 1)).
+pub fn systematic_resample(weights: &[f64], n: usize, u: f64) -> Vec<usize> {
+    let mut out = Vec::with_capacity(n);
+    let (mut acc, mut i) = (weights.first().copied().unwrap_or(0.0), 0);
+    for j in 0..n {
+        let t = (j as f64 + u) / n as f64;
+        while acc < t && i + 1 < weights.len() {
+            i += 1;
+            acc += weights[i];
+        }
+        out.push(i);
+    }
+    out
+}
+
+/// Round for display.
+pub fn round3(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|x| (x * 1000.0).round() / 1000.0).collect()
+}
+
+/// `summary.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub name: String,
+    pub algorithm: String,
+    pub labels: String,
+    pub lambda: f64,
+    pub beta: f64,
+    pub segment_len: usize,
+    pub sampling_steps: usize,
+    pub steps: u64,
+    pub wall_s: f64,
+    pub reward_mean_ref: f64,
+    pub reward_mean_policy: f64,
+    pub reward_mean_target: f64,
+    pub reward_mean_closed_form: Option<f64>,
+    pub gap_closed: f64,
+    pub mode_weights_ref: Vec<f64>,
+    pub mode_weights_policy: Vec<f64>,
+    pub mode_weights_target: Vec<f64>,
+    pub mode_weights_closed_form: Option<Vec<f64>>,
+    pub max_mode_weight_error: f64,
+    pub target_ess: f64,
+    pub critic: Option<CriticReport>,
+    pub throughput: Throughput,
+    pub learner_utilisation: f64,
+    pub restarts: u64,
+    /// The policy evaluated at each listed training length (drift of hard labels shows here).
+    pub evals: Vec<EvalPoint>,
+    pub stopped_early: bool,
+    /// Per-stage latency percentiles (ms), merged across actors.
+    pub latency: std::collections::BTreeMap<String, tilt_actors::telemetry::LatencySummary>,
+}
+
+/// Throughput of the VRPO stage.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Throughput {
+    pub pairs_per_s: f64,
+    pub learner_steps_per_s: f64,
+}
+
+/// Evaluate, write summary.json, print latencies and draw the plots.
+pub fn finish(
+    cfg: &Config,
+    s: &Setup,
+    run_dir: &Path,
+    critic: Option<CriticReport>,
+    vrpo: &TrainReport,
+    t0: Instant,
+    progress: &Progress,
+) -> Result<Summary> {
+    let ev: EvalReport = stage_eval(cfg, s, run_dir)?;
+    write_json(&run_dir.join("eval.json"), &ev)?;
+    let last = ev.points.last().cloned();
+    let Some(last) = last else {
+        bail!(
+            "eval: no checkpoint to evaluate in {} (run the \"vrpo\" stage first)",
+            run_dir.display()
+        );
+    };
+    let max_err = last
+        .mode_weights_policy
+        .iter()
+        .zip(&ev.mode_weights_target)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    let summary = Summary {
+        name: cfg.name.clone(),
+        algorithm: "vrpo".into(),
+        labels: format!("{:?}", cfg.vrpo.labels).to_lowercase(),
+        lambda: cfg.vrpo.lambda,
+        beta: cfg.vrpo.beta,
+        segment_len: cfg.vrpo.segment_len,
+        sampling_steps: cfg.sampling.steps,
+        steps: last.step,
+        wall_s: t0.elapsed().as_secs_f64(),
+        reward_mean_ref: ev.reward_mean_ref,
+        reward_mean_policy: last.reward_mean_policy,
+        reward_mean_target: ev.reward_mean_target,
+        reward_mean_closed_form: ev.reward_mean_closed_form,
+        gap_closed: last.gap_closed,
+        mode_weights_ref: ev.mode_weights_ref.clone(),
+        mode_weights_policy: last.mode_weights_policy.clone(),
+        mode_weights_target: ev.mode_weights_target.clone(),
+        mode_weights_closed_form: ev.mode_weights_closed_form.clone(),
+        max_mode_weight_error: max_err,
+        target_ess: ev.target_ess,
+        critic: critic.or_else(|| read_json(&run_dir.join("critic.json")).ok()),
+        throughput: Throughput {
+            pairs_per_s: vrpo.pairs_per_s,
+            learner_steps_per_s: vrpo.learner_steps_per_s,
+        },
+        learner_utilisation: vrpo.learner_utilisation,
+        restarts: vrpo.restarts,
+        evals: ev.points.clone(),
+        stopped_early: false,
+        latency: vrpo.latency.clone(),
+    };
+    for (stage, l) in &summary.latency {
+        progress.line(&format!(
+            "latency {stage:<16} n={:<7} p50 {:>9.3} ms  p90 {:>9.3} ms  p99 {:>9.3} ms  max {:>9.3} ms",
+            l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+        ));
+    }
+    write_json(&run_dir.join("summary.json"), &summary)?;
+    match render(run_dir) {
+        Ok(files) => progress.line(&format!(
+            "tilt: {} plots in {}",
+            files.len(),
+            run_dir.display()
+        )),
+        Err(e) => progress.line(&format!("tilt: warning: plots failed: {e:#}")),
+    }
+    progress.line(&format!(
+        "tilt: done in {:.0}s: reward {:.4} (reference {:.4}, target {:.4}), gap closed {:.3}, max mode-weight error {:.3}; {}",
+        summary.wall_s,
+        summary.reward_mean_policy,
+        summary.reward_mean_ref,
+        summary.reward_mean_target,
+        summary.gap_closed,
+        summary.max_mode_weight_error,
+        run_dir.join("summary.json").display()
+    ));
+    Ok(summary)
+}
+
+/// Render every plot whose data exists in `run_dir`; returns the files written.
+pub fn render(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let hist_file = run_dir.join("history.json");
+    if hist_file.exists() {
+        let hist: Vec<(u64, f32, f32)> = read_json(&hist_file)?;
+        let loss: Vec<(f64, f64)> = hist.iter().map(|h| (h.0 as f64, h.1 as f64)).collect();
+        let acc: Vec<(f64, f64)> = hist.iter().map(|h| (h.0 as f64, h.2 as f64)).collect();
+        let p = run_dir.join("loss.png");
+        line_chart(
+            &p,
+            "VRPO loss",
+            "learner step",
+            "loss",
+            &[Series {
+                name: "loss",
+                points: &loss,
+            }],
+            &[("ln 2 (policy = reference)", std::f64::consts::LN_2)],
+        )?;
+        out.push(p);
+        let p = run_dir.join("accuracy.png");
+        line_chart(
+            &p,
+            "Pair accuracy (sign of Delta agrees with V(a) - V(b))",
+            "learner step",
+            "accuracy",
+            &[Series {
+                name: "accuracy",
+                points: &acc,
+            }],
+            &[],
+        )?;
+        out.push(p);
+    }
+    let eval_file = run_dir.join("eval.json");
+    if eval_file.exists() {
+        let ev: EvalReport = read_json(&eval_file)?;
+        let pts: Vec<(f64, f64)> = std::iter::once((0.0, ev.reward_mean_ref))
+            .chain(
+                ev.points
+                    .iter()
+                    .map(|p| (p.step as f64, p.reward_mean_policy)),
+            )
+            .collect();
+        let p = run_dir.join("reward.png");
+        let mut h = vec![
+            (
+                "target (importance-weighted reference)",
+                ev.reward_mean_target,
+            ),
+            ("reference", ev.reward_mean_ref),
+        ];
+        if let Some(c) = ev.reward_mean_closed_form {
+            h.push(("closed-form tilt of the data", c));
+        }
+        line_chart(
+            &p,
+            "Mean reward of the policy",
+            "learner step",
+            "mean reward",
+            &[Series {
+                name: "policy",
+                points: &pts,
+            }],
+            &h,
+        )?;
+        out.push(p);
+    }
+    let cal_file = run_dir.join("calibration.json");
+    if cal_file.exists() {
+        let pairs: Vec<(f64, bool)> = read_json(&cal_file)?;
+        let p = run_dir.join("calibration.png");
+        calibration(
+            &p,
+            "Critic calibration (held-out): predicted CDF vs observed",
+            &pairs,
+            10,
+        )?;
+        out.push(p);
+    }
+    let s_file = run_dir.join("samples.json");
+    if s_file.exists() {
+        let s: PlotSamples = read_json(&s_file)?;
+        let p = run_dir.join("samples.png");
+        scatter(
+            &p,
+            "Samples",
+            &[
+                ("reference", &s.reference),
+                ("target (weighted reference)", &s.target),
+                ("tuned policy", &s.policy),
+            ],
+            2000,
+        )?;
+        out.push(p);
+    }
+    Ok(out)
+}

@@ -1,0 +1,317 @@
+//! VRPO (reward tilting with a distributional critic), wired from config. Stages: `critic` (stage
+//! 1: reference rollouts, CDF critic training, held-out report; `critic.rs`), `vrpo` (stage 2:
+//! rollout and critic sources feeding the shared learners with `VrpoObjective`), `eval` (policy
+//! vs the importance-weighted tilted target; `eval.rs`). Worker mode is in `worker.rs`.
+
+pub mod critic;
+pub mod eval;
+pub mod worker;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Result;
+use async_trait::async_trait;
+use candle_core::{Device, Tensor, Var};
+use tilt_actors::codec::records_to_batch;
+use tilt_actors::critic::CriticSource;
+use tilt_actors::objective::{Objective, StepStats};
+use tilt_actors::replay::{Record, ReplayBuffer};
+use tilt_actors::rollout::RolloutSource;
+use tilt_actors::source::PairSource;
+use tilt_kernels::denoiser::Denoiser;
+use tilt_kernels::losses::VrpoLabels;
+use tilt_kernels::mixture::ExactValue;
+use tilt_kernels::optim::AdamWConfig;
+use tilt_kernels::reward::Reward;
+use tilt_kernels::schedule::{SamplingGrid, VpSchedule};
+use tilt_kernels::vrpo::{vrpo_grads, SegmentPair};
+
+use super::{has_stage, Algorithm, RunCtx, WorkerRole};
+use crate::build::{self, VrpoData};
+use crate::config::{Config, CriticKind};
+use crate::files::read_json;
+use crate::progress::Progress;
+use crate::train::{off_executor, train, TrainReport, Trainable, Training};
+use critic::{critic_files, load_critic, stage_critic, CriticReport};
+
+/// VRPO.
+pub struct Vrpo;
+
+/// What every VRPO stage shares: schedule, grid, data and reference model, reward, exact value
+/// (where known), and the device of each role.
+pub struct Setup {
+    pub schedule: VpSchedule,
+    pub grid: Arc<SamplingGrid>,
+    pub data: VrpoData,
+    pub reward: Arc<dyn Reward>,
+    pub exact: Option<Arc<ExactValue>>,
+    pub rollout_device: Device,
+    pub critic_device: Device,
+    pub learner_device: Device,
+}
+
+impl Setup {
+    /// Elements of one sample (the flat dimension the MLP networks see).
+    pub fn dim(&self) -> usize {
+        self.data.sample_shape.iter().product()
+    }
+}
+
+/// Build the shared pieces from a validated config.
+pub fn setup(cfg: &Config) -> Result<Setup> {
+    let schedule = build::schedule(cfg)?;
+    let grid = build::grid(cfg, &schedule)?;
+    let data = build::vrpo_data(&cfg.data, &schedule)?;
+    let exact = build::exact_value(&data, &cfg.reward, &schedule).map(Arc::new);
+    Ok(Setup {
+        rollout_device: build::device(cfg, "rollout.device", &cfg.rollout.device)?,
+        critic_device: build::device(cfg, "critic.device", &cfg.critic.device)?,
+        learner_device: build::device(cfg, "learner.device", &cfg.learner.device)?,
+        reward: build::reward(&cfg.reward),
+        exact,
+        data,
+        grid,
+        schedule,
+    })
+}
+
+/// A residual policy network with its optimiser (zero-initialised output), on the learner device.
+pub fn build_policy(cfg: &Config, s: &Setup) -> Result<Trainable> {
+    build::mlp_policy(&cfg.policy, s.dim(), adamw(cfg), &s.learner_device)
+}
+
+fn adamw(cfg: &Config) -> AdamWConfig {
+    AdamWConfig {
+        lr: cfg.vrpo.lr,
+        weight_decay: cfg.vrpo.weight_decay,
+        grad_clip: cfg.vrpo.grad_clip,
+        ..Default::default()
+    }
+}
+
+/// VRPO's loss on scored segment pairs (`tilt_kernels::vrpo`), on the learner's device.
+pub struct VrpoObjective {
+    pub grid: Arc<SamplingGrid>,
+    pub labels: VrpoLabels,
+    pub beta: f64,
+    pub device: Device,
+}
+
+impl Objective for VrpoObjective {
+    fn grads(
+        &self,
+        model: &dyn Denoiser,
+        vars: &[(String, Var)],
+        records: &[Record],
+        _step: u64,
+        _replica: usize,
+    ) -> tilt_actors::Result<(Vec<Option<Tensor>>, StepStats)> {
+        let batch = records_to_batch(records, &self.device)?;
+        let (g, s) = vrpo_grads(model, vars, &self.grid, &batch, self.labels, self.beta)?;
+        Ok((
+            g,
+            StepStats {
+                loss: s.loss,
+                accuracy: s.accuracy,
+                aux: s.margin_gap,
+            },
+        ))
+    }
+}
+
+/// Both ends of the rollout -> critic channel (bounded: a slow critic holds the rollouts back).
+pub type SegmentChannel = (
+    flume::Sender<Vec<SegmentPair>>,
+    flume::Receiver<Vec<SegmentPair>>,
+);
+
+/// Which roles this process runs in the VRPO stage, and how it meets the others.
+pub struct Roles {
+    pub rollouts: usize,
+    pub critics: usize,
+    pub learners: bool,
+    pub replay: Arc<dyn ReplayBuffer>,
+    /// The rollout -> critic channel: both ends in one process, or one end bridged to Redis
+    /// (worker mode).
+    pub channel: SegmentChannel,
+    /// Fires when a producer-only process should stop (worker mode: the learner finished).
+    pub stop: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Roles {
+    /// Every role in this process, as configured, with an in-process channel.
+    pub fn all(cfg: &Config, replay: Arc<dyn ReplayBuffer>) -> Self {
+        Roles {
+            rollouts: cfg.rollout.actors,
+            critics: cfg.critic.actors,
+            learners: true,
+            replay,
+            channel: flume::bounded(cfg.rollout.channel.max(1)),
+            stop: None,
+        }
+    }
+}
+
+/// The VRPO stage's producers: critic actors (scoring endpoints into the replay) and rollout
+/// actors (reference segments into the channel), as many of each as `roles` says.
+pub fn sources(
+    cfg: &Config,
+    s: &Setup,
+    run_dir: &Path,
+    roles: &Roles,
+) -> Result<Vec<Arc<dyn PairSource>>> {
+    let mut out: Vec<Arc<dyn PairSource>> = Vec::new();
+    if roles.critics > 0 {
+        out.push(Arc::new(CriticSource {
+            actors: roles.critics,
+            critic: load_critic(cfg, s, run_dir)?,
+            grid: s.grid.clone(),
+            lambda: cfg.vrpo.lambda,
+            input: roles.channel.1.clone(),
+            panic_after_units: cfg.fault.critic_panic_after,
+        }));
+    }
+    if roles.rollouts > 0 {
+        out.push(Arc::new(RolloutSource {
+            actors: roles.rollouts,
+            reference: s.data.reference.clone(),
+            grid: s.grid.clone(),
+            sample_shape: s.data.sample_shape.clone(),
+            chains: cfg.rollout.chains,
+            segment_len: cfg.vrpo.segment_len,
+            device: s.rollout_device.clone(),
+            out: roles.channel.0.clone(),
+            panic_after_units: cfg.fault.rollout_panic_after,
+        }));
+    }
+    Ok(out)
+}
+
+/// Stage 2 as a `Training` for the shared learners.
+pub fn training(cfg: &Config, s: &Setup, run_dir: &Path, roles: Roles) -> Result<Training> {
+    let sources = sources(cfg, s, run_dir, &roles)?;
+    let (policy, dim, opt, device) = (
+        cfg.policy.clone(),
+        s.dim(),
+        adamw(cfg),
+        s.learner_device.clone(),
+    );
+    Ok(Training {
+        name: "vrpo".into(),
+        dir: run_dir.to_path_buf(),
+        report_file: run_dir.join("vrpo.json"),
+        steps: cfg.vrpo.steps,
+        batch: cfg.vrpo.batch,
+        replicas: if roles.learners {
+            cfg.learner.actors
+        } else {
+            0
+        },
+        build: Box::new(move || build::mlp_policy(&policy, dim, opt.clone(), &device)),
+        init: None,
+        objective: Arc::new(VrpoObjective {
+            grid: s.grid.clone(),
+            labels: cfg.vrpo.labels,
+            beta: cfg.vrpo.beta,
+            device: s.learner_device.clone(),
+        }),
+        sources,
+        replay: roles.replay,
+        checkpoint_every: cfg.learner.checkpoint_every,
+        at_steps: cfg.eval.at_steps.clone(),
+        extra_file: (cfg.critic.kind == CriticKind::Learned).then(|| critic_files(run_dir).0),
+        seed: cfg.seed,
+        fail_at_step: cfg.fault.learner_fail_at_step,
+        stop: roles.stop,
+    })
+}
+
+/// Stage 1, unless this run directory already holds a trained critic.
+pub fn ensure_critic(
+    cfg: &Config,
+    s: &Setup,
+    run_dir: &Path,
+    progress: &Progress,
+) -> Result<Option<CriticReport>> {
+    if cfg.critic.kind != CriticKind::Learned {
+        return Ok(None);
+    }
+    let (wfile, jfile) = critic_files(run_dir);
+    if jfile.exists() && wfile.exists() {
+        progress.line("[critic] already trained in this run directory: reusing it");
+        return Ok(Some(read_json(&jfile)?));
+    }
+    // Tensor work off the async executor's worker.
+    off_executor(|| stage_critic(cfg, s, run_dir)).map(Some)
+}
+
+/// A run id unique to this invocation: it namespaces the Redis keys (removed at the end).
+fn invocation_id(cfg: &Config) -> String {
+    format!(
+        "{}-{}-{}",
+        cfg.name,
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    )
+}
+
+#[async_trait]
+impl Algorithm for Vrpo {
+    fn stages(&self) -> &'static [&'static str] {
+        crate::config::AlgorithmKind::Vrpo.stages()
+    }
+
+    async fn execute(&self, run: &RunCtx<'_>) -> Result<Option<serde_json::Value>> {
+        let (cfg, run_dir, progress) = (run.cfg, run.run_dir, run.progress);
+        let t0 = std::time::Instant::now();
+        let s = setup(cfg)?;
+        // Connect the replay first: a Redis that is down fails the run before any work is done.
+        let replay = if has_stage(cfg, "vrpo") {
+            Some(build::replay(cfg, &invocation_id(cfg), "learner-0").await?)
+        } else {
+            None
+        };
+        let mut critic = None;
+        if has_stage(cfg, "critic") {
+            critic = ensure_critic(cfg, &s, run_dir, progress)?;
+        }
+        let mut report = TrainReport::default();
+        if let Some(replay) = replay {
+            let t = training(cfg, &s, run_dir, Roles::all(cfg, replay.clone()))?;
+            let res = train(t, progress).await;
+            if let Err(e) = replay.purge().await {
+                progress.line(&format!(
+                    "tilt: warning: could not remove the run's Redis keys: {e}"
+                ));
+            }
+            report = res?;
+            if report.stopped_early {
+                progress.line(&format!(
+                    "tilt: stopped at step {} of {}; continue with `tilt resume {}`",
+                    report.steps,
+                    cfg.vrpo.steps,
+                    run_dir.display()
+                ));
+                return Ok(None);
+            }
+        }
+        if !has_stage(cfg, "eval") {
+            return Ok(None);
+        }
+        let summary =
+            off_executor(|| eval::finish(cfg, &s, run_dir, critic, &report, t0, progress))?;
+        Ok(Some(serde_json::to_value(summary)?))
+    }
+
+    async fn worker(&self, run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Result<()> {
+        worker::run_worker(run, role, run_id).await
+    }
+
+    fn render(&self, run_dir: &Path) -> Result<Vec<PathBuf>> {
+        eval::render(run_dir)
+    }
+}

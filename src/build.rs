@@ -1,0 +1,201 @@
+//! Builders: typed config sections -> the components they name (device, schedule, data and
+//! reference model, reward, exact value, policy and critic networks, replay). A new reward, data
+//! kind or model is its file in `tilt-kernels` plus one enum arm in `config` and one arm here.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, Result};
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use tilt_actors::replay::{MemoryReplay, ReplayBuffer};
+use tilt_kernels::critic::{CdfCritic, CdfGrid, MlpEncoder, MlpEncoderConfig};
+use tilt_kernels::denoiser::Denoiser;
+use tilt_kernels::mixture::{AnalyticDenoiser, ExactValue, GaussianMixture};
+use tilt_kernels::models::{MlpConfig, MlpDenoiser, VideoConfig, VideoDenoiser};
+use tilt_kernels::optim::AdamWConfig;
+use tilt_kernels::reward::{LinearReward, QuadraticReward, Reward};
+use tilt_kernels::schedule::{SamplingGrid, VpSchedule};
+
+use crate::config::{
+    Config, CriticConfig, DataConfig, PolicyConfig, RewardConfig, VideoDataConfig,
+};
+use crate::train::Trainable;
+
+/// The device of a role: `role_device` ("" = the top-level `device`). Fails with the key named.
+pub fn device(cfg: &Config, key: &str, role_device: &str) -> Result<Device> {
+    let name = cfg.device_of(role_device);
+    let key = if role_device.is_empty() {
+        "device"
+    } else {
+        key
+    };
+    tilt_kernels::cuda::device(name).map_err(|e| anyhow!("{key} = {name:?}: {e}"))
+}
+
+/// The training-grid noise schedule.
+pub fn schedule(cfg: &Config) -> Result<VpSchedule> {
+    Ok(VpSchedule::linear(
+        cfg.schedule.train_steps,
+        cfg.schedule.beta_start,
+        cfg.schedule.beta_end,
+    )?)
+}
+
+/// The K-step sampling grid.
+pub fn grid(cfg: &Config, schedule: &VpSchedule) -> Result<Arc<SamplingGrid>> {
+    Ok(Arc::new(SamplingGrid::new(
+        schedule,
+        cfg.sampling.steps,
+        cfg.sampling.eta,
+    )?))
+}
+
+/// VRPO's data: its reference model and the shape of one sample. The mixture is kept for the
+/// evaluation's mode weights and the closed-form tilt.
+pub struct VrpoData {
+    pub mixture: GaussianMixture,
+    pub reference: Arc<dyn Denoiser>,
+    pub sample_shape: Vec<usize>,
+}
+
+/// Build the data kind named by `data.kind`.
+pub fn vrpo_data(data: &DataConfig, schedule: &VpSchedule) -> Result<VrpoData> {
+    match data {
+        DataConfig::Mixture2d {
+            weights,
+            means,
+            stds,
+        } => {
+            let mixture = GaussianMixture::new(weights.clone(), means.clone(), stds.clone())
+                .map_err(|e| anyhow!("data: {e}"))?;
+            Ok(VrpoData {
+                sample_shape: vec![mixture.dim()],
+                reference: Arc::new(AnalyticDenoiser {
+                    mixture: mixture.clone(),
+                    schedule: schedule.clone(),
+                }),
+                mixture,
+            })
+        }
+    }
+}
+
+/// The reward named by `reward.kind`.
+pub fn reward(r: &RewardConfig) -> Arc<dyn Reward> {
+    match r {
+        RewardConfig::Linear { a, b } => Arc::new(LinearReward {
+            a: a.clone(),
+            b: *b,
+        }),
+        RewardConfig::Quadratic { center, scale } => Arc::new(QuadraticReward {
+            center: center.clone(),
+            scale: *scale,
+        }),
+    }
+}
+
+/// The exact value V(x, k) where it is known in closed form (a mixture with a linear reward).
+pub fn exact_value(data: &VrpoData, r: &RewardConfig, schedule: &VpSchedule) -> Option<ExactValue> {
+    match r {
+        RewardConfig::Linear { a, b } => Some(ExactValue {
+            mixture: data.mixture.clone(),
+            schedule: schedule.clone(),
+            a: a.clone(),
+            b: *b,
+        }),
+        RewardConfig::Quadratic { .. } => None,
+    }
+}
+
+/// The residual policy network (zero-initialised output: policy == reference at step 0).
+pub fn mlp_policy(
+    p: &PolicyConfig,
+    dim: usize,
+    opt: AdamWConfig,
+    device: &Device,
+) -> Result<Trainable> {
+    let vm = VarMap::new();
+    let res = MlpDenoiser::new(
+        MlpConfig {
+            dim,
+            hidden: p.hidden,
+            depth: p.depth,
+            time_dim: p.time_dim,
+            classes: 0,
+            zero_init_output: true,
+        },
+        VarBuilder::from_varmap(&vm, DType::F32, device),
+    )?;
+    Trainable::new(vm, Arc::new(res), opt)
+}
+
+/// The CDF critic: an MLP encoder of (x_k, k) and the monotone CDF head on `grid`.
+pub fn cdf_critic(
+    c: &CriticConfig,
+    dim: usize,
+    grid: CdfGrid,
+    vm: &VarMap,
+    device: &Device,
+) -> Result<CdfCritic> {
+    let vb = VarBuilder::from_varmap(vm, DType::F32, device);
+    let enc = MlpEncoder::new(
+        MlpEncoderConfig {
+            in_dim: dim,
+            hidden: c.hidden,
+            depth: c.depth,
+            time_dim: c.time_dim,
+            classes: 0,
+        },
+        vb.pp("encoder"),
+    )?;
+    Ok(CdfCritic::new(Box::new(enc), grid, vb.pp("head"))?)
+}
+
+/// The spatio-temporal video denoiser (the DF-DPO reference and the models continued from it).
+pub fn video_model(v: &VideoDataConfig, lr: f64, device: &Device) -> Result<Trainable> {
+    let vm = VarMap::new();
+    let m = VideoDenoiser::new(
+        VideoConfig {
+            frames: v.frames,
+            channels: v.channels,
+            size: v.size,
+            base: v.base,
+            time_dim: v.time_dim,
+            zero_init_output: false,
+        },
+        VarBuilder::from_varmap(&vm, DType::F32, device),
+    )?;
+    Trainable::new(
+        vm,
+        Arc::new(m),
+        AdamWConfig {
+            lr,
+            ..Default::default()
+        },
+    )
+}
+
+/// The replay of a run: in-process, or Redis namespaced by `run_id` (consumer name `consumer`).
+/// TILT_REDIS_URL overrides `replay.url`.
+pub async fn replay(cfg: &Config, run_id: &str, consumer: &str) -> Result<Arc<dyn ReplayBuffer>> {
+    Ok(match cfg.replay.backend.as_str() {
+        "redis" => {
+            let url = redis_url(cfg);
+            Arc::new(
+                tilt_actors::replay_redis::RedisReplay::connect(
+                    &url,
+                    run_id,
+                    consumer,
+                    cfg.replay.clone(),
+                )
+                .await?,
+            )
+        }
+        _ => Arc::new(MemoryReplay::new(cfg.replay.clone())?),
+    })
+}
+
+/// The Redis URL: TILT_REDIS_URL, else `replay.url`.
+pub fn redis_url(cfg: &Config) -> String {
+    std::env::var("TILT_REDIS_URL").unwrap_or_else(|_| cfg.replay.url.clone())
+}
