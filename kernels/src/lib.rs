@@ -4,6 +4,7 @@
 
 pub mod clip_metrics;
 pub mod critic;
+pub mod critic_train;
 pub mod cuda;
 pub mod denoiser;
 pub mod dfdpo;
