@@ -746,6 +746,24 @@ impl ValueCritic for CdfCritic {
     }
 }
 
+/// A critic that predicts the CDF of the final reward on a grid as well as V: what the held-out
+/// report scores (CRPS, CE, top-k, calibration) next to the value. Implemented by `CdfCritic`.
+pub trait DistributionalCritic: ValueCritic {
+    /// The reward grid c_1 < ... < c_M the CDF is predicted on.
+    fn grid(&self) -> &CdfGrid;
+    /// F(c_m | x, n): [batch, M], nondecreasing in m. `x`: [batch, ...]; `n`: [batch] f32.
+    fn cdf(&self, x: &Tensor, n: &Tensor, cond: Option<&Tensor>) -> Result<Tensor>;
+}
+
+impl DistributionalCritic for CdfCritic {
+    fn grid(&self) -> &CdfGrid {
+        CdfCritic::grid(self)
+    }
+    fn cdf(&self, x: &Tensor, n: &Tensor, cond: Option<&Tensor>) -> Result<Tensor> {
+        CdfCritic::cdf(self, x, n, cond)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

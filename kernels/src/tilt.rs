@@ -1,6 +1,8 @@
 //! The tilted-target estimator: from N reference samples and their rewards, the self-normalised
 //! importance weights w_i proportional to exp(lambda r_i), the weighted mean reward and the effective
-//! sample size. This is the ground truth a tuned policy is compared against, for any reference.
+//! sample size. This is the ground truth a tuned policy is compared against, for any reference;
+//! with it, systematic resampling (target-distributed samples for plots) and the share of the
+//! reference-to-target gap a policy closed.
 
 /// Self-normalised estimate of p_ref exp(lambda r) from reference samples.
 #[derive(Debug, Clone)]
@@ -43,6 +45,39 @@ pub fn weighted_mean(values: &[f64], weights: &[f64]) -> f64 {
     values.iter().zip(weights).map(|(v, w)| v * w).sum()
 }
 
+/// Indices of `n` draws by systematic resampling of normalised `weights`, with offset `u` in [0, 1):
+/// draw j takes the first index i whose cumulative weight w_0 + ... + w_i reaches (j + u) / n (the
+/// last index if rounding leaves the total short of 1). One uniform for all draws, so index i is
+/// drawn floor or ceil of n w_i times. Empty `weights` give no indices.
+pub fn systematic_resample(weights: &[f64], n: usize, u: f64) -> Vec<usize> {
+    let Some(&first) = weights.first() else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(n);
+    let (mut acc, mut i) = (first, 0);
+    for j in 0..n {
+        let t = (j as f64 + u) / n as f64;
+        while acc < t && i + 1 < weights.len() {
+            i += 1;
+            acc += weights[i];
+        }
+        out.push(i);
+    }
+    out
+}
+
+/// Share of the reference-to-target gap in mean reward a policy has closed:
+/// (mean - reference) / (target - reference); 0 at the reference, 1 at the target. NaN when
+/// |target - reference| <= 1e-12 (no gap to close).
+pub fn gap_closed(mean: f64, reference: f64, target: f64) -> f64 {
+    let denom = target - reference;
+    if denom.abs() > 1e-12 {
+        (mean - reference) / denom
+    } else {
+        f64::NAN
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +113,42 @@ mod tests {
             "{} vs {want_ess}",
             e.ess
         );
+    }
+
+    #[test]
+    fn systematic_resample_hand_cases() {
+        // Cumulative (0.1, 0.3, 0.6, 1.0), targets (j + 0.5) / 4 = .125, .375, .625, .875:
+        // .125 -> 1 (0.1 < .125 <= 0.3), .375 -> 2, .625 -> 3, .875 -> 3.
+        assert_eq!(
+            systematic_resample(&[0.1, 0.2, 0.3, 0.4], 4, 0.5),
+            vec![1, 2, 3, 3]
+        );
+        // A zero weight is never drawn: cumulative (.5, .5, 1) -> 0, 0, 2, 2.
+        assert_eq!(
+            systematic_resample(&[0.5, 0.0, 0.5], 4, 0.5),
+            vec![0, 0, 2, 2]
+        );
+        // u = 0: targets 0, 1/3, 2/3; cumulative (1/3, 2/3, 1) reached exactly -> 0, 0, 1.
+        // (acc < t is strict, so a target equal to a cumulative weight stays on that index.)
+        let third = 1.0 / 3.0;
+        assert_eq!(
+            systematic_resample(&[third, third, third], 3, 0.0),
+            vec![0, 0, 1]
+        );
+        // Weights summing to a little less than 1: the last index absorbs the shortfall.
+        assert_eq!(systematic_resample(&[0.5, 0.49], 2, 0.99), vec![0, 1]);
+        assert!(systematic_resample(&[], 3, 0.5).is_empty());
+        assert!(systematic_resample(&[1.0], 0, 0.5).is_empty());
+    }
+
+    #[test]
+    fn gap_closed_hand_cases() {
+        // Reference 1, target 3: a policy at 2 closed half the gap, at 3 all of it, at 0 minus half.
+        assert_eq!(gap_closed(2.0, 1.0, 3.0), 0.5);
+        assert_eq!(gap_closed(3.0, 1.0, 3.0), 1.0);
+        assert_eq!(gap_closed(0.0, 1.0, 3.0), -0.5);
+        // No gap (|target - reference| <= 1e-12): NaN, not an infinity.
+        assert!(gap_closed(2.0, 1.0, 1.0 + 1e-13).is_nan());
+        assert!(gap_closed(2.0, 1.0, 1.0).is_nan());
     }
 }
