@@ -8,8 +8,8 @@ use rand::Rng;
 
 use crate::denoiser::Denoiser;
 use crate::losses::diffusion_dpo_loss;
-use crate::optim::grads_in_order;
-use crate::rng::randn;
+use crate::optim::{grads_in_order, AdamW};
+use crate::rng::{randn, rng_for};
 use crate::schedule::VpSchedule;
 use crate::{KernelError, Result};
 
@@ -112,6 +112,42 @@ pub fn denoise_grads(
     Ok((grads_in_order(vars, &grads), loss.to_scalar::<f32>()?))
 }
 
+/// Pretrain a denoiser on clean data `data` [N, ...] with the plain denoising loss: `steps` AdamW
+/// steps on batches of `batch` rows drawn uniformly with replacement, step t drawing its rows,
+/// timesteps and noise from `rng_for(seed, 20, t)`. `progress(step, loss)` is called after every
+/// step (1-based). Returns the last loss.
+#[allow(clippy::too_many_arguments)]
+pub fn pretrain_denoiser(
+    model: &dyn Denoiser,
+    opt: &mut AdamW,
+    schedule: &VpSchedule,
+    data: &Tensor,
+    steps: u64,
+    batch: usize,
+    seed: u64,
+    progress: &mut dyn FnMut(u64, f32),
+) -> Result<f32> {
+    let n = data.dim(0)?;
+    if n == 0 || batch == 0 {
+        return Err(KernelError::param(
+            "pretrain",
+            format!("{n} rows, batch {batch}"),
+            "need at least one row and a batch of at least 1",
+        ));
+    }
+    let mut last = f32::NAN;
+    for step in 0..steps {
+        let mut rng = rng_for(seed, 20, step);
+        let idx: Vec<u32> = (0..batch).map(|_| rng.random_range(0..n as u32)).collect();
+        let x0 = data.index_select(&Tensor::new(idx.as_slice(), data.device())?, 0)?;
+        let (g, loss) = denoise_grads(model, opt.vars(), schedule, &x0, &mut rng)?;
+        opt.step_with(&g)?;
+        last = loss;
+        progress(step + 1, loss);
+    }
+    Ok(last)
+}
+
 /// What a DF-DPO step reports.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DfDpoStats {
@@ -174,7 +210,7 @@ pub fn dfdpo_grads(
 mod tests {
     use super::*;
     use crate::models::{MlpConfig, MlpDenoiser};
-    use crate::optim::{AdamW, AdamWConfig};
+    use crate::optim::AdamWConfig;
     use crate::rng::rng_for;
     use candle_core::{DType, Device};
     use candle_nn::{VarBuilder, VarMap};
@@ -371,5 +407,51 @@ mod tests {
         }
         let after = eval(&m, &opt);
         assert!(after < 0.6 * before, "{before} -> {after}");
+    }
+
+    #[test]
+    fn pretrain_denoiser_lowers_the_loss_and_reports_every_step() {
+        // The same two-point data as above, through the pretraining loop: every step is reported
+        // once, in order, and the held-out denoising loss drops below 0.6x its start.
+        let d = Device::Cpu;
+        let s = VpSchedule::ddpm_default();
+        let vm = VarMap::new();
+        let m = net(&vm);
+        let mut opt = opt_for(&vm, 3e-3);
+        let sign = randn(&mut rng_for(7, 0, 0), (256, 1), &d)
+            .unwrap()
+            .ge(0f32)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .affine(2.0, -1.0)
+            .unwrap();
+        let data = sign.broadcast_as((256, 4)).unwrap().contiguous().unwrap();
+        let held_out = |m: &MlpDenoiser, opt: &AdamW| {
+            (0..5)
+                .map(|i| {
+                    denoise_grads(m, opt.vars(), &s, &data, &mut rng_for(8, 0, i))
+                        .unwrap()
+                        .1
+                })
+                .sum::<f32>()
+                / 5.0
+        };
+        let before = held_out(&m, &opt);
+        let mut seen = vec![];
+        let last = pretrain_denoiser(&m, &mut opt, &s, &data, 300, 128, 3, &mut |st, l| {
+            seen.push((st, l))
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 300);
+        assert!(seen
+            .iter()
+            .enumerate()
+            .all(|(i, (st, _))| *st == i as u64 + 1));
+        assert_eq!(seen[299].1, last);
+        let after = held_out(&m, &opt);
+        assert!(after < 0.6 * before, "{before} -> {after}");
+        let empty = Tensor::zeros((0, 4), DType::F32, &d).unwrap();
+        assert!(pretrain_denoiser(&m, &mut opt, &s, &empty, 1, 8, 0, &mut |_, _| {}).is_err());
     }
 }

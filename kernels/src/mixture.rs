@@ -187,6 +187,21 @@ impl GaussianMixture {
         )
     }
 
+    /// The mean of the linear reward a.x + b under this mixture: sum_i w_i a.mu_i + b.
+    pub fn linear_reward_mean(&self, a: &[f64], b: f64) -> f64 {
+        (0..self.components())
+            .map(|i| {
+                self.weights[i]
+                    * self.means[i]
+                        .iter()
+                        .zip(a)
+                        .map(|(m, aj)| m * aj)
+                        .sum::<f64>()
+            })
+            .sum::<f64>()
+            + b
+    }
+
     /// Exact V(x, abar) = log E[exp(lambda a.x_0) | x_n = x] for the linear reward a.x. The
     /// posterior of x_0 is a mixture with responsibilities r_i(x), means
     /// m_i = mu_i + (sqrt(abar) s_i^2 / v_i)(x - sqrt(abar) mu_i) and variances p_i = s_i^2 (1 - abar) / v_i,
@@ -446,5 +461,18 @@ mod tests {
             "{mc} vs {}",
             prior.exp()
         );
+    }
+
+    #[test]
+    fn linear_reward_mean_hand_value() {
+        // weights .5/.5, means (1, 2) and (-3, 0): a = (2, 1), b = 0.5
+        // -> .5 (2 + 2) + .5 (-6 + 0) + .5 = 2 - 3 + .5 = -0.5
+        let m = GaussianMixture::new(
+            vec![0.5, 0.5],
+            vec![vec![1.0, 2.0], vec![-3.0, 0.0]],
+            vec![1.0, 1.0],
+        )
+        .unwrap();
+        assert!((m.linear_reward_mean(&[2.0, 1.0], 0.5) + 0.5).abs() < 1e-12);
     }
 }

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use candle_core::{Device, Tensor, Var};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tilt_actors::checkpoint::{latest_checkpoint, load_checkpoint};
 use tilt_actors::codec::records_to_clip_pairs;
@@ -21,7 +20,7 @@ use tilt_actors::distortion::DistortionSource;
 use tilt_actors::objective::{Objective, StepStats};
 use tilt_actors::replay::{MemoryReplay, Record};
 use tilt_kernels::denoiser::{load_weights, save_weights, Denoiser};
-use tilt_kernels::dfdpo::{denoise_grads, dfdpo_grads, DataScale};
+use tilt_kernels::dfdpo::{denoise_grads, dfdpo_grads, pretrain_denoiser, DataScale};
 use tilt_kernels::distort::{Curriculum, Distortion};
 use tilt_kernels::logprob::sample_chain_clipped;
 use tilt_kernels::rng::{randn, rng_for};
@@ -222,28 +221,28 @@ fn pretrain(
         model,
         mut opt,
     } = build::video_model(&cfg.video, cfg.pretrain.lr, device)?;
-    let clips = &scale.to_model(&clips.to_device(device)?)?;
-    let n = clips.dim(0)?;
+    let clips = scale.to_model(&clips.to_device(device)?)?;
     let t0 = Instant::now();
     let mut last = Instant::now();
-    for step in 0..cfg.pretrain.steps {
-        let mut rng = rng_for(cfg.seed, 20, step);
-        let idx: Vec<u32> = (0..cfg.pretrain.batch)
-            .map(|_| rng.random_range(0..n as u32))
-            .collect();
-        let x0 = clips.index_select(&Tensor::new(idx.as_slice(), device)?, 0)?;
-        let (g, loss) = denoise_grads(model.as_ref(), opt.vars(), schedule, &x0, &mut rng)?;
-        opt.step_with(&g)?;
-        if last.elapsed() > Duration::from_secs(3) || step + 1 == cfg.pretrain.steps {
-            last = Instant::now();
-            progress.line(&format!(
-                "[pretrain] step {}/{} loss {loss:.4} ({:.0}s)",
-                step + 1,
-                cfg.pretrain.steps,
-                t0.elapsed().as_secs_f64()
-            ));
-        }
-    }
+    let total = cfg.pretrain.steps;
+    pretrain_denoiser(
+        model.as_ref(),
+        &mut opt,
+        schedule,
+        &clips,
+        total,
+        cfg.pretrain.batch,
+        cfg.seed,
+        &mut |step, loss| {
+            if last.elapsed() > Duration::from_secs(3) || step == total {
+                last = Instant::now();
+                progress.line(&format!(
+                    "[pretrain] step {step}/{total} loss {loss:.4} ({:.0}s)",
+                    t0.elapsed().as_secs_f64()
+                ));
+            }
+        },
+    )?;
     save_weights(&vm, file)?;
     Ok(())
 }

@@ -7,17 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
-use tilt_kernels::critic::{
-    critic_loss, cross_entropy, crps_loss, topk_accuracy, CdfGrid, ValueCritic, DEFAULT_EPS,
+use tilt_kernels::critic::{CdfGrid, CriticLoss, ValueCritic};
+use tilt_kernels::critic_train::{
+    critic_held_out, reward_grid_range, roll_reference_states, train_critic, CriticTrainConfig,
+    ROLLOUT_STREAM,
 };
-use tilt_kernels::denoiser::{load_weights, save_weights, timesteps};
-use tilt_kernels::logprob::sample_chain;
-use tilt_kernels::optim::{AdamW, AdamWConfig};
-use tilt_kernels::rng::{randn, rng_for};
+use tilt_kernels::denoiser::{load_weights, save_weights};
+use tilt_kernels::rng::rng_for;
 
 use super::Setup;
 use crate::build;
@@ -49,167 +47,94 @@ pub fn critic_files(run_dir: &Path) -> (PathBuf, PathBuf) {
     )
 }
 
-/// Stage 1: roll reference chains, train the CDF critic on (x_k, k, r(x_0)), report on held-out chains.
+/// Stage 1: roll reference chains, train the CDF critic on (x_k, k, r(x_0)), report on held-out
+/// chains (10% of them). The math is `tilt_kernels::critic_train`; this wires it to the config,
+/// the run directory and the progress output.
 pub fn stage_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<CriticReport> {
     let t0 = Instant::now();
-    let k = s.grid.len();
     let n = cfg.critic.rollouts;
-    let d = s.dim();
-    eprintln!("[critic] rolling {n} reference chains of {k} steps");
-    // states[k][chain] for k = K..=0, each [n, D].
-    let mut rng = rng_for(cfg.seed, 1, 0);
-    let mut x = randn(&mut rng, (n, d), &s.critic_device)?;
-    let mut states: Vec<Tensor> = vec![Tensor::zeros((n, d), DType::F32, &s.critic_device)?; k + 1];
-    states[k] = x.clone();
-    for kk in (1..=k).rev() {
-        x = sample_chain(
-            s.data.reference.as_ref(),
-            &s.grid,
-            &x,
-            kk,
-            kk - 1,
-            None,
-            &mut rng,
-        )?;
-        states[kk - 1] = x.clone();
-    }
-    let y = s.reward.reward(&states[0])?; // [n]
-    let yv = y.to_vec1::<f32>()?;
-    let (lo, hi) = if cfg.critic.grid.len() == 2 {
-        (cfg.critic.grid[0], cfg.critic.grid[1])
-    } else {
-        let mn = yv.iter().cloned().fold(f32::INFINITY, f32::min) as f64;
-        let mx = yv.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let m = 0.05 * (mx - mn).max(1e-3);
-        (mn - m, mx + m)
-    };
+    eprintln!(
+        "[critic] rolling {n} reference chains of {} steps",
+        s.grid.len()
+    );
+    let mut rng = rng_for(cfg.seed, ROLLOUT_STREAM, 0);
+    let states = roll_reference_states(
+        s.data.reference.as_ref(),
+        &s.grid,
+        n,
+        &s.data.sample_shape,
+        &mut rng,
+        &s.critic_device,
+    )?;
+    let y = s.reward.reward(&states[0])?.to_vec1::<f32>()?; // [n]
+    let fixed = (cfg.critic.grid.len() == 2).then(|| (cfg.critic.grid[0], cfg.critic.grid[1]));
+    let (lo, hi) = reward_grid_range(&y, fixed);
     let grid = CdfGrid::uniform(lo, hi, cfg.critic.bins)?;
     let n_train = (n * 9 / 10).max(1);
     let vm = VarMap::new();
-    let critic = build::cdf_critic(&cfg.critic, d, grid.clone(), &vm, &s.critic_device)?;
+    let critic = build::cdf_critic(&cfg.critic, s.dim(), grid, &vm, &s.critic_device)?;
     let vars = vm
         .data()
         .lock()
-        .map_err(|_| anyhow!("lock"))?
+        .map_err(|_| anyhow!("critic varmap lock poisoned"))?
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let mut opt = AdamW::new(
-        vars,
-        AdamWConfig {
-            lr: cfg.critic.lr,
-            ..Default::default()
-        },
-    )?;
-    // Flatten the training split into rows (k in 1..=K): x [K*n_train, D], n-index, y.
-    let train_x = Tensor::cat(
-        &(1..=k)
-            .map(|kk| states[kk].narrow(0, 0, n_train))
-            .collect::<candle_core::Result<Vec<_>>>()?,
-        0,
-    )?;
-    let train_n: Vec<f32> = (1..=k)
-        .flat_map(|kk| std::iter::repeat_n(s.grid.n_of_k[kk] as f32, n_train))
-        .collect();
-    let train_y: Vec<f32> = (1..=k)
-        .flat_map(|_| yv[..n_train].iter().cloned())
-        .collect();
-    let rows = train_x.dim(0)?;
+    let train_cfg = CriticTrainConfig {
+        steps: cfg.critic.train_steps,
+        batch: cfg.critic.batch,
+        lr: cfg.critic.lr,
+        loss: cfg.critic.loss,
+        seed: cfg.seed,
+    };
     let mut last = Instant::now();
-    let mut brng = rng_for(cfg.seed, 2, 0);
-    for step in 0..cfg.critic.train_steps {
-        let idx: Vec<u32> = (0..cfg.critic.batch)
-            .map(|_| brng.random_range(0..rows as u32))
-            .collect();
-        let idx_t = Tensor::from_vec(idx.clone(), idx.len(), &s.critic_device)?;
-        let xb = train_x.index_select(&idx_t, 0)?;
-        let nb = Tensor::from_vec(
-            idx.iter().map(|&i| train_n[i as usize]).collect::<Vec<_>>(),
-            idx.len(),
-            &s.critic_device,
-        )?;
-        let yb = Tensor::from_vec(
-            idx.iter().map(|&i| train_y[i as usize]).collect::<Vec<_>>(),
-            idx.len(),
-            &s.critic_device,
-        )?;
-        let f = critic.cdf(&xb, &nb, None)?;
-        let loss = critic_loss(&f, &yb, &grid, &cfg.critic.loss, DEFAULT_EPS)?;
-        let grads = loss.total.backward()?;
-        opt.step(&grads)?;
-        if last.elapsed() > Duration::from_secs(3) || step + 1 == cfg.critic.train_steps {
+    let mut report_progress = |step: usize, total: usize, loss: &CriticLoss| {
+        if last.elapsed() > Duration::from_secs(3) || step == total {
             last = Instant::now();
-            let el = t0.elapsed().as_secs_f64();
             eprintln!(
-                "[critic] step {}/{} loss {:.4} ({:.0}s)",
-                step + 1,
-                cfg.critic.train_steps,
+                "[critic] step {step}/{total} loss {:.4} ({:.0}s)",
                 loss.total.to_scalar::<f32>()?,
-                el
+                t0.elapsed().as_secs_f64()
             );
         }
-    }
+        Ok(())
+    };
+    train_critic(
+        &critic,
+        vars,
+        &states,
+        n_train,
+        &y,
+        &s.grid,
+        &train_cfg,
+        &mut report_progress,
+    )?;
     let (wfile, jfile) = critic_files(run_dir);
     save_weights(&vm, &wfile)?;
-    // Held-out report over every k of the held-out chains.
-    let n_test = n - n_train;
     let mut report = CriticReport {
         kind: format!("{:?}", cfg.critic.kind).to_lowercase(),
         grid: vec![lo, hi],
         bins: cfg.critic.bins,
         ..Default::default()
     };
-    if n_test > 0 {
-        let (mut crps, mut ce, mut t1, mut t3) = (0.0, 0.0, 0.0, 0.0);
-        let mut calib: Vec<(f64, bool)> = Vec::new();
-        let yt = y.narrow(0, n_train, n_test)?;
-        let exact = s.exact.as_deref();
-        let (mut se, mut cnt, mut agree, mut pairs) = (0.0, 0usize, 0usize, 0usize);
-        for (kk, state) in states.iter().enumerate().skip(1) {
-            let xt = state.narrow(0, n_train, n_test)?;
-            let nt = timesteps(s.grid.n_of_k[kk], n_test, &s.critic_device)?;
-            let f = critic.cdf(&xt, &nt, None)?;
-            crps += crps_loss(&f, &yt, &grid)?.to_scalar::<f32>()? as f64;
-            if kk % (k / 4).max(1) == 0 {
-                // Calibration pairs (F(c_m | x_k), 1{r <= c_m}) for the report's reliability plot.
-                let fv = f.to_vec2::<f32>()?;
-                let yv = yt.to_vec1::<f32>()?;
-                for (row, yi) in fv.iter().zip(&yv).take(100) {
-                    for (m, fm) in row.iter().enumerate().step_by(5) {
-                        calib.push((*fm as f64, (*yi as f64) <= grid.c[m]));
-                    }
-                }
-            }
-            ce += cross_entropy(&f, &yt, &grid, DEFAULT_EPS)?;
-            t1 += topk_accuracy(&f, &yt, &grid, 1)?;
-            t3 += topk_accuracy(&f, &yt, &grid, 3)?;
-            if let Some(ex) = &exact {
-                let vl = ValueCritic::value(&critic, &xt, &nt, None, cfg.vrpo.lambda)?
-                    .to_vec1::<f32>()?;
-                let ve = ex
-                    .value(&xt, &nt, None, cfg.vrpo.lambda)?
-                    .to_vec1::<f32>()?;
-                for i in 0..n_test {
-                    se += ((vl[i] - ve[i]) as f64).powi(2);
-                    cnt += 1;
-                    let j = (i + 1) % n_test;
-                    if ve[i] != ve[j] {
-                        pairs += 1;
-                        agree += usize::from((vl[i] > vl[j]) == (ve[i] > ve[j]));
-                    }
-                }
-            }
-        }
-        let kf = k as f64;
-        report.crps = crps / kf;
-        report.ce = ce / kf;
-        report.top1 = t1 / kf;
-        report.top3 = t3 / kf;
-        write_json(&run_dir.join("calibration.json"), &calib)?;
-        if cnt > 0 {
-            report.value_rmse_vs_exact = Some((se / cnt as f64).sqrt());
-            report.order_agreement_vs_exact = Some(agree as f64 / pairs.max(1) as f64);
-        }
+    if n > n_train {
+        let exact = s.exact.as_deref().map(|e| e as &dyn ValueCritic);
+        let h = critic_held_out(
+            &critic,
+            exact,
+            &states,
+            &y,
+            n_train,
+            &s.grid,
+            cfg.vrpo.lambda,
+        )?;
+        write_json(&run_dir.join("calibration.json"), &h.calibration)?;
+        report.crps = h.crps;
+        report.ce = h.ce;
+        report.top1 = h.top1;
+        report.top3 = h.top3;
+        report.value_rmse_vs_exact = h.value_rmse_vs_exact;
+        report.order_agreement_vs_exact = h.order_agreement_vs_exact;
     }
     report.train_s = t0.elapsed().as_secs_f64();
     write_json(&jfile, &report)?;

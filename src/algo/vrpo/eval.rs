@@ -12,7 +12,7 @@ use tilt_kernels::denoiser::ResidualPolicy;
 use tilt_kernels::logprob::sample_chain;
 use tilt_kernels::reward::Reward;
 use tilt_kernels::rng::{randn, rng_for};
-use tilt_kernels::tilt::tilted_target;
+use tilt_kernels::tilt::{gap_closed, systematic_resample, tilted_target};
 
 use super::critic::CriticReport;
 use super::{build_policy, Setup};
@@ -72,11 +72,7 @@ pub fn stage_eval(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<EvalReport>
     };
     if let RewardConfig::Linear { a, b } = &cfg.reward {
         let t = s.data.mixture.tilted_linear(cfg.vrpo.lambda, a)?;
-        let mean: f64 = (0..t.components())
-            .map(|i| t.weights[i] * t.means[i].iter().zip(a).map(|(m, a)| m * a).sum::<f64>())
-            .sum::<f64>()
-            + b;
-        rep.reward_mean_closed_form = Some(mean);
+        rep.reward_mean_closed_form = Some(t.linear_reward_mean(a, *b));
         // Mode weights as `assign` would see exact samples of the tilted mixture.
         let (xt, _) = t.sample(
             cfg.eval.target_samples,
@@ -121,16 +117,11 @@ pub fn stage_eval(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<EvalReport>
         let p0 = sample_chain(&policy, &s.grid, &xk, k, 0, None, &mut prng)?;
         let rp = rewards_f64(s.reward.as_ref(), &p0)?;
         let mean = rp.iter().sum::<f64>() / rp.len() as f64;
-        let denom = rep.reward_mean_target - rep.reward_mean_ref;
         let point = EvalPoint {
             step,
             reward_mean_policy: mean,
             mode_weights_policy: s.data.mixture.mode_weights(&p0, None)?,
-            gap_closed: if denom.abs() > 1e-12 {
-                (mean - rep.reward_mean_ref) / denom
-            } else {
-                f64::NAN
-            },
+            gap_closed: gap_closed(mean, rep.reward_mean_ref, rep.reward_mean_target),
         };
         eprintln!(
             "[eval] step {step}: reward {:.4} (ref {:.4}, target {:.4}), gap closed {:.3}, modes {:?} (target {:?})",
@@ -157,21 +148,6 @@ pub struct PlotSamples {
     pub reference: Vec<(f64, f64)>,
     pub target: Vec<(f64, f64)>,
     pub policy: Vec<(f64, f64)>,
-}
-
-/// Indices drawn by systematic resampling of normalised `weights` (offset u in [0, 1)).
-pub fn systematic_resample(weights: &[f64], n: usize, u: f64) -> Vec<usize> {
-    let mut out = Vec::with_capacity(n);
-    let (mut acc, mut i) = (weights.first().copied().unwrap_or(0.0), 0);
-    for j in 0..n {
-        let t = (j as f64 + u) / n as f64;
-        while acc < t && i + 1 < weights.len() {
-            i += 1;
-            acc += weights[i];
-        }
-        out.push(i);
-    }
-    out
 }
 
 /// Round for display.
