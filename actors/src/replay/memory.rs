@@ -17,8 +17,9 @@ use crate::{ActorError, Result};
 
 /// The in-process, bounded replay backend.
 ///
-/// **Rate limiter.** Reverb's `SampleToInsertRatio(samples_per_insert, min_size_to_sample,
-/// error_buffer)`, blocking rather than dropping, with samples counted in records. With
+/// **Rate limiter.** [`RateLimiter`]: Reverb's `SampleToInsertRatio(samples_per_insert,
+/// min_size_to_sample, error_buffer)`, blocking rather than dropping, with samples counted in
+/// records (the same definition the redis backend evaluates in Lua). With
 /// `spi = samples_per_insert`,
 /// `min_diff = min_size * spi - error_buffer` and `max_diff = min_size * spi + error_buffer`:
 /// - an insert may proceed iff `(inserts + 1) * spi - samples <= max_diff`, else it waits;
@@ -285,16 +286,7 @@ impl ReplayBuffer for MemoryReplay {
         if n == 0 {
             return Ok(Some(Vec::new()));
         }
-        let spi = self.cfg.samples_per_insert;
-        if spi > 0.0 && n as f64 + spi > 2.0 * self.cfg.error_buffer {
-            return Err(ActorError::Replay(format!(
-                "a sample of {n} records with replay.samples_per_insert = {spi} needs \
-                 replay.error_buffer >= {} (it is {}); otherwise inserts and samples can block \
-                 each other forever",
-                (n as f64 + spi) / 2.0,
-                self.cfg.error_buffer
-            )));
-        }
+        self.limiter.check_batch(n).map_err(ActorError::Replay)?;
         // `None` = no deadline (a timeout too large to add to now).
         let deadline = Instant::now().checked_add(timeout);
         loop {

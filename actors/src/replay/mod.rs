@@ -14,6 +14,7 @@ pub mod memory;
 pub mod record;
 pub mod redis;
 
+pub use limiter::RateLimiter;
 pub use memory::MemoryReplay;
 pub use record::{payload_to_tensors, tensors_to_payload, Record};
 

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::replay::limiter::{LuaBounds, RateLimiter};
 use crate::replay::{Record, ReplayBuffer, ReplayConfig, ReplayStats};
 use crate::{ActorError, Result};
 
@@ -93,10 +94,11 @@ impl Default for RedisOptions {
 /// when the ratio limiter is off. With `U` fixed, sampled = `U` x retired + uses spent on held
 /// records, so the limiter's budget equals the uses left in the stream: a fractional ratio, or
 /// `U` below or above it, would let inserts (blocked by capacity) and samples (blocked by the
-/// ratio) wait for each other forever. The limiter is the memory backend's Reverb formula on
-/// run-wide counters, checked and updated atomically in Lua: an insert passes iff the stream is
-/// not full and `(inserts + 1) * spi - samples <= max_diff`; a sample of `m` hand-outs iff
-/// `inserts >= min_size` and `inserts * spi - (samples + m) >= min_diff`. The uses spent per
+/// ratio) wait for each other forever. The limiter is the memory backend's [`RateLimiter`] on
+/// run-wide counters, checked and updated atomically in Lua by its transcription
+/// ([`limiter::LUA`](crate::replay::limiter::LUA), on the bounds it computes): an insert passes
+/// iff the stream is not full and `(inserts + 1) * spi - samples <= max_diff`; a sample of `m`
+/// hand-outs iff `inserts >= min_size` and `inserts * spi - (samples + m) >= min_diff`. The uses spent per
 /// entry are counted in Redis too, so a record taken over from a dead consumer resumes with the
 /// uses it has left (and one uncounted use if it had none: at-least-once). Besides the memory
 /// backend's `n + spi <= 2 * error_buffer`, a call needs `n + min_diff <= capacity`, else a full
@@ -182,8 +184,9 @@ struct Inner {
     opts: RedisOptions,
     /// Hand-outs per record (see the type's docs).
     uses: u32,
-    min_diff: f64,
-    max_diff: f64,
+    /// The rate limiter (its decisions run in Lua, on `bounds`; see `limiter::LUA`).
+    limiter: RateLimiter,
+    bounds: LuaBounds,
     /// `host:port` (or socket path) for messages; never the password.
     addr: String,
     /// Strings to scrub from error texts (the password, raw and decoded).
@@ -327,7 +330,7 @@ impl RedisReplay {
             .map_err(connect_err)?;
 
         let salt: u64 = rand::rng().random();
-        let offset = cfg.min_size as f64 * cfg.samples_per_insert;
+        let limiter = RateLimiter::new(&cfg);
         let local = Local {
             slots: BTreeMap::new(),
             by_key: HashMap::new(),
@@ -340,8 +343,8 @@ impl RedisReplay {
         };
         let inner = Arc::new(Inner {
             uses,
-            min_diff: offset - cfg.error_buffer,
-            max_diff: offset + cfg.error_buffer,
+            limiter,
+            bounds: limiter.lua_bounds(),
             cfg,
             opts,
             addr,

@@ -143,9 +143,9 @@ impl Inner {
                     .key(&self.keys.samples)
                     .key(&self.keys.uses)
                     .key(&nonce)
-                    .arg(self.cfg.min_size)
-                    .arg(self.cfg.samples_per_insert.to_string())
-                    .arg(self.min_diff.to_string())
+                    .arg(&self.bounds.min_size)
+                    .arg(&self.bounds.spi)
+                    .arg(&self.bounds.min_diff)
                     .arg(counted)
                     .arg(NONCE_TTL_MS)
                     .arg(&ids);
@@ -187,22 +187,15 @@ impl Inner {
     }
 
     pub(super) fn check_batch(&self, n: usize) -> Result<()> {
+        self.limiter.check_batch(n).map_err(ActorError::Replay)?;
         let spi = self.cfg.samples_per_insert;
-        if spi > 0.0 && n as f64 + spi > 2.0 * self.cfg.error_buffer {
-            return Err(ActorError::Replay(format!(
-                "a sample of {n} records with replay.samples_per_insert = {spi} needs \
-                 replay.error_buffer >= {} (it is {}); otherwise inserts and samples can block \
-                 each other forever",
-                (n as f64 + spi) / 2.0,
-                self.cfg.error_buffer
-            )));
-        }
-        if spi > 0.0 && n as f64 + self.min_diff > self.cfg.capacity as f64 {
+        let min_diff = self.limiter.min_diff();
+        if spi > 0.0 && n as f64 + min_diff > self.cfg.capacity as f64 {
             return Err(ActorError::Replay(format!(
                 "a sample of {n} records needs replay.capacity >= {} with the redis backend \
                  (n + min_size * samples_per_insert - error_buffer; it is {}): a full stream \
                  could hold fewer uses than the sample waits for",
-                n as f64 + self.min_diff,
+                n as f64 + min_diff,
                 self.cfg.capacity
             )));
         }
@@ -291,8 +284,8 @@ impl Inner {
                         .arg(&producer)
                         .arg(&seq)
                         .arg(self.cfg.capacity)
-                        .arg(self.cfg.samples_per_insert.to_string())
-                        .arg(self.max_diff.to_string());
+                        .arg(&self.bounds.spi)
+                        .arg(&self.bounds.max_diff);
                     async move { inv.invoke_async(&mut c).await }
                 })
                 .await,

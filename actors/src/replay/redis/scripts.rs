@@ -3,10 +3,12 @@
 
 use redis::Script;
 
+use crate::replay::limiter;
+
 /// Insert one record unless the stream is full, the ratio limiter forbids it, or it repeats the
-/// producer's last inserted key (a retry of an insert whose reply was lost).
-/// KEYS: stream, inserts, samples, last-seq hash. ARGV: payload, producer, seq, capacity, spi,
-/// max_diff. Returns {status, stream length}.
+/// producer's last inserted key (a retry of an insert whose reply was lost). Runs after
+/// [`limiter::LUA`]. KEYS: stream, inserts, samples, last-seq hash. ARGV: payload, producer, seq,
+/// capacity, then [`limiter::LuaBounds`]' spi and max_diff. Returns {status, stream length}.
 const INSERT_LUA: &str = r"
 if redis.call('HGET', KEYS[4], ARGV[2]) == ARGV[3] then
   return {'dup', redis.call('XLEN', KEYS[1])}
@@ -17,7 +19,7 @@ local spi = tonumber(ARGV[5])
 if spi > 0 then
   local ins = tonumber(redis.call('GET', KEYS[2]) or '0')
   local smp = tonumber(redis.call('GET', KEYS[3]) or '0')
-  if (ins + 1) * spi - smp > tonumber(ARGV[6]) then return {'limit', len} end
+  if not can_insert(ins, smp, spi, tonumber(ARGV[6])) then return {'limit', len} end
 end
 redis.call('XADD', KEYS[1], '*', 'r', ARGV[1])
 redis.call('INCR', KEYS[2])
@@ -25,18 +27,19 @@ redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
 return {'ok', len + 1}
 ";
 
-/// Reserve `counted` samples if the limiter allows, and count one hand-out per listed entry.
-/// KEYS: inserts, samples, uses hash, nonce. ARGV: min_size, spi, min_diff, counted, nonce ttl
-/// (ms), entry ids (one per hand-out). Returns {granted 0/1, inserts, samples} (-1 = replayed).
+/// Reserve `counted` samples if the limiter allows, and count one hand-out per listed entry (an
+/// uncounted hand-out, `counted` = 0, needs no permission). Runs after [`limiter::LUA`].
+/// KEYS: inserts, samples, uses hash, nonce. ARGV: [`limiter::LuaBounds`]' min_size, spi and
+/// min_diff, counted, nonce ttl (ms), entry ids (one per hand-out).
+/// Returns {granted 0/1, inserts, samples} (-1 = replayed).
 const RESERVE_LUA: &str = r"
 if redis.call('EXISTS', KEYS[4]) == 1 then return {1, -1, -1} end
 local ins = tonumber(redis.call('GET', KEYS[1]) or '0')
 local smp = tonumber(redis.call('GET', KEYS[2]) or '0')
 local m = tonumber(ARGV[4])
 if m > 0 then
-  if ins < tonumber(ARGV[1]) then return {0, ins, smp} end
-  local spi = tonumber(ARGV[2])
-  if spi > 0 and ins * spi - (smp + m) < tonumber(ARGV[3]) then return {0, ins, smp} end
+  local min_size, spi, min_diff = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+  if not can_sample(ins, smp, m, min_size, spi, min_diff) then return {0, ins, smp} end
   redis.call('INCRBY', KEYS[2], m)
 end
 for i = 6, #ARGV do redis.call('HINCRBY', KEYS[3], ARGV[i], 1) end
@@ -96,8 +99,9 @@ pub(super) struct Scripts {
 impl Scripts {
     pub(super) fn new() -> Self {
         Self {
-            insert: Script::new(INSERT_LUA),
-            reserve: Script::new(RESERVE_LUA),
+            // The limiter's decisions come from its one definition, transcribed in limiter::LUA.
+            insert: Script::new(&format!("{}{INSERT_LUA}", limiter::LUA)),
+            reserve: Script::new(&format!("{}{RESERVE_LUA}", limiter::LUA)),
             retire: Script::new(RETIRE_LUA),
             drop: Script::new(DROP_LUA),
             heartbeat: Script::new(HEARTBEAT_LUA),
