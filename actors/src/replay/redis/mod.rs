@@ -1,6 +1,7 @@
 //! The Redis backend of [`ReplayBuffer`]: one Redis Stream per run, read through a consumer group,
 //! so roles in separate processes or machines meet through Redis. Capacity is back-pressure (never
-//! trimming), the rate limiter's counters live in Redis, redeliveries are filtered by key.
+//! trimming), the rate limiter's counters live in Redis, redeliveries are filtered by key. Also
+//! the run flags of worker mode ([`mark_run_done`], [`watch_run_done`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicU64;
@@ -30,6 +31,7 @@ macro_rules! step {
 }
 
 mod conn;
+mod flags;
 mod local;
 mod ops;
 mod parse;
@@ -37,6 +39,7 @@ mod read;
 mod scripts;
 mod url;
 
+pub use flags::{done_key, mark_run_done, watch_run_done, DONE_POLL, DONE_TTL};
 pub use url::redact;
 
 use conn::{
