@@ -99,7 +99,7 @@ pub struct ReplayConfig {
     pub max_times_sampled: u32,
     /// Seed of the uniform sampler's random generator.
     pub seed: u64,
-    /// Redis URL for `backend = "redis"` (redis://[:password@]host:port/db). The environment
+    /// Redis URL for `backend = "redis"` (`redis://[:password@]host:port/db`). The environment
     /// variable TILT_REDIS_URL overrides it; the password never appears in logs or saved configs.
     pub url: String,
 }
