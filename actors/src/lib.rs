@@ -11,9 +11,10 @@ pub mod error;
 pub mod learner;
 pub mod objective;
 pub mod replay;
-pub mod replay_redis;
 pub mod rollout;
 pub mod source;
 pub mod telemetry;
 
 pub use error::{ActorError, Result};
+/// The Redis backend's old path, kept for callers (`tilt_actors::replay_redis::RedisReplay`).
+pub use replay::redis as replay_redis;

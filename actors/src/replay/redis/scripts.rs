@@ -1,0 +1,110 @@
+//! The Lua scripts of the Redis backend: each runs atomically, and each is safe to run twice (a
+//! retry after a lost reply).
+
+use redis::Script;
+
+use crate::replay::limiter;
+
+/// Insert one record unless the stream is full, the ratio limiter forbids it, or it repeats the
+/// producer's last inserted key (a retry of an insert whose reply was lost). Runs after
+/// [`limiter::LUA`]. KEYS: stream, inserts, samples, last-seq hash. ARGV: payload, producer, seq,
+/// capacity, then [`limiter::LuaBounds`]' spi and max_diff. Returns {status, stream length}.
+const INSERT_LUA: &str = r"
+if redis.call('HGET', KEYS[4], ARGV[2]) == ARGV[3] then
+  return {'dup', redis.call('XLEN', KEYS[1])}
+end
+local len = redis.call('XLEN', KEYS[1])
+if len >= tonumber(ARGV[4]) then return {'full', len} end
+local spi = tonumber(ARGV[5])
+if spi > 0 then
+  local ins = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local smp = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if not can_insert(ins, smp, spi, tonumber(ARGV[6])) then return {'limit', len} end
+end
+redis.call('XADD', KEYS[1], '*', 'r', ARGV[1])
+redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
+return {'ok', len + 1}
+";
+
+/// Reserve `counted` samples if the limiter allows, and count one hand-out per listed entry (an
+/// uncounted hand-out, `counted` = 0, needs no permission). Runs after [`limiter::LUA`].
+/// KEYS: inserts, samples, uses hash, nonce. ARGV: [`limiter::LuaBounds`]' min_size, spi and
+/// min_diff, counted, nonce ttl (ms), entry ids (one per hand-out).
+/// Returns {granted 0/1, inserts, samples} (-1 = replayed).
+const RESERVE_LUA: &str = r"
+if redis.call('EXISTS', KEYS[4]) == 1 then return {1, -1, -1} end
+local ins = tonumber(redis.call('GET', KEYS[1]) or '0')
+local smp = tonumber(redis.call('GET', KEYS[2]) or '0')
+local m = tonumber(ARGV[4])
+if m > 0 then
+  local min_size, spi, min_diff = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+  if not can_sample(ins, smp, m, min_size, spi, min_diff) then return {0, ins, smp} end
+  redis.call('INCRBY', KEYS[2], m)
+end
+for i = 6, #ARGV do redis.call('HINCRBY', KEYS[3], ARGV[i], 1) end
+redis.call('SET', KEYS[4], '1', 'PX', ARGV[5])
+return {1, ins, smp + m}
+";
+
+/// Retire applied entries: XACK + XDEL together, so an entry is never left acknowledged but
+/// present, nor deleted but pending. KEYS: stream, uses hash, evicted. ARGV: group, ids.
+/// Returns {entries deleted now, stream length}.
+const RETIRE_LUA: &str = r"
+local n = 0
+for i = 2, #ARGV do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  n = n + redis.call('XDEL', KEYS[1], ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+end
+if n > 0 then redis.call('INCRBY', KEYS[3], n) end
+return {n, redis.call('XLEN', KEYS[1])}
+";
+
+/// Record entries as dropped (deleted while pending, or unreadable) and clear them out.
+/// KEYS: stream, dropped set, uses hash. ARGV: group, ids. Returns the number dropped so far.
+const DROP_LUA: &str = r"
+for i = 2, #ARGV do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  redis.call('XDEL', KEYS[1], ARGV[i])
+  redis.call('HDEL', KEYS[3], ARGV[i])
+  redis.call('SADD', KEYS[2], ARGV[i])
+end
+return redis.call('SCARD', KEYS[2])
+";
+
+/// Reset the idle time of entries this consumer still owns, so no one claims them while they are
+/// in use; return the ids it no longer owns. KEYS: stream. ARGV: group, consumer, ids.
+const HEARTBEAT_LUA: &str = r"
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] ~= nil and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+";
+
+pub(super) struct Scripts {
+    pub(super) insert: Script,
+    pub(super) reserve: Script,
+    pub(super) retire: Script,
+    pub(super) drop: Script,
+    pub(super) heartbeat: Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Self {
+        Self {
+            // The limiter's decisions come from its one definition, transcribed in limiter::LUA.
+            insert: Script::new(&format!("{}{INSERT_LUA}", limiter::LUA)),
+            reserve: Script::new(&format!("{}{RESERVE_LUA}", limiter::LUA)),
+            retire: Script::new(RETIRE_LUA),
+            drop: Script::new(DROP_LUA),
+            heartbeat: Script::new(HEARTBEAT_LUA),
+        }
+    }
+}
