@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tilt_actors::replay::{MemoryReplay, Record, ReplayBuffer, ReplayConfig, Sampler};
-use tilt_actors::replay_redis::RedisReplay;
+use tilt_actors::replay::redis::RedisReplay;
+use tilt_actors::replay::{
+    MemoryReplay, Record, ReplayBackend, ReplayBuffer, ReplayConfig, Sampler,
+};
 
-fn cfg(backend: &str, capacity: usize) -> ReplayConfig {
+fn cfg(backend: ReplayBackend, capacity: usize) -> ReplayConfig {
     ReplayConfig {
-        backend: backend.into(),
+        backend,
         capacity,
         min_size: 1,
         samples_per_insert: 0.0,
@@ -72,17 +74,18 @@ fn backends(c: &mut Criterion) {
                 })
                 .collect()
         };
-        let mem: Arc<dyn ReplayBuffer> = Arc::new(MemoryReplay::new(cfg("memory", 4 * n)).unwrap());
+        let mem: Arc<dyn ReplayBuffer> =
+            Arc::new(MemoryReplay::new(cfg(ReplayBackend::Memory, 4 * n)).unwrap());
         g.bench_with_input(BenchmarkId::new("memory", label), &n, |b, _| {
             let recs = make();
             b.iter(|| round_trip(&rt, &mem, &recs))
         });
         let run_id = format!("bench-{}-{label}", std::process::id());
         let redis: Arc<dyn ReplayBuffer> = match rt.block_on(RedisReplay::connect(
-            &cfg("redis", 4 * n).url,
+            &cfg(ReplayBackend::Redis, 4 * n).url,
             &run_id,
             "bench",
-            cfg("redis", 4 * n),
+            cfg(ReplayBackend::Redis, 4 * n),
         )) {
             Ok(r) => Arc::new(r),
             Err(e) => {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Result};
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
-use tilt_actors::replay::{MemoryReplay, ReplayBuffer};
+use tilt_actors::replay::{MemoryReplay, ReplayBackend, ReplayBuffer};
 use tilt_kernels::critic::{CdfCritic, CdfGrid, MlpEncoder, MlpEncoderConfig};
 use tilt_kernels::denoiser::Denoiser;
 use tilt_kernels::mixture::{AnalyticDenoiser, ExactValue, GaussianMixture};
@@ -30,6 +30,15 @@ pub fn device(cfg: &Config, key: &str, role_device: &str) -> Result<Device> {
         key
     };
     tilt_kernels::cuda::device(name).map_err(|e| anyhow!("{key} = {name:?}: {e}"))
+}
+
+/// Open the device of every role once, before anything is written: a role whose device is
+/// missing (no `cuda` feature, no driver) fails the run at start with its key named.
+pub fn check_devices(cfg: &Config) -> Result<()> {
+    device(cfg, "rollout.device", &cfg.rollout.device)?;
+    device(cfg, "critic.device", &cfg.critic.device)?;
+    device(cfg, "learner.device", &cfg.learner.device)?;
+    Ok(())
 }
 
 /// The training-grid noise schedule.
@@ -178,11 +187,11 @@ pub fn video_model(v: &VideoDataConfig, lr: f64, device: &Device) -> Result<Trai
 /// The replay of a run: in-process, or Redis namespaced by `run_id` (consumer name `consumer`).
 /// TILT_REDIS_URL overrides `replay.url`.
 pub async fn replay(cfg: &Config, run_id: &str, consumer: &str) -> Result<Arc<dyn ReplayBuffer>> {
-    Ok(match cfg.replay.backend.as_str() {
-        "redis" => {
+    Ok(match cfg.replay.backend {
+        ReplayBackend::Redis => {
             let url = redis_url(cfg);
             Arc::new(
-                tilt_actors::replay_redis::RedisReplay::connect(
+                tilt_actors::replay::redis::RedisReplay::connect(
                     &url,
                     run_id,
                     consumer,
@@ -191,7 +200,7 @@ pub async fn replay(cfg: &Config, run_id: &str, consumer: &str) -> Result<Arc<dy
                 .await?,
             )
         }
-        _ => Arc::new(MemoryReplay::new(cfg.replay.clone())?),
+        ReplayBackend::Memory => Arc::new(MemoryReplay::new(cfg.replay.clone())?),
     })
 }
 

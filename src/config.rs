@@ -744,7 +744,7 @@ impl Config {
     /// is replaced by "***" (pass it again through TILT_REDIS_URL when resuming).
     pub fn to_toml(&self) -> Result<String> {
         let mut c = self.clone();
-        c.replay.url = tilt_actors::replay_redis::redact(&c.replay.url);
+        c.replay.url = tilt_actors::replay::redis::redact(&c.replay.url);
         Ok(toml::to_string_pretty(&c)?)
     }
 }
@@ -827,5 +827,67 @@ mod tests {
         assert_eq!(c.sampling.steps, 20);
         assert_eq!(c.eval.at_steps, vec![10, 20]);
         assert_eq!(c.name, "abc");
+    }
+
+    #[test]
+    fn unknown_kinds_are_parse_errors_naming_the_key() {
+        for (set, key, value) in [
+            ("algorithm=ppo", "algorithm", "ppo"),
+            ("reward.kind=cubic", "reward", "cubic"),
+            ("data.kind=moons", "data", "moons"),
+            ("critic.kind=oracle", "critic.kind", "oracle"),
+            ("replay.backend=kafka", "replay.backend", "kafka"),
+            ("video.motion=spin", "video.motion", "spin"),
+            ("video.source=web", "video.source", "web"),
+        ] {
+            let e = Config::from_toml_str("", "f.toml", &[set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("f.toml") && e.contains(key) && e.contains(value),
+                "{set}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn typed_sections_refuse_the_keys_of_another_kind() {
+        // A linear reward has no `center`; a quadratic one is fine with it.
+        let e = Config::from_toml_str(
+            "[reward]\nkind = \"linear\"\na = [1.0, 0.0]\ncenter = [0.0, 0.0]\n",
+            "f",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("center"), "{e}");
+        let c = Config::from_toml_str(
+            "[reward]\nkind = \"quadratic\"\ncenter = [1.0, 2.0]\n",
+            "f",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.reward,
+            RewardConfig::Quadratic {
+                center: vec![1.0, 2.0],
+                scale: 1.0
+            }
+        );
+    }
+
+    #[test]
+    fn role_devices_fall_back_and_name_their_key() {
+        let c = Config::from_toml_str("", "f", &["learner.device=\"cuda:1\"".into()]).unwrap();
+        assert_eq!(c.device_of(&c.learner.device), "cuda:1");
+        assert_eq!(c.device_of(&c.rollout.device), "cpu");
+        let e = Config::from_toml_str("", "f", &["critic.device=\"gpu\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("critic.device") && e.contains("gpu"), "{e}");
+        let e = Config::from_toml_str("", "f", &["stages=[]".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stages"), "{e}");
     }
 }

@@ -85,6 +85,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
         Cmd::Run { config, out, sets } => {
             let cfg = Config::load(&config, &sets)?;
             let out = out.unwrap_or_else(|| default_out(&cfg));
+            tilt::build::check_devices(&cfg)?;
             prepare_run_dir(&out, &cfg)?;
             execute(&cfg, &out).await?;
         }
@@ -92,6 +93,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             let path = run_dir.join("config.toml");
             let cfg = Config::load(&path, &sets)
                 .with_context(|| format!("{} is not a tilt run directory", run_dir.display()))?;
+            tilt::build::check_devices(&cfg)?;
             if !sets.is_empty() {
                 std::fs::write(&path, cfg.to_toml()?)?;
             }

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tilt_actors::replay_redis::redact;
+use tilt_actors::replay::redis::redact;
+use tilt_actors::replay::ReplayBackend;
 
 use crate::algo::{for_kind, RunCtx, WorkerRole};
 use crate::build::redis_url;
@@ -22,12 +23,13 @@ pub async fn run_worker(
     run_id: &str,
     run_dir: &Path,
 ) -> Result<()> {
-    if cfg.replay.backend != "redis" {
+    if cfg.replay.backend != ReplayBackend::Redis {
         anyhow::bail!(
             "tilt worker needs replay.backend = \"redis\" (got {:?})",
             cfg.replay.backend
         );
     }
+    crate::build::check_devices(cfg)?;
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
     // The first worker saves the resolved config; the others find it there.

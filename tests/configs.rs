@@ -79,6 +79,26 @@ fn bad_input_gets_one_clear_line() {
             vec!["nope.toml"],
         ),
         (
+            vec![
+                "run".into(),
+                "configs/quickstart.toml".into(),
+                "--set".into(),
+                "reward.kind=cubic".into(),
+            ],
+            vec!["quickstart.toml", "reward.kind", "cubic"],
+        ),
+        (
+            // A role whose device cannot be opened fails before the run directory exists (this
+            // build has no `cuda` feature, or the machine no driver).
+            vec![
+                "run".into(),
+                "configs/quickstart.toml".into(),
+                "--set".into(),
+                "learner.device=\"cuda:0\"".into(),
+            ],
+            vec!["learner.device", "cuda:0"],
+        ),
+        (
             vec!["resume".into(), d.join("not-a-run").display().to_string()],
             vec!["not a tilt run directory"],
         ),

@@ -16,5 +16,3 @@ pub mod source;
 pub mod telemetry;
 
 pub use error::{ActorError, Result};
-/// The Redis backend's old path, kept for callers (`tilt_actors::replay_redis::RedisReplay`).
-pub use replay::redis as replay_redis;

@@ -15,8 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tilt_actors::replay::{MemoryReplay, Record, ReplayBuffer, ReplayConfig, ReplayStats, Sampler};
-use tilt_actors::replay_redis::RedisReplay;
+use tilt_actors::replay::redis::RedisReplay;
+use tilt_actors::replay::{
+    MemoryReplay, Record, ReplayBackend, ReplayBuffer, ReplayConfig, ReplayStats, Sampler,
+};
 use tilt_actors::ActorError;
 use tokio::time::{timeout, Instant};
 
@@ -444,7 +446,7 @@ async fn memory_backend_conforms() -> TestResult {
         make: Box::new(|c| {
             Box::pin(async move {
                 let c = ReplayConfig {
-                    backend: "memory".to_owned(),
+                    backend: ReplayBackend::Memory,
                     ..c
                 };
                 Ok(Arc::new(MemoryReplay::new(c)?) as Arc<dyn ReplayBuffer>)
@@ -501,7 +503,7 @@ async fn redis_backend_conforms() -> TestResult {
                 let id = format!("{run}-{}", next.fetch_add(1, Ordering::SeqCst));
                 Box::pin(async move {
                     let c = ReplayConfig {
-                        backend: "redis".to_owned(),
+                        backend: ReplayBackend::Redis,
                         ..c
                     };
                     let rb = RedisReplay::connect(REDIS_URL, &id, "c0", c).await?;

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::limiter::RateLimiter;
-use super::{Record, ReplayBuffer, ReplayConfig, ReplayStats, Sampler};
+use super::{Record, ReplayBackend, ReplayBuffer, ReplayConfig, ReplayStats, Sampler};
 use crate::{ActorError, Result};
 
 /// The in-process, bounded replay backend.
@@ -202,7 +202,7 @@ impl MemoryReplay {
     /// A new, empty buffer; the config is validated and must name the "memory" backend.
     pub fn new(cfg: ReplayConfig) -> Result<Self> {
         cfg.validate().map_err(ActorError::Replay)?;
-        if cfg.backend != "memory" {
+        if cfg.backend != ReplayBackend::Memory {
             return Err(ActorError::Replay(format!(
                 "replay.backend = {:?}: MemoryReplay serves only \"memory\"",
                 cfg.backend

@@ -76,13 +76,23 @@ pub enum Sampler {
     Fifo,
 }
 
+/// Which replay backend a run uses (`replay.backend`); an unknown name is a parse error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplayBackend {
+    /// In-process, bounded (the default).
+    Memory,
+    /// Redis Streams, for multi-process and multi-machine runs.
+    Redis,
+}
+
 /// `[replay]`: where records wait between producers and learners.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReplayConfig {
     /// Backend: "memory" (in-process, the default) or "redis" (Redis Streams, for multi-process
     /// runs).
-    pub backend: String,
+    pub backend: ReplayBackend,
     /// Most records held at once; when full the oldest is evicted.
     pub capacity: usize,
     /// Records that must have been inserted before the first sample.
@@ -107,7 +117,7 @@ pub struct ReplayConfig {
 impl Default for ReplayConfig {
     fn default() -> Self {
         Self {
-            backend: "memory".to_owned(),
+            backend: ReplayBackend::Memory,
             capacity: 65536,
             min_size: 1024,
             samples_per_insert: 4.0,
@@ -123,12 +133,6 @@ impl Default for ReplayConfig {
 impl ReplayConfig {
     /// Check the values; the message names the offending key.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.backend != "memory" && self.backend != "redis" {
-            return Err(format!(
-                "replay.backend = {:?}: must be \"memory\" or \"redis\"",
-                self.backend
-            ));
-        }
         if self.capacity == 0 {
             return Err("replay.capacity = 0: must be positive".to_owned());
         }
@@ -219,13 +223,6 @@ mod tests {
             ),
             (
                 ReplayConfig {
-                    backend: "kafka".into(),
-                    ..d()
-                },
-                "replay.backend",
-            ),
-            (
-                ReplayConfig {
                     samples_per_insert: -1.0,
                     ..d()
                 },
@@ -278,7 +275,7 @@ mod tests {
             Err(ActorError::Replay(m)) if m.contains("replay.capacity")
         ));
         assert!(matches!(
-            MemoryReplay::new(ReplayConfig { backend: "redis".into(), ..d() }),
+            MemoryReplay::new(ReplayConfig { backend: ReplayBackend::Redis, ..d() }),
             Err(ActorError::Replay(m)) if m.contains("replay.backend")
         ));
     }

@@ -7,10 +7,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use tilt_actors::codec::{record_segment_pair, segment_pair_record};
-use tilt_actors::replay::{ReplayBuffer, ReplayConfig, Sampler};
-use tilt_actors::replay_redis::{redact, RedisReplay};
+use tilt_actors::replay::redis::{mark_run_done, watch_run_done, RedisReplay};
+use tilt_actors::replay::{ReplayBackend, ReplayBuffer, ReplayConfig, Sampler};
 
 use super::{ensure_critic, eval, setup, training, Roles};
 use crate::algo::{RunCtx, WorkerRole};
@@ -22,7 +22,7 @@ use crate::train::{off_executor, train};
 /// The segments stream: each unscored pair batch delivered once, bounded by back-pressure.
 fn segments_config(cfg: &Config) -> ReplayConfig {
     ReplayConfig {
-        backend: "redis".into(),
+        backend: ReplayBackend::Redis,
         capacity: 64,
         min_size: 1,
         samples_per_insert: 0.0,
@@ -32,34 +32,6 @@ fn segments_config(cfg: &Config) -> ReplayConfig {
         seed: cfg.seed,
         url: cfg.replay.url.clone(),
     }
-}
-
-fn done_key(run_id: &str) -> String {
-    format!("tilt:{run_id}:done")
-}
-
-/// Resolves once the learner has set the run's done flag (polled; producers stop on it).
-fn watch_done(url: String, run_id: String) -> tokio::sync::oneshot::Receiver<()> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let Ok(client) = redis::Client::open(url.as_str()) else {
-            return;
-        };
-        loop {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                let v: redis::RedisResult<Option<String>> = redis::cmd("GET")
-                    .arg(done_key(&run_id))
-                    .query_async(&mut c)
-                    .await;
-                if matches!(v, Ok(Some(_))) {
-                    let _ = tx.send(());
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    });
-    rx
 }
 
 /// Run one VRPO role of run `run_id` (the process, run directory and metrics are set up by
@@ -98,7 +70,7 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                 replay: segments.clone(),
                 // No critic in this process: the receiving end stays unused.
                 channel: (tx.clone(), flume::bounded(1).1),
-                stop: Some(watch_done(url.clone(), run_id.to_string())),
+                stop: Some(watch_run_done(url.clone(), run_id.to_string())),
             };
             drop(tx);
             train(training(cfg, &s, run_dir, roles)?, progress).await?;
@@ -149,7 +121,7 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                 replay: replay.clone(),
                 // No rollout in this process: the sending end stays unused.
                 channel: (flume::bounded(1).0, rx),
-                stop: Some(watch_done(url.clone(), run_id.to_string())),
+                stop: Some(watch_run_done(url.clone(), run_id.to_string())),
             };
             train(training(cfg, &s, run_dir, roles)?, progress).await?;
             bridge.abort();
@@ -168,20 +140,7 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                 stop: None,
             };
             let vrpo = train(training(cfg, &s, run_dir, roles)?, progress).await?;
-            let client = redis::Client::open(url.as_str())
-                .map_err(|e| anyhow!("redis {}: {e}", redact(&url)))?;
-            let mut c = client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(|e| anyhow!("redis {}: {e}", redact(&url)))?;
-            let _: () = redis::cmd("SET")
-                .arg(done_key(run_id))
-                .arg("1")
-                .arg("EX")
-                .arg(3600)
-                .query_async(&mut c)
-                .await
-                .map_err(|e| anyhow!("redis {}: {e}", redact(&url)))?;
+            mark_run_done(&url, run_id).await?;
             if vrpo.stopped_early {
                 progress.line("tilt worker: the learner stopped early; resume with `tilt worker --role learner` again");
                 return Ok(());

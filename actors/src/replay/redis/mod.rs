@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::replay::limiter::{LuaBounds, RateLimiter};
-use crate::replay::{Record, ReplayBuffer, ReplayConfig, ReplayStats};
+use crate::replay::{Record, ReplayBackend, ReplayBuffer, ReplayConfig, ReplayStats};
 use crate::{ActorError, Result};
 
 /// Unwrap a step that returns None when the caller's deadline passed.
@@ -215,7 +215,7 @@ struct Inner {
 /// hand-outs per record.
 fn uses_per_record(cfg: &ReplayConfig) -> std::result::Result<u32, String> {
     cfg.validate()?;
-    if cfg.backend != "redis" {
+    if cfg.backend != ReplayBackend::Redis {
         return Err(format!(
             "replay.backend = {:?}: RedisReplay serves only \"redis\"",
             cfg.backend

@@ -29,7 +29,7 @@ fn run_id(tag: &str) -> String {
 
 fn cfg(capacity: usize, min_size: usize, spi: f64, eb: f64, sampler: Sampler) -> ReplayConfig {
     ReplayConfig {
-        backend: "redis".to_owned(),
+        backend: ReplayBackend::Redis,
         capacity,
         min_size,
         samples_per_insert: spi,
