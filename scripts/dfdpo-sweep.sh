@@ -45,7 +45,7 @@ for i, f in enumerate(sys.argv[1:]):
         r = s["eval"]["reference"]
         print(f"{'reference':<28} {r['temporal']:8.3f} {r['smoothness']:7.3f} {r['sharpness']:7.4f} {r['noise']:7.4f}")
     d = s["eval"]["dfdpo"]
-    acc = s["training"]["dfdpo"]["final_implicit_accuracy"]
+    acc = s["training"]["dfdpo"]["final_accuracy"]
     name = f"dfdpo beta {s['beta']:g} lambda {s['lambda_sft']:g}"
     print(f"{name:<28} {d['temporal']:8.3f} {d['smoothness']:7.3f} {d['sharpness']:7.4f} {d['noise']:7.4f} {acc:8.3f}")
 PY

@@ -213,7 +213,7 @@ pub async fn train(mut t: Training, progress: &Progress) -> Result<TrainReport> 
             total_steps: t.steps,
             checkpoint: ck.clone(),
             control: control.clone(),
-            coordinator: None,
+            on_done: None,
             fail_at_step: t.fail_at_step,
         })
         .collect();

@@ -124,7 +124,7 @@ async fn train(world: usize, batch: usize, name: &str) -> Vec<Vec<(String, Vec<f
                 critic_file: None,
             },
             control: control.clone(),
-            coordinator: None,
+            on_done: None,
             fail_at_step: 0,
         };
         refs.push(

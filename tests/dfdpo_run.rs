@@ -98,6 +98,22 @@ fn tiny_dfdpo_run_writes_eval_ablation_and_filmstrips() {
     for name in ["real", "reference", "sft", "dfdpo"] {
         tilt::plots::check_png(&out.join(format!("filmstrip-{name}.png")), 200).unwrap();
     }
+    // `tilt report` redraws the filmstrips from the saved sample clips: the same bytes.
+    let strip = out.join("filmstrip-dfdpo.png");
+    let before = std::fs::read(&strip).unwrap();
+    for name in ["real", "reference", "sft", "dfdpo", "hybrid"] {
+        std::fs::remove_file(out.join(format!("filmstrip-{name}.png"))).unwrap();
+    }
+    let r = tilt(&["report", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", err(&r));
+    let listed = String::from_utf8_lossy(&r.stdout);
+    for name in ["real", "reference", "sft", "dfdpo", "hybrid"] {
+        assert!(
+            listed.contains(&format!("filmstrip-{name}.png")),
+            "{name}: {listed}"
+        );
+    }
+    assert_eq!(std::fs::read(&strip).unwrap(), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,7 @@ pub struct RunSpec {
     /// The seed of this invocation, handed to every source's actors.
     pub seed: u64,
     /// One entry per learner replica (rank order; empty in a producer-only process);
-    /// `coordinator` is filled in at spawn.
+    /// `on_done` is filled in at spawn.
     pub learners: Vec<LearnerArgs>,
     /// The producers, spawned in this order, `actors()` of each.
     pub sources: Vec<Arc<dyn PairSource>>,
@@ -143,7 +143,11 @@ impl Actor for CoordinatorActor {
         let mut refs: Vec<ActorRef<LearnerMsg>> = Vec::new();
         for mut args in learners {
             let rank = args.rank;
-            args.coordinator = Some(myself.clone());
+            let me = myself.clone();
+            args.on_done = Some(Arc::new(move |step, checkpoint| {
+                // A coordinator that is already gone has nothing left to finish.
+                let _ = me.cast(CoordinatorMsg::LearnerDone { step, checkpoint });
+            }));
             let (r, _) = Actor::spawn_linked(None, LearnerActor, args, myself.get_cell()).await?;
             st.roles.insert(r.get_id(), Role::Learner { rank });
             refs.push(r);

@@ -4,15 +4,14 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tilt_kernels::critic::ValueCritic;
 use tilt_kernels::schedule::SamplingGrid;
 use tilt_kernels::vrpo::{score_pair, SegmentPair};
 
 use crate::codec::pair_records;
 use crate::control::RunControl;
-use crate::source::{PairSource, SourceContext};
+use crate::source::{ActorSource, SourceArgs};
 use crate::telemetry::Stage;
 use crate::ActorError;
 
@@ -32,39 +31,17 @@ pub struct CriticSource {
     pub panic_after_units: u64,
 }
 
-/// Everything one critic actor needs.
-#[derive(Clone)]
-pub struct CriticArgs {
-    /// Producer id written into every record.
-    pub id: u32,
-    pub generation: u64,
-    pub source: CriticSource,
-    pub ctx: SourceContext,
-}
+/// Everything one critic actor is started with.
+pub type CriticArgs = SourceArgs<CriticSource>;
 
-#[async_trait]
-impl PairSource for CriticSource {
-    fn role(&self) -> &'static str {
-        "critic"
-    }
-    fn actors(&self) -> usize {
+impl ActorSource for CriticSource {
+    type Actor = CriticActor;
+    const ROLE: &'static str = "critic";
+    fn count(&self) -> usize {
         self.actors
     }
-    async fn spawn(
-        &self,
-        id: u32,
-        generation: u64,
-        ctx: &SourceContext,
-        supervisor: ActorCell,
-    ) -> Result<ActorCell, SpawnErr> {
-        let args = CriticArgs {
-            id,
-            generation,
-            source: self.clone(),
-            ctx: ctx.clone(),
-        };
-        let (r, _) = Actor::spawn_linked(None, CriticActor, args, supervisor).await?;
-        Ok(r.get_cell())
+    fn actor() -> CriticActor {
+        CriticActor
     }
 }
 

@@ -5,16 +5,15 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use candle_core::Tensor;
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rand::Rng;
 use tilt_kernels::distort::{Curriculum, Distortion};
 use tilt_kernels::rng::rng_for;
 
 use crate::control::RunControl;
 use crate::replay::{tensors_to_payload, Record};
-use crate::source::{PairSource, SourceContext};
+use crate::source::{ActorSource, SourceArgs};
 use crate::telemetry::Stage;
 use crate::ActorError;
 
@@ -34,38 +33,17 @@ pub struct DistortionSource {
     pub panic_after_units: u64,
 }
 
-/// Everything one distortion actor needs.
-#[derive(Clone)]
-pub struct DistortionArgs {
-    pub id: u32,
-    pub generation: u64,
-    pub source: DistortionSource,
-    pub ctx: SourceContext,
-}
+/// Everything one distortion actor is started with.
+pub type DistortionArgs = SourceArgs<DistortionSource>;
 
-#[async_trait]
-impl PairSource for DistortionSource {
-    fn role(&self) -> &'static str {
-        "distortion"
-    }
-    fn actors(&self) -> usize {
+impl ActorSource for DistortionSource {
+    type Actor = DistortionActor;
+    const ROLE: &'static str = "distortion";
+    fn count(&self) -> usize {
         self.actors
     }
-    async fn spawn(
-        &self,
-        id: u32,
-        generation: u64,
-        ctx: &SourceContext,
-        supervisor: ActorCell,
-    ) -> Result<ActorCell, SpawnErr> {
-        let args = DistortionArgs {
-            id,
-            generation,
-            source: self.clone(),
-            ctx: ctx.clone(),
-        };
-        let (r, _) = Actor::spawn_linked(None, DistortionActor, args, supervisor).await?;
-        Ok(r.get_cell())
+    fn actor() -> DistortionActor {
+        DistortionActor
     }
 }
 

@@ -16,7 +16,6 @@ use tilt_kernels::optim::{average_grads, AdamW};
 
 use crate::checkpoint::{write_checkpoint, CheckpointState};
 use crate::control::{LastStats, RunControl};
-use crate::coordinator::CoordinatorMsg;
 use crate::objective::{Objective, StepStats};
 use crate::replay::Record;
 use crate::replay::ReplayBuffer;
@@ -60,10 +59,15 @@ pub struct LearnerArgs {
     pub total_steps: u64,
     pub checkpoint: CheckpointSpec,
     pub control: Arc<RunControl>,
-    pub coordinator: Option<ActorRef<CoordinatorMsg>>,
+    /// Called once by the leader when it has finished (step, final checkpoint directory): the
+    /// coordinator passes a callback here, so the learner does not depend on the coordinator.
+    pub on_done: Option<DoneCallback>,
     /// Test hook: fail the step that would reach this step number (0 = never).
     pub fail_at_step: u64,
 }
+
+/// What the leader calls when it has finished: (step, final checkpoint directory).
+pub type DoneCallback = Arc<dyn Fn(u64, PathBuf) + Send + Sync>;
 
 /// Per-replica state.
 pub struct LearnerState {
@@ -334,11 +338,8 @@ impl Actor for LearnerActor {
                 if st.args.control.stopping() || st.step() >= st.args.total_steps {
                     st.finished = true;
                     let dir = st.checkpoint()?;
-                    if let Some(c) = &st.args.coordinator {
-                        c.cast(CoordinatorMsg::LearnerDone {
-                            step: st.step(),
-                            checkpoint: dir,
-                        })?;
+                    if let Some(done) = &st.args.on_done {
+                        done(st.step(), dir);
                     }
                     return Ok(());
                 }

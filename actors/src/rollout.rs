@@ -4,16 +4,15 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use candle_core::Device;
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tilt_kernels::denoiser::Denoiser;
 use tilt_kernels::rng::rng_for;
 use tilt_kernels::schedule::SamplingGrid;
 use tilt_kernels::vrpo::{make_segment_pairs, SegmentPair};
 
 use crate::control::RunControl;
-use crate::source::{PairSource, SourceContext};
+use crate::source::{ActorSource, SourceArgs};
 
 /// The rollout actor.
 pub struct RolloutActor;
@@ -37,39 +36,17 @@ pub struct RolloutSource {
     pub panic_after_units: u64,
 }
 
-/// Everything one rollout actor needs.
-#[derive(Clone)]
-pub struct RolloutArgs {
-    pub id: u32,
-    /// Incremented by the coordinator at each restart, so a restarted actor draws fresh randomness.
-    pub generation: u64,
-    pub source: RolloutSource,
-    pub ctx: SourceContext,
-}
+/// Everything one rollout actor is started with.
+pub type RolloutArgs = SourceArgs<RolloutSource>;
 
-#[async_trait]
-impl PairSource for RolloutSource {
-    fn role(&self) -> &'static str {
-        "rollout"
-    }
-    fn actors(&self) -> usize {
+impl ActorSource for RolloutSource {
+    type Actor = RolloutActor;
+    const ROLE: &'static str = "rollout";
+    fn count(&self) -> usize {
         self.actors
     }
-    async fn spawn(
-        &self,
-        id: u32,
-        generation: u64,
-        ctx: &SourceContext,
-        supervisor: ActorCell,
-    ) -> Result<ActorCell, SpawnErr> {
-        let args = RolloutArgs {
-            id,
-            generation,
-            source: self.clone(),
-            ctx: ctx.clone(),
-        };
-        let (r, _) = Actor::spawn_linked(None, RolloutActor, args, supervisor).await?;
-        Ok(r.get_cell())
+    fn actor() -> RolloutActor {
+        RolloutActor
     }
 }
 

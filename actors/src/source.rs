@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use ractor::{ActorCell, SpawnErr};
+use ractor::{Actor, ActorCell, SpawnErr};
 
 use crate::control::RunControl;
 use crate::replay::ReplayBuffer;
@@ -37,4 +37,52 @@ pub trait PairSource: Send + Sync {
         ctx: &SourceContext,
         supervisor: ActorCell,
     ) -> Result<ActorCell, SpawnErr>;
+}
+
+/// What one producer actor is started with: its id, its generation (restarts so far), the
+/// source it belongs to and the run-wide context.
+#[derive(Clone)]
+pub struct SourceArgs<S> {
+    pub id: u32,
+    pub generation: u64,
+    pub source: S,
+    pub ctx: SourceContext,
+}
+
+/// A source whose actors are one ractor actor type started with `SourceArgs<Self>`: implementing
+/// this (role, count, actor) makes it a `PairSource`.
+pub trait ActorSource: Clone + Send + Sync + 'static {
+    type Actor: Actor<Arguments = SourceArgs<Self>>;
+    /// The role name (see `PairSource::role`).
+    const ROLE: &'static str;
+    /// How many actors of this kind the run starts.
+    fn count(&self) -> usize;
+    /// The actor value to spawn (actors are unit structs: state lives in `State`).
+    fn actor() -> Self::Actor;
+}
+
+#[async_trait]
+impl<T: ActorSource> PairSource for T {
+    fn role(&self) -> &'static str {
+        T::ROLE
+    }
+    fn actors(&self) -> usize {
+        self.count()
+    }
+    async fn spawn(
+        &self,
+        id: u32,
+        generation: u64,
+        ctx: &SourceContext,
+        supervisor: ActorCell,
+    ) -> Result<ActorCell, SpawnErr> {
+        let args = SourceArgs {
+            id,
+            generation,
+            source: self.clone(),
+            ctx: ctx.clone(),
+        };
+        let (r, _) = Actor::spawn_linked(None, T::actor(), args, supervisor).await?;
+        Ok(r.get_cell())
+    }
 }

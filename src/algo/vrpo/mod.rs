@@ -120,41 +120,36 @@ impl Objective for VrpoObjective {
     }
 }
 
-/// Both ends of the rollout -> critic channel (bounded: a slow critic holds the rollouts back).
-pub type SegmentChannel = (
-    flume::Sender<Vec<SegmentPair>>,
-    flume::Receiver<Vec<SegmentPair>>,
-);
-
 /// Which roles this process runs in the VRPO stage, and how it meets the others.
 pub struct Roles {
-    pub rollouts: usize,
-    pub critics: usize,
+    /// Rollout actors, and where they hand their segment pairs (the critics of this process, or
+    /// a bridge to Redis in worker mode).
+    pub rollouts: Option<(usize, flume::Sender<Vec<SegmentPair>>)>,
+    /// Critic actors, and where they take segment pairs from.
+    pub critics: Option<(usize, flume::Receiver<Vec<SegmentPair>>)>,
     pub learners: bool,
     pub replay: Arc<dyn ReplayBuffer>,
-    /// The rollout -> critic channel: both ends in one process, or one end bridged to Redis
-    /// (worker mode).
-    pub channel: SegmentChannel,
     /// Fires when a producer-only process should stop (worker mode: the learner finished).
     pub stop: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl Roles {
-    /// Every role in this process, as configured, with an in-process channel.
+    /// Every role in this process, as configured, meeting through a bounded in-process channel
+    /// (a slow critic holds the rollouts back).
     pub fn all(cfg: &Config, replay: Arc<dyn ReplayBuffer>) -> Self {
+        let (tx, rx) = flume::bounded(cfg.rollout.channel.max(1));
         Roles {
-            rollouts: cfg.rollout.actors,
-            critics: cfg.critic.actors,
+            rollouts: Some((cfg.rollout.actors, tx)),
+            critics: Some((cfg.critic.actors, rx)),
             learners: true,
             replay,
-            channel: flume::bounded(cfg.rollout.channel.max(1)),
             stop: None,
         }
     }
 }
 
 /// The VRPO stage's producers: critic actors (scoring endpoints into the replay) and rollout
-/// actors (reference segments into the channel), as many of each as `roles` says.
+/// actors (reference segments into the channel), as `roles` says.
 pub fn sources(
     cfg: &Config,
     s: &Setup,
@@ -162,26 +157,26 @@ pub fn sources(
     roles: &Roles,
 ) -> Result<Vec<Arc<dyn PairSource>>> {
     let mut out: Vec<Arc<dyn PairSource>> = Vec::new();
-    if roles.critics > 0 {
+    if let Some((actors, input)) = &roles.critics {
         out.push(Arc::new(CriticSource {
-            actors: roles.critics,
+            actors: *actors,
             critic: load_critic(cfg, s, run_dir)?,
             grid: s.grid.clone(),
             lambda: cfg.vrpo.lambda,
-            input: roles.channel.1.clone(),
+            input: input.clone(),
             panic_after_units: cfg.fault.critic_panic_after,
         }));
     }
-    if roles.rollouts > 0 {
+    if let Some((actors, out_tx)) = &roles.rollouts {
         out.push(Arc::new(RolloutSource {
-            actors: roles.rollouts,
+            actors: *actors,
             reference: s.data.reference.clone(),
             grid: s.grid.clone(),
             sample_shape: s.data.sample_shape.clone(),
             chains: cfg.rollout.chains,
             segment_len: cfg.vrpo.segment_len,
             device: s.rollout_device.clone(),
-            out: roles.channel.0.clone(),
+            out: out_tx.clone(),
             panic_after_units: cfg.fault.rollout_panic_after,
         }));
     }

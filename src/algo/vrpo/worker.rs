@@ -64,15 +64,12 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                 Ok::<(), tilt_actors::ActorError>(())
             });
             let roles = Roles {
-                rollouts: cfg.rollout.actors,
-                critics: 0,
+                rollouts: Some((cfg.rollout.actors, tx)),
+                critics: None,
                 learners: false,
                 replay: segments.clone(),
-                // No critic in this process: the receiving end stays unused.
-                channel: (tx.clone(), flume::bounded(1).1),
                 stop: Some(watch_run_done(url.clone(), run_id.to_string())),
             };
-            drop(tx);
             train(training(cfg, &s, run_dir, roles)?, progress).await?;
             segments.close();
             bridge.abort();
@@ -115,12 +112,10 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
             });
             drop(tx);
             let roles = Roles {
-                rollouts: 0,
-                critics: cfg.critic.actors,
+                rollouts: None,
+                critics: Some((cfg.critic.actors, rx)),
                 learners: false,
                 replay: replay.clone(),
-                // No rollout in this process: the sending end stays unused.
-                channel: (flume::bounded(1).0, rx),
                 stop: Some(watch_run_done(url.clone(), run_id.to_string())),
             };
             train(training(cfg, &s, run_dir, roles)?, progress).await?;
@@ -132,11 +127,10 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
             let replay: Arc<dyn ReplayBuffer> =
                 Arc::new(RedisReplay::connect(&url, run_id, &consumer, cfg.replay.clone()).await?);
             let roles = Roles {
-                rollouts: 0,
-                critics: 0,
+                rollouts: None,
+                critics: None,
                 learners: true,
                 replay: replay.clone(),
-                channel: flume::bounded(1),
                 stop: None,
             };
             let vrpo = train(training(cfg, &s, run_dir, roles)?, progress).await?;
