@@ -41,10 +41,13 @@ enum WhenFull {
 
 type Made = Pin<Box<dyn Future<Output = tilt_actors::Result<Arc<dyn ReplayBuffer>>> + Send>>;
 
-/// A backend under test: how to build a fresh, empty buffer from a config, and its full policy.
+/// A backend under test: how to build a fresh, empty buffer from a config, its full policy, and
+/// how many records each producer sends in the two-producer case (the in-process backend is fast
+/// enough for a stress-sized run).
 struct Backend {
     name: &'static str,
     when_full: WhenFull,
+    per_producer: u64,
     make: Box<dyn Fn(ReplayConfig) -> Made + Send + Sync>,
 }
 
@@ -183,17 +186,28 @@ async fn rate_limiter_blocks_and_releases(b: &Backend) -> TestResult {
         })
     };
     let count = || done.load(Ordering::SeqCst);
+    // The producer's count, and the buffer's own counter, reach `n` and stay there.
+    let stuck_at = |n: u64| {
+        let rb = rb.clone();
+        async move {
+            assert!(wait_until(LONG, || count() == n).await, "{}", count());
+            assert!(!wait_until(SHORT, || count() > n).await);
+            assert!(
+                wait_until(LONG, || rb.stats().inserted == n).await,
+                "{:?}",
+                rb.stats()
+            );
+        }
+    };
     // With nothing sampled: (inserts + 1) - 0 <= 15 lets exactly 15 through.
-    assert!(wait_until(LONG, || count() == 15).await, "{}", count());
-    assert!(!wait_until(SHORT, || count() > 15).await);
+    stuck_at(15).await;
+    assert!(!producer.is_finished());
     // One sampled record admits one insert: (16 + 1) - 1 = 16 > 15 stops the 17th.
     assert_eq!(seqs(&take(&rb, 1).await?), vec![0]);
-    assert!(wait_until(LONG, || count() == 16).await, "{}", count());
-    assert!(!wait_until(SHORT, || count() > 16).await);
+    stuck_at(16).await;
     // Three more admit exactly three more.
     assert_eq!(seqs(&take(&rb, 3).await?), vec![1, 2, 3]);
-    assert!(wait_until(LONG, || count() == 19).await, "{}", count());
-    assert!(!wait_until(SHORT, || count() > 19).await);
+    stuck_at(19).await;
 
     rb.close();
     assert!(matches!(
@@ -368,7 +382,7 @@ async fn closed_buffer_drains_then_reports_closed(b: &Backend) -> TestResult {
 async fn two_producers_one_consumer_see_every_record_once(b: &Backend) -> TestResult {
     // spi = 1, min_size = 100, error_buffer = 200: min_diff = -100 <= 0 lets the consumer drain
     // to the last record; depth <= max_diff = 300 < capacity, so nothing is evicted unsampled.
-    const PER: u64 = 500;
+    let per = b.per_producer;
     let rb = b
         .make(with_max_times(1, cfg(1024, 100, 1.0, 200.0, Sampler::Fifo)))
         .await?;
@@ -376,7 +390,7 @@ async fn two_producers_one_consumer_see_every_record_once(b: &Backend) -> TestRe
         .map(|p| {
             let rb = rb.clone();
             tokio::spawn(async move {
-                for s in 0..PER {
+                for s in 0..per {
                     rb.insert(rec(p, s)).await?;
                 }
                 Ok::<_, ActorError>(())
@@ -385,7 +399,7 @@ async fn two_producers_one_consumer_see_every_record_once(b: &Backend) -> TestRe
         .collect();
     let mut seen: Vec<(u32, u64)> = Vec::new();
     let end = Instant::now() + LONG;
-    while (seen.len() as u64) < 2 * PER && Instant::now() < end {
+    while (seen.len() as u64) < 2 * per && Instant::now() < end {
         if let Some(batch) = rb.sample(64, Duration::from_millis(200)).await? {
             rb.ack(&keys(&batch)).await?;
             seen.extend(keys(&batch));
@@ -394,16 +408,16 @@ async fn two_producers_one_consumer_see_every_record_once(b: &Backend) -> TestRe
     for p in producers {
         timeout(LONG, p).await???;
     }
-    assert_eq!(seen.len() as u64, 2 * PER);
+    assert_eq!(seen.len() as u64, 2 * per);
     let mut sorted = seen.clone();
     sorted.sort_unstable();
     sorted.dedup();
-    assert_eq!(sorted.len() as u64, 2 * PER, "a key was handed out twice");
+    assert_eq!(sorted.len() as u64, 2 * per, "a key was handed out twice");
     for p in 0..2u32 {
         let mine: Vec<u64> = seen.iter().filter(|k| k.0 == p).map(|k| k.1).collect();
-        assert_eq!(mine, (0..PER).collect::<Vec<_>>(), "producer {p}");
+        assert_eq!(mine, (0..per).collect::<Vec<_>>(), "producer {p}");
     }
-    stats_become(&rb, (2 * PER, 2 * PER, 2 * PER, 0, 0)).await?;
+    stats_become(&rb, (2 * per, 2 * per, 2 * per, 0, 0)).await?;
     Ok(())
 }
 
@@ -443,6 +457,7 @@ async fn memory_backend_conforms() -> TestResult {
     suite(Backend {
         name: "memory",
         when_full: WhenFull::EvictOldest,
+        per_producer: 5000,
         make: Box::new(|c| {
             Box::pin(async move {
                 let c = ReplayConfig {
@@ -497,6 +512,7 @@ async fn redis_backend_conforms() -> TestResult {
     let backend = Backend {
         name: "redis",
         when_full: WhenFull::Wait,
+        per_producer: 500,
         make: Box::new({
             let run = run.clone();
             move |c| {

@@ -13,6 +13,8 @@ pub mod limiter;
 pub mod memory;
 pub mod record;
 pub mod redis;
+#[cfg(test)]
+pub(crate) mod testutil;
 
 pub use limiter::RateLimiter;
 pub use memory::MemoryReplay;

@@ -301,19 +301,7 @@ pub fn payload_to_tensors(payload: &[u8]) -> Result<HashMap<String, Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A boxed error so `?` works across candle and our own errors.
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-    fn rec(producer: u32, seq: u64) -> Record {
-        Record {
-            seq,
-            producer,
-            version: 7,
-            payload: seq.to_le_bytes().to_vec(),
-            scalars: vec![("v_a".to_owned(), seq as f64)],
-        }
-    }
+    use crate::replay::testutil::{rec, TestResult};
 
     #[test]
     fn crc32_check_value() {

@@ -203,17 +203,8 @@ impl Local {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replay::testutil::rec;
     use rand::SeedableRng;
-
-    fn rec(producer: u32, seq: u64) -> Record {
-        Record {
-            seq,
-            producer,
-            version: 3,
-            payload: seq.to_le_bytes().to_vec(),
-            scalars: vec![("v_a".to_owned(), seq as f64)],
-        }
-    }
 
     #[test]
     fn admit_never_holds_an_applied_or_held_key_twice() {

@@ -1,68 +1,25 @@
 //! RedisReplay's own tests, against a real Redis on 127.0.0.1:6379 and redis-servers they start
-//! themselves (the behaviour both backends share is also checked by
-//! `actors/tests/replay_conformance.rs`).
+//! themselves: what only the redis backend does (several instances on one run, claims, restarts,
+//! uses per record). The behaviour both backends share is checked by
+//! `actors/tests/replay_conformance.rs`.
 
 use super::*;
-use crate::replay::{tensors_to_payload, Sampler};
+use crate::replay::testutil::{
+    fails_naming_the_address_not_the_password, free_port, rec, run_id, spawn_producer, wait_until,
+    TestResult, LONG, SHORT, URL,
+};
+use crate::replay::{tensors_to_payload, testutil, Sampler};
 use candle_core::{Device, Tensor};
-use std::future::Future;
 use std::process::{Child, Command, Stdio};
 use std::sync::{MutexGuard, PoisonError};
 use tokio::time::timeout;
 
-type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const URL: &str = "redis://127.0.0.1:6379/0";
-/// Bound on every wait that is expected to finish.
-const LONG: Duration = Duration::from_secs(15);
-/// How long a wait that is expected NOT to finish is given before we conclude it is blocked.
-const SHORT: Duration = Duration::from_millis(300);
-
-/// A run id no other test (or test run) uses.
-fn run_id(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!("test-{tag}-{}-{nanos}", std::process::id())
-}
-
+/// [`testutil::cfg`] on the redis backend.
 fn cfg(capacity: usize, min_size: usize, spi: f64, eb: f64, sampler: Sampler) -> ReplayConfig {
     ReplayConfig {
         backend: ReplayBackend::Redis,
-        capacity,
-        min_size,
-        samples_per_insert: spi,
-        error_buffer: eb,
-        sampler,
-        ..ReplayConfig::default()
+        ..testutil::cfg(capacity, min_size, spi, eb, sampler)
     }
-}
-
-fn rec(producer: u32, seq: u64) -> Record {
-    Record {
-        seq,
-        producer,
-        version: 3,
-        payload: seq.to_le_bytes().to_vec(),
-        scalars: vec![("v_a".to_owned(), seq as f64)],
-    }
-}
-
-/// Periodic check of an async condition, bounded by `limit`.
-async fn wait_until<F, Fut>(limit: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    cond().await
 }
 
 async fn inserted(rb: &RedisReplay) -> u64 {
@@ -153,15 +110,7 @@ async fn ten_thousand_records_two_consumers_each_applied_once() -> TestResult {
     let l1 = Arc::new(RedisReplay::connect(URL, &run, "l1", c.clone()).await?);
     let l2 = Arc::new(RedisReplay::connect(URL, &run, "l2", c).await?);
     let producers: Vec<_> = (0..2u32)
-        .map(|p| {
-            let rb = prod.clone();
-            tokio::spawn(async move {
-                for s in 0..PER {
-                    rb.insert(rec(p, s)).await?;
-                }
-                Ok::<_, ActorError>(())
-            })
-        })
+        .map(|p| spawn_producer(prod.clone(), p, 0..PER))
         .collect();
     let applied: Applied = Arc::default();
     let total = 2 * PER as usize;
@@ -273,16 +222,8 @@ async fn limiter_holds_across_two_processes() -> TestResult {
 
     // Both keep inserting. An insert passes iff (inserts + 1) - samples <= 15: with 1 sample
     // the two together stop at exactly 16.
-    let spawn = |rb: Arc<RedisReplay>, p: u32| {
-        tokio::spawn(async move {
-            for s in 5..100 {
-                rb.insert(rec(p, s)).await?;
-            }
-            Ok::<_, ActorError>(())
-        })
-    };
-    let ta = spawn(a.clone(), 1);
-    let tb = spawn(b.clone(), 2);
+    let ta = spawn_producer(a.clone(), 1, 5..100);
+    let tb = spawn_producer(b.clone(), 2, 5..100);
     assert!(wait_until(LONG, || async { inserted(&l).await == 16 }).await);
     assert!(!wait_until(SHORT, || async { inserted(&l).await > 16 }).await);
 
@@ -333,15 +274,7 @@ async fn two_uses_per_record_with_uniform_sampling() -> TestResult {
         learner.sample(73, Duration::ZERO).await,
         Err(ActorError::Replay(m)) if m.contains("replay.capacity")
     ));
-    let producer = {
-        let rb = prod.clone();
-        tokio::spawn(async move {
-            for s in 0..N {
-                rb.insert(rec(0, s)).await?;
-            }
-            Ok::<_, ActorError>(())
-        })
-    };
+    let producer = spawn_producer(prod.clone(), 0, 0..N);
     let mut uses: HashMap<u64, u32> = HashMap::new();
     let end = Instant::now() + LONG;
     while uses.values().sum::<u32>() < 2 * N as u32 && Instant::now() < end {
@@ -456,12 +389,6 @@ impl Drop for OwnRedis {
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_mid_run_loses_nothing() -> TestResult {
     // A producer and a learner on a redis-server of our own; after 300 records are applied
@@ -490,15 +417,7 @@ async fn redis_restart_mid_run_loses_nothing() -> TestResult {
     let c = cfg(256, 16, 1.0, 64.0, Sampler::Fifo);
     let prod = Arc::new(RedisReplay::connect(&url, &run, "p", c.clone()).await?);
     let learner = Arc::new(RedisReplay::connect(&url, &run, "l", c).await?);
-    let producer = {
-        let rb = prod.clone();
-        tokio::spawn(async move {
-            for s in 0..N {
-                rb.insert(rec(0, s)).await?;
-            }
-            Ok::<_, ActorError>(())
-        })
-    };
+    let producer = spawn_producer(prod.clone(), 0, 0..N);
     let applied: Applied = Arc::default();
     let consumer = tokio::spawn(learn(learner.clone(), applied.clone(), N as usize, 32));
     assert!(wait_until(LONG, || async { lock(&applied).len() >= 300 }).await);
@@ -519,25 +438,11 @@ async fn redis_restart_mid_run_loses_nothing() -> TestResult {
 async fn unreachable_redis_names_the_address_not_the_password() -> TestResult {
     // A closed port: one clear error with host:port, without the password, quickly (no
     // reconnect loop at connect time).
-    let port = free_port()?;
-    let url = format!("redis://:hunter2-secret@127.0.0.1:{port}/0");
-    let t0 = Instant::now();
-    let r = RedisReplay::connect(
-        &url,
-        &run_id("down"),
-        "c",
-        cfg(8, 1, 0.0, 0.0, Sampler::Fifo),
-    )
-    .await;
-    let Err(e) = r else {
-        return Err("connect to a closed port succeeded".into());
-    };
-    let msg = e.to_string();
-    assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
-    assert!(msg.contains("cannot connect"), "{msg}");
-    assert!(!msg.contains("hunter2"), "{msg}");
-    assert!(t0.elapsed() < Duration::from_secs(5));
-    Ok(())
+    fails_naming_the_address_not_the_password(|url| async move {
+        let c = cfg(8, 1, 0.0, 0.0, Sampler::Fifo);
+        RedisReplay::connect(&url, &run_id("down"), "c", c).await
+    })
+    .await
 }
 
 #[test]
