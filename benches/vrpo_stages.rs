@@ -80,7 +80,7 @@ fn stages(c: &mut Criterion) {
     g.bench_function("critic_score", |b| {
         b.iter(|| {
             for p in &pairs {
-                score_pair(&critic, &s.grid, p, 1.0).unwrap();
+                score_pair(&critic, &s.grid, p, 1.0, &dev).unwrap();
             }
         })
     });
@@ -88,7 +88,7 @@ fn stages(c: &mut Criterion) {
     // Encode every pair into a record, decode a learner batch.
     let scored: Vec<_> = pairs
         .iter()
-        .map(|p| (p, score_pair(&critic, &s.grid, p, 1.0).unwrap()))
+        .map(|p| (p, score_pair(&critic, &s.grid, p, 1.0, &dev).unwrap()))
         .collect();
     g.bench_function("encode_records", |b| {
         b.iter(|| {

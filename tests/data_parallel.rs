@@ -53,7 +53,7 @@ async fn replay_with_records(cfg: &Config) -> Arc<dyn ReplayBuffer> {
     .unwrap();
     let mut seq = 0;
     for p in &pairs {
-        let (va, vb) = score_pair(&v, &s.grid, p, 1.0).unwrap();
+        let (va, vb) = score_pair(&v, &s.grid, p, 1.0, &Device::Cpu).unwrap();
         for r in pair_records(p, &va, &vb, 0, 0, &mut seq).unwrap() {
             replay.insert(r).await.unwrap();
         }

@@ -166,6 +166,28 @@ pub fn record_segment_pair(r: &Record, device: &Device) -> Result<SegmentPair> {
     Ok(SegmentPair { k_start, a, b })
 }
 
+/// Decode DF-DPO (winner, loser) clip pairs into two stacked tensors [B, T, C, H, W] on `device`.
+pub fn records_to_clip_pairs(records: &[Record], device: &Device) -> Result<(Tensor, Tensor)> {
+    let (mut w, mut l) = (
+        Vec::with_capacity(records.len()),
+        Vec::with_capacity(records.len()),
+    );
+    for r in records {
+        let mut ts = payload_to_tensors(&r.payload)?;
+        let bad = |n: &str| ActorError::Record {
+            seq: r.seq,
+            producer: r.producer,
+            detail: format!("missing tensor {n}"),
+        };
+        w.push(ts.remove("w").ok_or_else(|| bad("w"))?);
+        l.push(ts.remove("l").ok_or_else(|| bad("l"))?);
+    }
+    Ok((
+        Tensor::stack(&w, 0)?.to_device(device)?,
+        Tensor::stack(&l, 0)?.to_device(device)?,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,26 +226,4 @@ mod tests {
             );
         }
     }
-}
-
-/// Decode DF-DPO (winner, loser) clip pairs into two stacked tensors [B, T, C, H, W] on `device`.
-pub fn records_to_clip_pairs(records: &[Record], device: &Device) -> Result<(Tensor, Tensor)> {
-    let (mut w, mut l) = (
-        Vec::with_capacity(records.len()),
-        Vec::with_capacity(records.len()),
-    );
-    for r in records {
-        let mut ts = payload_to_tensors(&r.payload)?;
-        let bad = |n: &str| ActorError::Record {
-            seq: r.seq,
-            producer: r.producer,
-            detail: format!("missing tensor {n}"),
-        };
-        w.push(ts.remove("w").ok_or_else(|| bad("w"))?);
-        l.push(ts.remove("l").ok_or_else(|| bad("l"))?);
-    }
-    Ok((
-        Tensor::stack(&w, 0)?.to_device(device)?,
-        Tensor::stack(&l, 0)?.to_device(device)?,
-    ))
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use candle_core::Device;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tilt_kernels::critic::ValueCritic;
 use tilt_kernels::schedule::SamplingGrid;
@@ -25,6 +26,8 @@ pub struct CriticSource {
     pub critic: Arc<dyn ValueCritic>,
     pub grid: Arc<SamplingGrid>,
     pub lambda: f64,
+    /// Where the critic scores (its weights live there; pairs are moved there).
+    pub device: Device,
     /// The rollout -> critic channel.
     pub input: flume::Receiver<Vec<SegmentPair>>,
     /// Test hook: panic when this many units have been scored (0 = never).
@@ -106,13 +109,19 @@ impl Actor for CriticActor {
                 }
             }
         };
-        let (critic, grid, lambda, id) = (src.critic.clone(), src.grid.clone(), src.lambda, a.id);
+        let (critic, grid, lambda, id, device) = (
+            src.critic.clone(),
+            src.grid.clone(),
+            src.lambda,
+            a.id,
+            src.device.clone(),
+        );
         let mut seq = st.next_seq;
         let t0 = std::time::Instant::now();
         let records = tokio::task::spawn_blocking(move || -> Result<_, ActorError> {
             let mut out = Vec::new();
             for pair in &unit {
-                let (va, vb) = score_pair(critic.as_ref(), &grid, pair, lambda)?;
+                let (va, vb) = score_pair(critic.as_ref(), &grid, pair, lambda, &device)?;
                 out.extend(pair_records(pair, &va, &vb, id, 0, &mut seq)?);
             }
             Ok((out, seq))

@@ -68,18 +68,20 @@ pub fn make_segment_pairs(
     Ok(out)
 }
 
-/// V of both endpoints of each pair, at the endpoint's training index, for the critic role.
+/// V of both endpoints of each pair, at the endpoint's training index, for the critic role. The
+/// endpoints move to `device` (the critic's) first: rollouts may run elsewhere.
 pub fn score_pair(
     critic: &dyn ValueCritic,
     grid: &SamplingGrid,
     pair: &SegmentPair,
     lambda: f64,
+    device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let k_end = pair.k_start - pair.a.len();
     let n_end = grid.n_of_k[k_end];
     let b = pair.a.endpoint().dim(0)?;
-    let ns = timesteps(n_end, 2 * b, pair.a.endpoint().device())?;
-    let both = Tensor::cat(&[pair.a.endpoint(), pair.b.endpoint()], 0)?;
+    let ns = timesteps(n_end, 2 * b, device)?;
+    let both = Tensor::cat(&[pair.a.endpoint(), pair.b.endpoint()], 0)?.to_device(device)?;
     let v = critic.value(&both, &ns, None, lambda)?;
     Ok((v.narrow(0, 0, b)?, v.narrow(0, b, b)?))
 }
@@ -217,7 +219,7 @@ mod tests {
         let pairs =
             make_segment_pairs(&r, &g, &[2], 64, 4, &mut rng_for(2, 0, 0), &Device::Cpu).unwrap();
         let p = &pairs[3];
-        let (va, vb) = score_pair(&v, &g, p, 1.0).unwrap();
+        let (va, vb) = score_pair(&v, &g, p, 1.0, &Device::Cpu).unwrap();
         let batch = VrpoBatch {
             k_starts: vec![p.k_start; 64],
             xa: p.a.states.clone(),

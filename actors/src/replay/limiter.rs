@@ -122,18 +122,8 @@ end
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replay::testutil::cfg;
     use crate::replay::Sampler;
-
-    fn cfg(capacity: usize, min_size: usize, spi: f64, eb: f64, sampler: Sampler) -> ReplayConfig {
-        ReplayConfig {
-            capacity,
-            min_size,
-            samples_per_insert: spi,
-            error_buffer: eb,
-            sampler,
-            ..ReplayConfig::default()
-        }
-    }
 
     #[test]
     fn limiter_matches_hand_computation() {

@@ -163,6 +163,7 @@ pub fn sources(
             critic: load_critic(cfg, s, run_dir)?,
             grid: s.grid.clone(),
             lambda: cfg.vrpo.lambda,
+            device: s.critic_device.clone(),
             input: input.clone(),
             panic_after_units: cfg.fault.critic_panic_after,
         }));
