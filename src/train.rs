@@ -177,11 +177,14 @@ pub async fn train(mut t: Training, progress: &Progress) -> Result<TrainReport> 
             "[{}] already trained ({start} steps >= {})",
             t.name, t.steps
         ));
-        return Ok(read_json(&t.report_file).unwrap_or(TrainReport {
+        // Keep what the training run recorded (throughput, latencies); the budget is reached.
+        let recorded: TrainReport = read_json(&t.report_file).unwrap_or_default();
+        return Ok(TrainReport {
             steps: start,
             resumed_from: start,
-            ..Default::default()
-        }));
+            stopped_early: false,
+            ..recorded
+        });
     }
     let control = Arc::new(RunControl::default());
     control

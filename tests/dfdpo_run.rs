@@ -113,6 +113,11 @@ fn tiny_dfdpo_run_writes_eval_ablation_and_filmstrips() {
             "{name}: {listed}"
         );
     }
+    // ... and the training curves of every continuation.
+    for p in ["loss.png", "accuracy.png"] {
+        assert!(listed.contains(p), "{p}: {listed}");
+        tilt::plots::check_png(&out.join(p), 2000).unwrap();
+    }
     assert_eq!(std::fs::read(&strip).unwrap(), before);
 }
 

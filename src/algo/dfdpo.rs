@@ -448,7 +448,7 @@ impl Algorithm for DfDpo {
     }
 
     fn render(&self, run_dir: &Path) -> Result<Vec<PathBuf>> {
-        let mut out = Vec::new();
+        let mut out = training_curves(run_dir)?;
         let dir = run_dir.join("samples");
         if !dir.exists() {
             return Ok(out);
@@ -470,6 +470,64 @@ impl Algorithm for DfDpo {
         }
         Ok(out)
     }
+}
+
+/// The continuations that ran, in the order `variants` lists them.
+const CONTINUATIONS: [&str; 5] = ["sft", "dfdpo", "temporal_only", "spatial_only", "hybrid"];
+
+/// `loss.png` and `accuracy.png`: one line per continuation, from its `history.json`.
+fn training_curves(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    // (name, loss curve, accuracy curve)
+    type Curves = (&'static str, Vec<(f64, f64)>, Vec<(f64, f64)>);
+    let mut curves: Vec<Curves> = Vec::new();
+    for name in CONTINUATIONS {
+        let file = run_dir.join(name).join("history.json");
+        if !file.exists() {
+            continue;
+        }
+        let hist: Vec<(u64, f32, f32)> = read_json(&file)?;
+        curves.push((
+            name,
+            hist.iter().map(|h| (h.0 as f64, h.1 as f64)).collect(),
+            hist.iter().map(|h| (h.0 as f64, h.2 as f64)).collect(),
+        ));
+    }
+    if curves.is_empty() {
+        return Ok(vec![]);
+    }
+    let losses: Vec<_> = curves
+        .iter()
+        .map(|c| crate::plots::Series {
+            name: c.0,
+            points: &c.1,
+        })
+        .collect();
+    let accs: Vec<_> = curves
+        .iter()
+        .map(|c| crate::plots::Series {
+            name: c.0,
+            points: &c.2,
+        })
+        .collect();
+    let loss = run_dir.join("loss.png");
+    crate::plots::line_chart(
+        &loss,
+        "Training loss of each continuation",
+        "learner step",
+        "loss",
+        &losses,
+        &[],
+    )?;
+    let acc = run_dir.join("accuracy.png");
+    crate::plots::line_chart(
+        &acc,
+        "Implicit accuracy (DF-DPO variants; 0 for SFT)",
+        "learner step",
+        "accuracy",
+        &accs,
+        &[],
+    )?;
+    Ok(vec![loss, acc])
 }
 
 /// Sample clips from every model from the same noise (a paired comparison), measure them against
