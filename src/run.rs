@@ -27,19 +27,33 @@ pub fn prepare_run_dir(out: &Path, cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Run the configured stages in `run_dir` (fresh or resumed) with the configured algorithm;
-/// returns `summary.json`'s content when the run got that far.
-pub async fn execute(cfg: &Config, run_dir: &Path) -> Result<Option<serde_json::Value>> {
+/// The progress output of a process working in `run_dir` (logged to `run_dir/log_name`), its
+/// first line, and the metrics endpoint (`metrics.listen`): what `tilt run`, `tilt resume` and
+/// `tilt worker` share.
+pub fn open_progress(
+    cfg: &Config,
+    run_dir: &Path,
+    log_name: &str,
+    first: &str,
+) -> Result<Progress> {
     use std::io::IsTerminal;
     let progress = Progress {
-        log: Some(run_dir.join("progress.log")),
+        log: Some(run_dir.join(log_name)),
         every: Duration::from_secs_f64(cfg.metrics.progress_every_s),
         interactive: std::io::stderr().is_terminal(),
     };
-    progress.line(&format!("tilt: run {} in {}", cfg.name, run_dir.display()));
+    progress.line(first);
     if let Some(addr) = crate::telemetry::start_metrics(&cfg.metrics.listen)? {
         progress.line(&format!("tilt: metrics at http://{addr}/metrics"));
     }
+    Ok(progress)
+}
+
+/// Run the configured stages in `run_dir` (fresh or resumed) with the configured algorithm;
+/// returns `summary.json`'s content when the run got that far.
+pub async fn execute(cfg: &Config, run_dir: &Path) -> Result<Option<serde_json::Value>> {
+    let first = format!("tilt: run {} in {}", cfg.name, run_dir.display());
+    let progress = open_progress(cfg, run_dir, "progress.log", &first)?;
     let run = RunCtx {
         cfg,
         run_dir,

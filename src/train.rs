@@ -20,7 +20,7 @@ use tilt_actors::replay::ReplayBuffer;
 use tilt_actors::source::PairSource;
 use tilt_actors::telemetry::LatencySummary;
 use tilt_kernels::denoiser::{load_weights, Denoiser};
-use tilt_kernels::optim::{AdamW, AdamWConfig};
+use tilt_kernels::optim::{named_vars, AdamW, AdamWConfig};
 
 use crate::files::{read_json, write_json};
 use crate::progress::Progress;
@@ -36,15 +36,7 @@ pub struct Trainable {
 impl Trainable {
     /// Wrap a freshly built model whose variables live in `varmap`.
     pub fn new(varmap: VarMap, model: Arc<dyn Denoiser>, opt: AdamWConfig) -> Result<Self> {
-        let mut vars: Vec<_> = varmap
-            .data()
-            .lock()
-            .map_err(|_| anyhow!("varmap lock poisoned"))?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let opt = AdamW::new(vars, opt)?;
+        let opt = AdamW::new(named_vars(&varmap)?, opt)?;
         Ok(Self { varmap, model, opt })
     }
 

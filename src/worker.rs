@@ -3,7 +3,6 @@
 //! the algorithm's (`Algorithm::worker`).
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tilt_actors::replay::redis::redact;
@@ -12,7 +11,7 @@ use tilt_actors::replay::ReplayBackend;
 use crate::algo::{for_kind, RunCtx, WorkerRole};
 use crate::build::redis_url;
 use crate::config::Config;
-use crate::progress::Progress;
+use crate::run::open_progress;
 
 /// Run one role of run `run_id` in `run_dir`: the process-level part every algorithm shares
 /// (Redis backend required, run directory, resolved config, progress log, metrics endpoint), then
@@ -43,21 +42,13 @@ pub async fn run_worker(
         f.write_all(cfg.to_toml()?.as_bytes())?;
     }
     let name = format!("{role:?}").to_lowercase();
-    use std::io::IsTerminal;
-    let progress = Progress {
-        log: Some(run_dir.join(format!("progress-{name}.log"))),
-        every: Duration::from_secs_f64(cfg.metrics.progress_every_s),
-        interactive: std::io::stderr().is_terminal(),
-    };
     let url = redis_url(cfg);
-    progress.line(&format!(
+    let first = format!(
         "tilt worker: role {name}, run {run_id}, redis {}, run directory {}",
         redact(&url),
         run_dir.display()
-    ));
-    if let Some(addr) = crate::telemetry::start_metrics(&cfg.metrics.listen)? {
-        progress.line(&format!("tilt: metrics at http://{addr}/metrics"));
-    }
+    );
+    let progress = open_progress(cfg, run_dir, &format!("progress-{name}.log"), &first)?;
     let run = RunCtx {
         cfg,
         run_dir,

@@ -347,6 +347,18 @@ impl AdamW {
     }
 }
 
+/// The variables of `varmap` sorted by name: a fixed order every replica and every optimiser of
+/// the same model agrees on (a VarMap iterates in hash order).
+pub fn named_vars(varmap: &candle_nn::VarMap) -> Result<Vec<(String, Var)>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| KernelError::param("varmap", "lock", "poisoned by a panicking thread"))?;
+    let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(vars)
+}
+
 /// The gradients of `vars` in `grads`, in that order (None for a var the loss does not reach).
 /// Loss functions take the trainable vars rather than an optimiser: computing gradients needs
 /// no optimiser state.
@@ -828,5 +840,22 @@ mod tests {
             AdamWConfig::default()
         )
         .is_err());
+    }
+
+    #[test]
+    fn named_vars_are_sorted_by_name() {
+        let vm = candle_nn::VarMap::new();
+        for name in ["w2", "b", "a.z", "a.b"] {
+            vm.get(
+                2,
+                name,
+                candle_nn::Init::Const(0.0),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+        }
+        let names: Vec<String> = named_vars(&vm).unwrap().into_iter().map(|v| v.0).collect();
+        assert_eq!(names, ["a.b", "a.z", "b", "w2"]);
     }
 }

@@ -15,6 +15,7 @@ use tilt_kernels::critic_train::{
     ROLLOUT_STREAM,
 };
 use tilt_kernels::denoiser::{load_weights, save_weights};
+use tilt_kernels::optim::named_vars;
 use tilt_kernels::rng::rng_for;
 
 use super::Setup;
@@ -73,13 +74,7 @@ pub fn stage_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<CriticRep
     let n_train = (n * 9 / 10).max(1);
     let vm = VarMap::new();
     let critic = build::cdf_critic(&cfg.critic, s.dim(), grid, &vm, &s.critic_device)?;
-    let vars = vm
-        .data()
-        .lock()
-        .map_err(|_| anyhow!("critic varmap lock poisoned"))?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let vars = named_vars(&vm)?;
     let train_cfg = CriticTrainConfig {
         steps: cfg.critic.train_steps,
         batch: cfg.critic.batch,
