@@ -3,6 +3,7 @@
 //! `tilt-actors`.
 
 pub mod algo;
+pub mod alloc;
 pub mod build;
 pub mod config;
 pub mod files;

@@ -104,6 +104,9 @@ async fn main_inner(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    tilt::alloc::tune();
+    // Before the async runtime starts any thread.
+    tilt::alloc::default_op_threads();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -202,7 +202,7 @@ impl CriticEncoder for MlpEncoder {
         }
         let mut h = Tensor::cat(&[&x.to_dtype(self.dtype)?, &temb], 1)?; // [batch, in_dim + time_dim]
         for l in &self.layers {
-            h = candle_nn::ops::silu(&l.forward(&h)?)?;
+            h = crate::fused::silu(&crate::fused::linear_layer(l, &h)?)?;
         }
         Ok(h) // [batch, hidden]
     }

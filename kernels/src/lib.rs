@@ -10,6 +10,7 @@ pub mod denoiser;
 pub mod dfdpo;
 pub mod distort;
 pub mod error;
+pub mod fused;
 pub mod logprob;
 pub mod losses;
 pub mod mixture;
