@@ -1,4 +1,10 @@
-//! Throwaway: time the parts of one learner step at the peer's shape.
+//! Time the parts of one VRPO learner step (record decode, gradients, AdamW) at the peer's shape
+//! (K = 100, L = 10, batch 256, policy hidden 128, depth 2, time_dim 32), for profiling:
+//!
+//!   N=200 TUNE=1 cargo run --release --example profile_learner
+//!   N=200 TUNE=1 perf record ./target/release/examples/profile_learner
+//!
+//! `TUNE=1` applies tilt's allocator settings (`tilt::alloc::tune`), as the `tilt` binary does.
 use candle_core::Device;
 use std::time::Instant;
 use tilt::algo::vrpo::{build_policy, setup};
