@@ -68,3 +68,29 @@ pub fn start_metrics(listen: &str) -> Result<Option<SocketAddr>> {
     );
     Ok(Some(addr))
 }
+
+/// The process's peak resident set so far, in MiB (`VmHWM` of /proc/self/status); None where
+/// the kernel does not report it (not Linux).
+pub fn peak_rss_mb() -> Option<f64> {
+    parse_vm_hwm(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+fn parse_vm_hwm(status: &str) -> Option<f64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_hwm_parses_and_is_reported_here() {
+        let s = "Name:\ttilt\nVmPeak:\t  999 kB\nVmHWM:\t  204800 kB\nVmRSS:\t 1 kB\n";
+        assert_eq!(parse_vm_hwm(s), Some(200.0));
+        assert_eq!(parse_vm_hwm("Name: x\n"), None);
+        // This test process has touched at least a MiB.
+        assert!(peak_rss_mb().is_some_and(|m| m > 1.0));
+    }
+}

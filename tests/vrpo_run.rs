@@ -42,6 +42,9 @@ fn smoke_run_finishes_and_moves_toward_the_tilted_target() {
         assert!(s.get(key).is_some(), "summary lacks {key}: {s}");
     }
     assert_eq!(s["steps"], 60);
+    // The process's peak RSS is reported (Linux), and is at least the size of the binary's code.
+    let rss = s["peak_rss_mb"].as_f64().expect("peak_rss_mb");
+    assert!(rss > 5.0 && rss < 24_000.0, "peak_rss_mb = {rss}");
     // The target is above the reference (lambda > 0, linear reward), and 60 soft-label steps move
     // the policy a good part of the way (measured ~0.5-0.8 on this config; a policy that did not
     // learn stays at 0 +- 0.05 from sampling noise with 4000 samples).

@@ -337,6 +337,8 @@ pub struct DfDpoSummary {
     pub ablation: BTreeMap<String, VideoStats>,
     pub training: BTreeMap<String, TrainReport>,
     pub eval_clips: usize,
+    /// Peak resident set of the run's process (MiB).
+    pub peak_rss_mb: Option<f64>,
 }
 
 /// A clip as nested rows: [frames][channels][h][w].
@@ -625,6 +627,7 @@ fn evaluate(
         ablation,
         training,
         eval_clips: n,
+        peak_rss_mb: crate::telemetry::peak_rss_mb(),
     };
     write_json(&run_dir.join("summary.json"), &summary)?;
     progress.line(&format!(

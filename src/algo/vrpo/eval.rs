@@ -185,6 +185,8 @@ pub struct Summary {
     /// The policy evaluated at each listed training length (drift of hard labels shows here).
     pub evals: Vec<EvalPoint>,
     pub stopped_early: bool,
+    /// Peak resident set of the process that wrote the summary (MiB; the learner's in worker mode).
+    pub peak_rss_mb: Option<f64>,
     /// Per-stage latency percentiles (ms), merged across actors.
     pub latency: std::collections::BTreeMap<String, tilt_actors::telemetry::LatencySummary>,
 }
@@ -251,6 +253,7 @@ pub fn finish(
         restarts: vrpo.restarts,
         evals: ev.points.clone(),
         stopped_early: false,
+        peak_rss_mb: crate::telemetry::peak_rss_mb(),
         latency: vrpo.latency.clone(),
     };
     for (stage, l) in &summary.latency {
