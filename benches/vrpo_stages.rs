@@ -1,6 +1,7 @@
 //! Throughput of each VRPO stage on the quickstart shapes (2-D mixture, K = 100, L = 10):
 //! rollout (pairs from reference chains), critic scoring, record encode / decode, one learner
-//! step (gradients + AdamW), and the memory replay. `cargo bench --bench vrpo_stages`.
+//! step (gradients + AdamW), and the memory replay. `cargo bench --bench vrpo_stages`
+//! (`RAYON_NUM_THREADS=1` for the thread count the `tilt` binary defaults to).
 
 use std::sync::Arc;
 
@@ -17,6 +18,8 @@ use tilt_kernels::rng::rng_for;
 use tilt_kernels::vrpo::{make_segment_pairs, score_pair, vrpo_grads};
 
 fn stages(c: &mut Criterion) {
+    // As the `tilt` binary runs: mimalloc's purge delay (tilt::alloc).
+    tilt::alloc::tune();
     let mut cfg = Config::default();
     cfg.policy.hidden = 64;
     let s = setup(&cfg).expect("setup");
