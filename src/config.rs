@@ -584,6 +584,14 @@ impl Config {
                 self.metrics.progress_every_s
             );
         }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            bail!(
+                "metrics.listen = {:?}: expected host:port (e.g. \"127.0.0.1:9184\", port 0 = a free port) or \"\" for no endpoint",
+                self.metrics.listen
+            );
+        }
         self.replay.validate().map_err(|e| anyhow!("{e}"))?;
         match self.algorithm {
             AlgorithmKind::Vrpo => self.validate_vrpo(),
@@ -714,8 +722,19 @@ impl Config {
     /// Parse TOML text, apply `--set key=value` overrides, type-check and validate. `origin` names
     /// the file in errors.
     pub fn from_toml_str(text: &str, origin: &str, sets: &[String]) -> Result<Self> {
-        let mut tree: toml::Value =
-            toml::from_str(text).map_err(|e| anyhow!("{origin}: invalid TOML: {}", e.message()))?;
+        let mut tree: toml::Value = toml::from_str(text).map_err(|e| {
+            // One line: the message's own lines joined, and where it is.
+            let msg = e.message().lines().collect::<Vec<_>>().join("; ");
+            match e.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    anyhow!("{origin}:{line}:{col}: invalid TOML: {msg}")
+                }
+                None => anyhow!("{origin}: invalid TOML: {msg}"),
+            }
+        })?;
         for s in sets {
             apply_set(&mut tree, s).with_context(|| format!("--set {s}"))?;
         }
