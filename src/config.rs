@@ -370,6 +370,9 @@ pub struct FaultConfig {
     pub critic_panic_after: u64,
     /// The learner fails at this step (after checkpointing the previous one).
     pub learner_fail_at_step: u64,
+    /// The learner's gradients turn NaN at this step (the run must stop, keeping the last good
+    /// weights).
+    pub learner_nan_at_step: u64,
 }
 
 impl AlgorithmKind {

@@ -92,6 +92,8 @@ pub struct Training {
     pub seed: u64,
     /// Test hook: the learner fails at this step (0: never).
     pub fail_at_step: u64,
+    /// Test hook: the learner's gradients are NaN at this step (0: never).
+    pub nan_at_step: u64,
     /// Fires when a producer-only process should stop (worker mode: the learner finished).
     pub stop: Option<tokio::sync::oneshot::Receiver<()>>,
 }
@@ -210,6 +212,7 @@ pub async fn train(mut t: Training, progress: &Progress) -> Result<TrainReport> 
             control: control.clone(),
             on_done: None,
             fail_at_step: t.fail_at_step,
+            nan_at_step: t.nan_at_step,
         })
         .collect();
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -126,6 +126,7 @@ async fn train(world: usize, batch: usize, name: &str) -> Vec<Vec<(String, Vec<f
             control: control.clone(),
             on_done: None,
             fail_at_step: 0,
+            nan_at_step: 0,
         };
         refs.push(
             ractor::Actor::spawn(None, LearnerActor, args)

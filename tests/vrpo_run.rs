@@ -113,6 +113,44 @@ fn learner_failure_stops_the_run_after_a_checkpoint() {
 }
 
 #[test]
+fn non_finite_gradient_stops_the_run_keeping_the_last_good_weights() {
+    // At step 9 the gradients turn NaN (fault hook): the run stops with the step named, the
+    // checkpoint it leaves is step 8 with finite weights, and no summary is written.
+    let d = scratch("smoke-nan");
+    let out = d.join("run");
+    let o = run(&out, &["fault.learner_nan_at_step=9"]);
+    let e = err(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("non-finite gradient") && e.contains("at step 9") && e.contains("step-00000008"),
+        "{e}"
+    );
+    assert_eq!(
+        e.lines().filter(|l| l.contains("error")).count(),
+        1,
+        "one error line: {e}"
+    );
+    let ck = out.join("checkpoints/step-00000008");
+    assert_eq!(json(&ck.join("state.json"))["step"], 8);
+    assert!(!out.join("checkpoints/step-00000009").exists());
+    let w =
+        candle_core::safetensors::load(ck.join("policy.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert!(!w.is_empty());
+    for (name, t) in w {
+        let s = t
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(s.is_finite(), "{name} is not finite in the kept checkpoint");
+    }
+    assert!(!out.join("summary.json").exists());
+}
+
+#[test]
 fn sigterm_drains_and_checkpoints_then_resume_continues() {
     let d = scratch("smoke-sigterm");
     let out = d.join("run");

@@ -64,6 +64,8 @@ pub struct LearnerArgs {
     pub on_done: Option<DoneCallback>,
     /// Test hook: fail the step that would reach this step number (0 = never).
     pub fail_at_step: u64,
+    /// Test hook: the gradients of the step that would reach this step number are NaN (0 = never).
+    pub nan_at_step: u64,
 }
 
 /// What the leader calls when it has finished: (step, final checkpoint directory).
@@ -112,6 +114,23 @@ fn apply(core: &Arc<Mutex<LearnerCore>>, grads: &[Option<Tensor>]) -> Result<(),
     c.opt.step_with(grads).map_err(|e| e.to_string())?;
     c.step += 1;
     Ok(())
+}
+
+/// The position of the first gradient holding a NaN or an infinity (summed in f64: a finite f32
+/// gradient cannot overflow it).
+fn first_non_finite(grads: &[Option<Tensor>]) -> candle_core::Result<Option<usize>> {
+    for (i, g) in grads.iter().enumerate() {
+        if let Some(t) = g {
+            let s = t
+                .to_dtype(candle_core::DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            if !s.is_finite() {
+                return Ok(Some(i));
+            }
+        }
+    }
+    Ok(None)
 }
 
 impl LearnerState {
@@ -218,7 +237,31 @@ impl LearnerState {
                 }
             }
         }
-        let avg = Arc::new(average_grads(&all)?);
+        let mut avg = average_grads(&all)?;
+        if a.nan_at_step > 0 && next == a.nan_at_step {
+            avg = avg
+                .iter()
+                .map(|g| g.as_ref().map(|t| t.affine(0.0, f64::NAN)).transpose())
+                .collect::<candle_core::Result<_>>()?;
+        }
+        // A non-finite loss or gradient stops the run before it reaches the weights: the last
+        // good weights are checkpointed (`fail`), never a NaN state.
+        let loss_sum: f32 = stats.iter().map(|s| s.loss).sum();
+        if !loss_sum.is_finite() {
+            return self
+                .fail(format!("non-finite loss ({loss_sum}) at step {next}"))
+                .await
+                .map(|_| true);
+        }
+        if let Some(bad) = first_non_finite(&avg)? {
+            return self
+                .fail(format!(
+                    "non-finite gradient (variable #{bad} in the optimiser's order) at step {next}"
+                ))
+                .await
+                .map(|_| true);
+        }
+        let avg = Arc::new(avg);
         for peer in &self.peers {
             let g = avg.clone();
             match peer

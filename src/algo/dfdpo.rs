@@ -316,6 +316,7 @@ fn continuation(
         extra_file: None,
         seed: cfg.seed,
         fail_at_step: cfg.fault.learner_fail_at_step,
+        nan_at_step: cfg.fault.learner_nan_at_step,
         stop: None,
     })
 }

@@ -219,6 +219,7 @@ pub fn training(cfg: &Config, s: &Setup, run_dir: &Path, roles: Roles) -> Result
         extra_file: (cfg.critic.kind == CriticKind::Learned).then(|| critic_files(run_dir).0),
         seed: cfg.seed,
         fail_at_step: cfg.fault.learner_fail_at_step,
+        nan_at_step: cfg.fault.learner_nan_at_step,
         stop: roles.stop,
     })
 }
