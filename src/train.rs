@@ -226,6 +226,9 @@ pub async fn train(mut t: Training, progress: &Progress) -> Result<TrainReport> 
         done: Arc::new(Mutex::new(Some(tx))),
     };
     let total = if learners { t.steps } else { 0 };
+    // Pairs/s from the replay's own insert counter: in worker mode the producers are other
+    // processes, and the Redis backend counts their inserts server-side.
+    let inserted0 = t.replay.stats().inserted;
     let t0 = Instant::now();
     let outcome = run_actors(spec, rx, t.stop.take(), progress, &t.name, start, total).await?;
     let wall = t0.elapsed().as_secs_f64();
@@ -235,7 +238,7 @@ pub async fn train(mut t: Training, progress: &Progress) -> Result<TrainReport> 
         steps,
         resumed_from: start,
         wall_s: wall,
-        pairs_per_s: RunControl::get(&control.pairs_inserted) as f64 / wall,
+        pairs_per_s: t.replay.stats().inserted.saturating_sub(inserted0) as f64 / wall,
         learner_steps_per_s: (steps - start) as f64 / wall,
         learner_utilisation: RunControl::get(&control.learner_busy_us) as f64 / 1e6 / wall,
         restarts: RunControl::get(&control.restarts),
