@@ -1182,6 +1182,52 @@ mod tests {
     }
 
     #[test]
+    fn blob_gates_pass_the_real_clips_and_catch_jumps_and_noise() {
+        // Fitted on one set of procedural clips, the gate passes another (every frame holds one
+        // blob that moves no farther than the data does): measured 1.00 / 1.00 here. A blob that
+        // jumps back and forth keeps one blob per frame but breaks the track; pure noise holds no
+        // blob of the data's size. (Frame order within a clip is the `temporal` measure's job: the
+        // data's fast clips move up to ~4 px per frame, so a shuffle's jumps stay within range.)
+        use tilt_kernels::clip_gates::BlobGate;
+        let (fit, _) = generate(&spec(8, 1, 16, Motion::Mixed), 32, 5).unwrap();
+        let gate = BlobGate::fit(&fit).unwrap();
+        let (real, _) = generate(&spec(8, 1, 16, Motion::Mixed), 32, 6).unwrap();
+        let g = gate.measure(&real).unwrap();
+        assert!(
+            g.single_blob >= 0.95 && g.track_continuity >= 0.95,
+            "{g:?} {gate:?}"
+        );
+        // Every odd frame rolled 7 px sideways (wrapping): one blob per frame, but it jumps ~7 px
+        // back and forth, beyond the data's largest step.
+        let mixed: Vec<Tensor> = (0..32)
+            .map(|i| {
+                let clip = real.get(i).unwrap();
+                let frames: Vec<Tensor> = (0..8)
+                    .map(|t| {
+                        let f = clip.get(t).unwrap(); // [C, H, W]
+                        if t % 2 == 1 {
+                            f.roll(7, 2).unwrap()
+                        } else {
+                            f
+                        }
+                    })
+                    .collect();
+                Tensor::stack(&frames, 0).unwrap()
+            })
+            .collect();
+        let s = gate.measure(&Tensor::stack(&mixed, 0).unwrap()).unwrap();
+        // (A blob rolled across the edge splits in two: measured 0.80.)
+        assert!(s.single_blob >= 0.7, "{s:?}");
+        assert!(
+            s.track_continuity < g.track_continuity - 0.3,
+            "{s:?} vs {g:?}, {gate:?}"
+        );
+        let noise = Tensor::randn(0f32, 0.3, real.shape(), &Device::Cpu).unwrap();
+        let n = gate.measure(&noise).unwrap();
+        assert!(n.single_blob < 0.3 && n.track_continuity < 0.2, "{n:?}");
+    }
+
+    #[test]
     fn reference_stats_of_real_clips() {
         // Real clips obey the arrow (see the separation test), are noise-free (noise_level ~ 0) and
         // have a blob (sharpness > 0).

@@ -59,7 +59,14 @@ fn tiny_dfdpo_run_writes_eval_ablation_and_filmstrips() {
         ("ablation", vec!["temporal_only", "spatial_only", "hybrid"]),
     ] {
         for k in keys {
-            for m in ["temporal", "smoothness", "sharpness", "noise"] {
+            for m in [
+                "temporal",
+                "smoothness",
+                "sharpness",
+                "noise",
+                "single_blob",
+                "track_continuity",
+            ] {
                 let v = s[block][k][m]
                     .as_f64()
                     .unwrap_or_else(|| panic!("{block}.{k}.{m} missing: {s}"));
@@ -69,8 +76,11 @@ fn tiny_dfdpo_run_writes_eval_ablation_and_filmstrips() {
             assert!((0.0..=1.0).contains(&t));
         }
     }
-    // The real clips obey their own arrow of time.
+    // The real clips obey their own arrow of time and pass the blob gates fitted on them.
     assert!(s["real"]["temporal"].as_f64().unwrap() > 0.9, "{s}");
+    assert!(s["real"]["single_blob"].as_f64().unwrap() > 0.9, "{s}");
+    assert!(s["real"]["track_continuity"].as_f64().unwrap() > 0.9, "{s}");
+    assert!(s["gate"]["max_area"].as_u64().unwrap() > 0, "{s}");
     // The models diffuse standardised clips (video.normalize defaults to true): the recorded map
     // is the scalar mean and std of the 24 real clips.
     let spec = tilt::video::ClipSpec {

@@ -200,18 +200,9 @@ fn background_residual(lum: &[f32], h: usize, w: usize) -> (Vec<f32>, f32) {
 /// blob itself; with Gaussian noise, 3 s keeps all but ~0.1 % of the background pixels out. A frame
 /// with no pixel above the threshold (no object) gets the position of its brightest residual pixel.
 pub fn blob_track(clip: &Tensor) -> Result<Vec<(f32, f32)>> {
-    let ((t, c, h, w), v) = clip_values("blob_track", clip)?;
-    let hw = h * w;
-    let mut track = Vec::with_capacity(t);
-    for f in 0..t {
-        let frame = &v[f * c * hw..(f + 1) * c * hw];
-        let mut lum = vec![0.0f32; hw];
-        for ch in frame.chunks(hw) {
-            for (l, &x) in lum.iter_mut().zip(ch) {
-                *l += x / c as f32;
-            }
-        }
-        let (resid, sigma) = background_residual(&lum, h, w);
+    let (frames, w) = frame_residuals("blob_track", clip)?;
+    let mut track = Vec::with_capacity(frames.len());
+    for (resid, sigma) in frames {
         let thr = 3.0 * sigma;
         let (mut sw, mut sx, mut sy) = (0.0f64, 0.0f64, 0.0f64);
         for (k, &r) in resid.iter().enumerate() {
@@ -234,6 +225,31 @@ pub fn blob_track(clip: &Tensor) -> Result<Vec<(f32, f32)>> {
         }
     }
     Ok(track)
+}
+
+/// A frame's background-removed luminance [H * W] and its background noise sigma.
+pub(crate) type FrameResidual = (Vec<f32>, f32);
+
+/// Per frame of a clip `[T, C, H, W]`: the luminance (channel mean) minus its fitted background
+/// plane, row-major [H * W], and the background's robust noise sigma; plus the width W.
+pub(crate) fn frame_residuals(
+    op: &'static str,
+    clip: &Tensor,
+) -> Result<(Vec<FrameResidual>, usize)> {
+    let ((t, c, h, w), v) = clip_values(op, clip)?;
+    let hw = h * w;
+    let mut out = Vec::with_capacity(t);
+    for f in 0..t {
+        let frame = &v[f * c * hw..(f + 1) * c * hw];
+        let mut lum = vec![0.0f32; hw];
+        for ch in frame.chunks(hw) {
+            for (l, &x) in lum.iter_mut().zip(ch) {
+                *l += x / c as f32;
+            }
+        }
+        out.push(background_residual(&lum, h, w));
+    }
+    Ok((out, w))
 }
 
 /// Friction or bounce, from a track alone (time-symmetric: a reversed track gets the same answer).

@@ -19,6 +19,7 @@ use tilt_actors::codec::records_to_clip_pairs;
 use tilt_actors::distortion::DistortionSource;
 use tilt_actors::objective::{Objective, StepStats};
 use tilt_actors::replay::{MemoryReplay, Record};
+use tilt_kernels::clip_gates::BlobGate;
 use tilt_kernels::denoiser::{load_weights, save_weights, Denoiser};
 use tilt_kernels::dfdpo::{denoise_grads, dfdpo_grads, pretrain_denoiser, DataScale};
 use tilt_kernels::distort::{Curriculum, Distortion};
@@ -33,8 +34,7 @@ use crate::files::{read_json, write_json};
 use crate::progress::Progress;
 use crate::train::{off_executor, train, TrainReport, Trainable, Training};
 use crate::video::{
-    generate, load_clip_dir, load_npy, reference_stats, save_npy, video_stats, ClipSpec, Motion,
-    VideoStats,
+    generate, load_clip_dir, load_npy, save_npy, video_stats, ClipSpec, Motion, VideoStats,
 };
 
 /// DF-DPO.
@@ -321,6 +321,36 @@ fn continuation(
     })
 }
 
+/// One model's evaluation: the clip measurements and the gates (does it make the data's objects).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ModelEval {
+    #[serde(flatten)]
+    pub stats: VideoStats,
+    /// Share of frames with exactly one blob of the data's size (`kernels::clip_gates`).
+    pub single_blob: f32,
+    /// Share of consecutive-frame pairs with one such blob each, no farther apart than the data moves.
+    pub track_continuity: f32,
+}
+
+impl ModelEval {
+    fn measure(clips: &Tensor, hint: Option<Motion>, gate: &BlobGate) -> Result<Self> {
+        let g = gate.measure(clips)?;
+        Ok(Self {
+            stats: video_stats(clips, hint)?,
+            single_blob: g.single_blob,
+            track_continuity: g.track_continuity,
+        })
+    }
+
+    fn line(&self, name: &str) -> String {
+        let s = &self.stats;
+        format!(
+            "[eval] {name:<14} temporal {:.3} smoothness {:.3} sharpness {:.4} noise {:.4} | one blob {:.3} continuity {:.3}",
+            s.temporal, s.smoothness, s.sharpness, s.noise, self.single_blob, self.track_continuity
+        )
+    }
+}
+
 /// `summary.json` of a DF-DPO run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DfDpoSummary {
@@ -331,11 +361,13 @@ pub struct DfDpoSummary {
     pub lambda_sft: f64,
     pub wall_s: f64,
     /// The real clips' own measurements (the ceiling; temporal ~1).
-    pub real: VideoStats,
+    pub real: ModelEval,
     /// reference, sft, dfdpo.
-    pub eval: BTreeMap<String, VideoStats>,
+    pub eval: BTreeMap<String, ModelEval>,
     /// temporal_only, spatial_only, hybrid.
-    pub ablation: BTreeMap<String, VideoStats>,
+    pub ablation: BTreeMap<String, ModelEval>,
+    /// The gate's thresholds, fitted on the real clips.
+    pub gate: BlobGate,
     pub training: BTreeMap<String, TrainReport>,
     pub eval_clips: usize,
     /// Peak resident set of the run's process (MiB).
@@ -544,7 +576,8 @@ fn evaluate(
     t0: Instant,
     progress: &Progress,
 ) -> Result<DfDpoSummary> {
-    let real = reference_stats(&sh.clips)?;
+    let gate = BlobGate::fit(&sh.clips).context("fitting the blob gate on the real clips")?;
+    let real = ModelEval::measure(&sh.clips, None, &gate)?;
     let grid = SamplingGrid::new(&sh.schedule, cfg.sampling.steps, cfg.sampling.eta)?;
     let n = cfg.eval.samples;
     let shape = (
@@ -596,11 +629,8 @@ fn evaluate(
             .to_data(&y)?
             .clamp(-1f32, 1f32)?
             .to_device(&Device::Cpu)?;
-        let st = video_stats(&samples, hint)?;
-        progress.line(&format!(
-            "[eval] {name:<14} temporal {:.3} smoothness {:.3} sharpness {:.4} noise {:.4}",
-            st.temporal, st.smoothness, st.sharpness, st.noise
-        ));
+        let st = ModelEval::measure(&samples, hint, &gate)?;
+        progress.line(&st.line(name));
         if ["temporal_only", "spatial_only", "hybrid"].contains(&name.as_str()) {
             ablation.insert(name.clone(), st);
         } else {
@@ -611,10 +641,7 @@ fn evaluate(
             &samples.narrow(0, 0, STRIP.min(n))?,
         )?;
     }
-    progress.line(&format!(
-        "[eval] real clips      temporal {:.3} smoothness {:.3} sharpness {:.4} noise {:.4}",
-        real.temporal, real.smoothness, real.sharpness, real.noise
-    ));
+    progress.line(&real.line("real clips"));
     DfDpo.render(run_dir)?;
     let summary = DfDpoSummary {
         name: cfg.name.clone(),
@@ -627,6 +654,7 @@ fn evaluate(
         eval,
         ablation,
         training,
+        gate,
         eval_clips: n,
         peak_rss_mb: crate::telemetry::peak_rss_mb(),
     };
