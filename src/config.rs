@@ -27,6 +27,9 @@ pub struct Config {
     /// The default device of every role: "cpu", "cuda" or "cuda:N" (CUDA needs the `cuda`
     /// feature). `rollout.device`, `critic.device` and `learner.device` override it per role.
     pub device: String,
+    /// "async" (the actor pipeline: producers and learners overlap) or "sync" (produce a unit,
+    /// score it, train on it until the replay's limiter stops serving, repeat: no overlap).
+    pub runtime: RuntimeKind,
     pub data: DataConfig,
     pub reward: RewardConfig,
     pub schedule: ScheduleConfig,
@@ -44,6 +47,17 @@ pub struct Config {
     pub pretrain: PretrainConfig,
     pub dfdpo: DfDpoConfig,
     pub distortion: DistortionConfig,
+}
+
+/// How the roles take turns (`runtime = "..."`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// The actor pipeline: producers and learners run concurrently.
+    #[default]
+    Async,
+    /// One unit at a time, produced when the learner asks for it; no overlap.
+    Sync,
 }
 
 /// Which algorithm runs (`algorithm = "..."`); an unknown name is a parse error naming the key.
@@ -401,6 +415,7 @@ impl Default for Config {
             seed: 0,
             stages: vec!["critic".into(), "vrpo".into(), "eval".into()],
             device: "cpu".into(),
+            runtime: RuntimeKind::Async,
             data: DataConfig::default(),
             reward: RewardConfig::default(),
             schedule: ScheduleConfig::default(),
@@ -596,6 +611,20 @@ impl Config {
             );
         }
         self.replay.validate().map_err(|e| anyhow!("{e}"))?;
+        if self.runtime == RuntimeKind::Sync {
+            if self.replay.backend != tilt_actors::replay::ReplayBackend::Memory {
+                bail!("runtime = \"sync\": needs replay.backend = \"memory\" (one process, no overlap)");
+            }
+            for (k, v) in [
+                ("rollout.actors", self.rollout.actors),
+                ("critic.actors", self.critic.actors),
+                ("distortion.actors", self.distortion.actors),
+            ] {
+                if v != 1 {
+                    bail!("{k} = {v}: runtime = \"sync\" runs one producer of each kind");
+                }
+            }
+        }
         match self.algorithm {
             AlgorithmKind::Vrpo => self.validate_vrpo(),
             AlgorithmKind::Dfdpo => self.validate_dfdpo(),

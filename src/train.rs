@@ -94,6 +94,8 @@ pub struct Training {
     pub fail_at_step: u64,
     /// Test hook: the learner's gradients are NaN at this step (0: never).
     pub nan_at_step: u64,
+    /// `runtime = "sync"`: producers make a unit only when the learner asks (no overlap).
+    pub sync: bool,
     /// Fires when a producer-only process should stop (worker mode: the learner finished).
     pub stop: Option<tokio::sync::oneshot::Receiver<()>>,
 }
@@ -180,7 +182,11 @@ pub async fn train(mut t: Training, progress: &Progress) -> Result<TrainReport> 
             ..recorded
         });
     }
-    let control = Arc::new(RunControl::default());
+    let control = Arc::new(if t.sync {
+        RunControl::synchronous()
+    } else {
+        RunControl::default()
+    });
     control
         .learner_step
         .store(start, std::sync::atomic::Ordering::Relaxed);

@@ -94,6 +94,25 @@ fn rollout_and_critic_panics_are_restarted_and_the_run_goes_on() {
 }
 
 #[test]
+fn sync_runtime_takes_turns_and_reaches_the_same_place() {
+    // runtime = "sync": one unit produced at a time on the learner's demand. The run finishes
+    // its steps and moves toward the target like the pipeline (same bar as the smoke run).
+    let d = scratch("smoke-sync");
+    let out = d.join("run");
+    let o = run(&out, &["runtime=sync"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let s = json(&out.join("summary.json"));
+    assert_eq!(s["steps"], 60);
+    let gap = s["gap_closed"].as_f64().unwrap();
+    assert!(gap > 0.25, "gap_closed = {gap}");
+    // Sync needs the in-process replay and one producer of each kind.
+    let o = run(&d.join("bad"), &["runtime=sync", "rollout.actors=2"]);
+    let e = err(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("rollout.actors") && e.contains("sync"), "{e}");
+}
+
+#[test]
 fn learner_failure_stops_the_run_after_a_checkpoint() {
     let d = scratch("smoke-learner-fail");
     let out = d.join("run");

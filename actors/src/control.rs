@@ -27,6 +27,60 @@ pub struct RunControl {
     pub latency: crate::telemetry::Latencies,
     /// (step, loss, accuracy) every step, for the loss curves of the report.
     pub history: Mutex<Vec<(u64, f32, f32)>>,
+    /// `runtime = "sync"`: production on the learner's demand, no overlap (None: the pipeline).
+    pub sync: Option<SyncTurns>,
+}
+
+/// Turns of the synchronous runtime: a producer makes a unit only when the learner asked for one,
+/// and the learner asks only when it cannot sample, so producing and training never overlap.
+#[derive(Debug)]
+pub struct SyncTurns {
+    permits: tokio::sync::Semaphore,
+    requested: AtomicU64,
+    done: AtomicU64,
+}
+
+impl Default for SyncTurns {
+    fn default() -> Self {
+        Self {
+            permits: tokio::sync::Semaphore::new(0),
+            requested: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+        }
+    }
+}
+
+impl SyncTurns {
+    /// A producer that starts units (rollout, distortion): wait for the learner's request.
+    pub async fn wait_turn(&self) {
+        if let Ok(p) = self.permits.acquire().await {
+            p.forget();
+        }
+    }
+    /// The producer that inserts a unit's records (critic, distortion): the unit is in the replay.
+    pub fn unit_done(&self) {
+        self.done.fetch_add(1, Ordering::SeqCst);
+    }
+    /// The learner cannot sample: ask for one unit unless one is already being made. Returns
+    /// whether a unit was requested.
+    pub fn request_if_idle(&self) -> bool {
+        let done = self.done.load(Ordering::SeqCst);
+        let asked = self
+            .requested
+            .compare_exchange(done, done + 1, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if asked {
+            self.permits.add_permits(1);
+        }
+        asked
+    }
+    /// Units asked for and units inserted so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.requested.load(Ordering::SeqCst),
+            self.done.load(Ordering::SeqCst),
+        )
+    }
 }
 
 /// The latest learner numbers, for progress and reports.
@@ -51,11 +105,20 @@ impl Default for RunControl {
             last: Mutex::new(LastStats::default()),
             latency: Default::default(),
             history: Mutex::new(Vec::new()),
+            sync: None,
         }
     }
 }
 
 impl RunControl {
+    /// A run control for `runtime = "sync"` (see [`SyncTurns`]).
+    pub fn synchronous() -> Self {
+        Self {
+            sync: Some(SyncTurns::default()),
+            ..Self::default()
+        }
+    }
+
     /// Ask every producer to stop and the learner to finish after its current step.
     pub fn request_stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -82,5 +145,31 @@ impl RunControl {
     /// The latest learner statistics.
     pub fn last(&self) -> LastStats {
         self.last.lock().map(|g| *g).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sync_turns_allow_one_unit_at_a_time() {
+        let t = SyncTurns::default();
+        // No request yet: a producer waits.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), t.wait_turn())
+                .await
+                .is_err()
+        );
+        assert!(t.request_if_idle());
+        // A second request while the first unit is being made is refused.
+        assert!(!t.request_if_idle());
+        t.wait_turn().await;
+        assert_eq!(t.counts(), (1, 0));
+        t.unit_done();
+        assert_eq!(t.counts(), (1, 1));
+        // The unit is in: the next request goes through.
+        assert!(t.request_if_idle());
+        assert_eq!(t.counts(), (2, 1));
     }
 }

@@ -149,6 +149,9 @@ impl Actor for CriticActor {
             }
         }
         RunControl::add(&control.pairs_inserted, n);
+        if let Some(turns) = &control.sync {
+            turns.unit_done();
+        }
         metrics::counter!("tilt_pairs_inserted_total", "role" => "critic", "actor" => a.id.to_string()).increment(n);
         myself.cast(CriticMsg::Score)?;
         Ok(())

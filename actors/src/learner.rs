@@ -174,10 +174,19 @@ impl LearnerState {
     async fn leader_step(&mut self) -> Result<bool, ActorProcessingErr> {
         let a = &self.args;
         let ts = Instant::now();
-        let sampled = a
-            .replay
-            .sample(a.batch * a.world, Duration::from_millis(250))
-            .await?;
+        let n = a.batch * a.world;
+        let sampled = match &a.control.sync {
+            None => a.replay.sample(n, Duration::from_millis(250)).await?,
+            // Synchronous runtime: train while the replay serves; when it cannot, ask for the
+            // next unit and wait for it.
+            Some(turns) => match a.replay.sample(n, Duration::ZERO).await? {
+                Some(r) => Some(r),
+                None => {
+                    turns.request_if_idle();
+                    a.replay.sample(n, Duration::from_millis(250)).await?
+                }
+            },
+        };
         let Some(records) = sampled else {
             return Ok(false);
         };

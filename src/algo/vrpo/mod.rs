@@ -220,6 +220,7 @@ pub fn training(cfg: &Config, s: &Setup, run_dir: &Path, roles: Roles) -> Result
         seed: cfg.seed,
         fail_at_step: cfg.fault.learner_fail_at_step,
         nan_at_step: cfg.fault.learner_nan_at_step,
+        sync: cfg.runtime == crate::config::RuntimeKind::Sync,
         stop: roles.stop,
     })
 }
