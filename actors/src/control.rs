@@ -130,6 +130,23 @@ impl RunControl {
         // wait_for errs only when the sender is gone, which cannot happen while `self` lives.
         let _ = rx.wait_for(|s| *s).await;
     }
+    /// A producer that starts units: in `runtime = "sync"`, wait until the learner asks for one
+    /// (true) or the run stops (false); in the pipeline, true at once.
+    pub async fn producer_turn(&self) -> bool {
+        let Some(turns) = &self.sync else {
+            return true;
+        };
+        tokio::select! {
+            _ = turns.wait_turn() => true,
+            _ = self.stopped() => false,
+        }
+    }
+    /// The producer that inserts a unit's records has inserted them (`runtime = "sync"`).
+    pub fn unit_inserted(&self) {
+        if let Some(turns) = &self.sync {
+            turns.unit_done();
+        }
+    }
     /// Has a stop been requested?
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)

@@ -149,9 +149,7 @@ impl Actor for CriticActor {
             }
         }
         RunControl::add(&control.pairs_inserted, n);
-        if let Some(turns) = &control.sync {
-            turns.unit_done();
-        }
+        control.unit_inserted();
         metrics::counter!("tilt_pairs_inserted_total", "role" => "critic", "actor" => a.id.to_string()).increment(n);
         myself.cast(CriticMsg::Score)?;
         Ok(())

@@ -102,14 +102,9 @@ impl Actor for DistortionActor {
             myself.stop(Some("run stopping".into()));
             return Ok(());
         }
-        if let Some(turns) = &control.sync {
-            tokio::select! {
-                _ = turns.wait_turn() => {}
-                _ = control.stopped() => {
-                    myself.stop(Some("run stopping".into()));
-                    return Ok(());
-                }
-            }
+        if !control.producer_turn().await {
+            myself.stop(Some("run stopping".into()));
+            return Ok(());
         }
         if src.panic_after_units > 0 && st.units == src.panic_after_units && a.generation == 0 {
             panic!(
@@ -193,9 +188,7 @@ impl Actor for DistortionActor {
         }
         RunControl::add(&control.pairs_produced, k);
         RunControl::add(&control.pairs_inserted, k);
-        if let Some(turns) = &control.sync {
-            turns.unit_done();
-        }
+        control.unit_inserted();
         metrics::counter!("tilt_pairs_produced_total", "role" => "distortion", "actor" => a.id.to_string()).increment(k);
         myself.cast(DistortionMsg::Produce)?;
         Ok(())

@@ -89,14 +89,9 @@ impl Actor for RolloutActor {
             myself.stop(Some("run stopping".into()));
             return Ok(());
         }
-        if let Some(turns) = &control.sync {
-            tokio::select! {
-                _ = turns.wait_turn() => {}
-                _ = control.stopped() => {
-                    myself.stop(Some("run stopping".into()));
-                    return Ok(());
-                }
-            }
+        if !control.producer_turn().await {
+            myself.stop(Some("run stopping".into()));
+            return Ok(());
         }
         if src.panic_after_units > 0 && st.units == src.panic_after_units && a.generation == 0 {
             panic!(
