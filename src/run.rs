@@ -45,6 +45,12 @@ pub fn open_progress(
     progress.line(first);
     if let Some(addr) = crate::telemetry::start_metrics(&cfg.metrics.listen)? {
         progress.line(&format!("tilt: metrics at http://{addr}/metrics"));
+        if !addr.ip().is_loopback() {
+            // The default is loopback-only; anything else is a choice the log states.
+            progress.line(&format!(
+                "tilt: note: the metrics endpoint listens beyond this machine ({addr}, metrics.listen)"
+            ));
+        }
     }
     Ok(progress)
 }
