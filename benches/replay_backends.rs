@@ -1,6 +1,6 @@
 //! Replay throughput: records/s and MB/s through the in-process and the Redis backend, for small
-//! (1 KiB), tensor-sized (64 KiB) and large (1 MiB) records. One iteration = insert a batch, sample
-//! it back, acknowledge it. Needs Redis on 127.0.0.1:6379 (or TILT_REDIS_URL); compare with
+//! (1 KiB), tensor-sized (64 KiB) and large (1 MiB) records. One iteration = insert a batch
+//! (`redis`: record by record; `redis_batch`: one `insert_many`), sample it back, acknowledge it. Needs Redis on 127.0.0.1:6379 (or TILT_REDIS_URL); compare with
 //! `redis-benchmark -t xadd` on the same machine (scripts/bench-replay.sh runs both).
 
 use std::sync::Arc;
@@ -26,15 +26,27 @@ fn cfg(backend: ReplayBackend, capacity: usize) -> ReplayConfig {
     }
 }
 
-fn round_trip(rt: &tokio::runtime::Runtime, replay: &Arc<dyn ReplayBuffer>, recs: &[Record]) {
+/// Insert `recs` (one `insert` per record, or one `insert_many` for the unit when `batched`),
+/// sample them all back and acknowledge them.
+fn round_trip(
+    rt: &tokio::runtime::Runtime,
+    replay: &Arc<dyn ReplayBuffer>,
+    recs: Vec<Record>,
+    batched: bool,
+) {
     rt.block_on(async {
-        for r in recs {
-            replay.insert(r.clone()).await.unwrap();
+        let n = recs.len();
+        if batched {
+            replay.insert_many(recs).await.unwrap();
+        } else {
+            for r in recs {
+                replay.insert(r).await.unwrap();
+            }
         }
         let mut got = 0;
-        while got < recs.len() {
+        while got < n {
             let batch = replay
-                .sample(recs.len() - got, Duration::from_secs(10))
+                .sample(n - got, Duration::from_secs(10))
                 .await
                 .unwrap()
                 .expect("records");
@@ -78,7 +90,7 @@ fn backends(c: &mut Criterion) {
             Arc::new(MemoryReplay::new(cfg(ReplayBackend::Memory, 4 * n)).unwrap());
         g.bench_with_input(BenchmarkId::new("memory", label), &n, |b, _| {
             let recs = make();
-            b.iter(|| round_trip(&rt, &mem, &recs))
+            b.iter(|| round_trip(&rt, &mem, recs.clone(), false))
         });
         let run_id = format!("bench-{}-{label}", std::process::id());
         let redis: Arc<dyn ReplayBuffer> = match rt.block_on(RedisReplay::connect(
@@ -96,7 +108,15 @@ fn backends(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("redis", label), &n, |b, _| {
             b.iter(|| {
                 let recs = make();
-                round_trip(&rt, &redis, &recs)
+                round_trip(&rt, &redis, recs, false)
+            })
+        });
+        // The unit in one `insert_many` (one script call), as the critic and distortion actors
+        // insert it.
+        g.bench_with_input(BenchmarkId::new("redis_batch", label), &n, |b, _| {
+            b.iter(|| {
+                let recs = make();
+                round_trip(&rt, &redis, recs, true)
             })
         });
         rt.block_on(redis.purge()).unwrap();

@@ -421,6 +421,104 @@ async fn two_producers_one_consumer_see_every_record_once(b: &Backend) -> TestRe
     Ok(())
 }
 
+/// The rate limiter of `rate_limiter_blocks_and_releases` (spi = 1, min_size = 10, max_diff = 15)
+/// against one `insert_many` of 20 records: 15 go in and the call waits; each sampled record
+/// lets one more in; the call completes once all 20 are in, and they come out in order.
+async fn insert_many_blocks_then_completes_as_samples_free_room(b: &Backend) -> TestResult {
+    let rb = b
+        .make(with_max_times(1, cfg(100, 10, 1.0, 5.0, Sampler::Fifo)))
+        .await?;
+    let batch: Vec<Record> = (0..20).map(|s| rec(1, s)).collect();
+    let call = {
+        let rb = rb.clone();
+        tokio::spawn(async move { rb.insert_many(batch).await })
+    };
+    let inserted_stays = |n: u64| {
+        let rb = rb.clone();
+        async move {
+            assert!(
+                wait_until(LONG, || rb.stats().inserted == n).await,
+                "{:?}",
+                rb.stats()
+            );
+            assert!(!wait_until(SHORT, || rb.stats().inserted > n).await);
+        }
+    };
+    inserted_stays(15).await;
+    assert!(!call.is_finished());
+    assert_eq!(seqs(&take(&rb, 1).await?), vec![0]);
+    inserted_stays(16).await;
+    assert!(!call.is_finished());
+    assert_eq!(seqs(&take(&rb, 3).await?), vec![1, 2, 3]);
+    inserted_stays(19).await;
+    assert!(!call.is_finished());
+    assert_eq!(seqs(&take(&rb, 1).await?), vec![4]);
+    timeout(LONG, call).await???;
+    assert!(wait_until(LONG, || rb.stats().inserted == 20).await);
+    // 20 - (5 + m) >= 5 lets 10 more out: the records of the batch, in order.
+    assert_eq!(seqs(&take(&rb, 9).await?), (5..14).collect::<Vec<_>>());
+    assert_eq!(seqs(&take(&rb, 1).await?), vec![14]);
+    Ok(())
+}
+
+/// Close while an `insert_many` waits on the limiter: the call fails with Closed, the prefix it
+/// inserted stays, and later batches fail with Closed.
+async fn insert_many_close_while_blocked_returns_closed(b: &Backend) -> TestResult {
+    // spi = 1, min_size = 1, error_buffer = 1: max_diff = 2, so 2 of the 5 go in.
+    let rb = b.make(cfg(8, 1, 1.0, 1.0, Sampler::Uniform)).await?;
+    let call = {
+        let rb = rb.clone();
+        tokio::spawn(async move { rb.insert_many((0..5).map(|s| rec(0, s)).collect()).await })
+    };
+    assert!(wait_until(LONG, || rb.stats().inserted == 2).await);
+    assert!(!wait_until(SHORT, || call.is_finished()).await);
+    rb.close();
+    assert!(matches!(
+        timeout(LONG, call).await??,
+        Err(ActorError::Closed)
+    ));
+    assert!(matches!(
+        rb.insert_many(vec![rec(0, 9)]).await,
+        Err(ActorError::Closed)
+    ));
+    stats_become(&rb, (2, 0, 0, 2, 0)).await?;
+    Ok(())
+}
+
+/// The same records inserted one by one into one buffer and with `insert_many` (two batches,
+/// producers interleaved) into another: the same records come out in the same order, and the
+/// counters agree at every step.
+async fn insert_many_matches_per_record_inserts(b: &Backend) -> TestResult {
+    let c = || with_max_times(1, cfg(64, 1, 0.0, 0.0, Sampler::Fifo));
+    let one = b.make(c()).await?;
+    let many = b.make(c()).await?;
+    let sent: Vec<Record> = (0..12).map(|s| rec((s % 3) as u32, s)).collect();
+    for r in &sent {
+        timeout(LONG, one.insert(r.clone())).await??;
+    }
+    timeout(LONG, many.insert_many(sent[..7].to_vec())).await??;
+    timeout(LONG, many.insert_many(sent[7..].to_vec())).await??;
+    timeout(LONG, many.insert_many(Vec::new())).await??;
+    stats_become(&one, (12, 0, 0, 12, 0)).await?;
+    stats_become(&many, (12, 0, 0, 12, 0)).await?;
+    let mut got = Vec::new();
+    for rb in [&one, &many] {
+        let first = take(rb, 5).await?;
+        rb.ack(&keys(&first)).await?;
+        stats_become(rb, (12, 5, 5, 7, 0)).await?;
+        let rest = take(rb, 7).await?;
+        rb.ack(&keys(&rest)).await?;
+        stats_become(rb, (12, 12, 12, 0, 0)).await?;
+        got.push([first, rest].concat());
+    }
+    assert_eq!(got[0], sent, "per-record inserts, FIFO");
+    assert_eq!(
+        got[1], sent,
+        "insert_many, FIFO: every record once, in order"
+    );
+    Ok(())
+}
+
 type Case = for<'a> fn(&'a Backend) -> Pin<Box<dyn Future<Output = TestResult> + Send + 'a>>;
 
 macro_rules! cases {
@@ -441,6 +539,9 @@ async fn suite(b: Backend) -> TestResult {
         close_wakes_waiters,
         closed_buffer_drains_then_reports_closed,
         two_producers_one_consumer_see_every_record_once,
+        insert_many_blocks_then_completes_as_samples_free_room,
+        insert_many_close_while_blocked_returns_closed,
+        insert_many_matches_per_record_inserts,
     ];
     for (name, case) in cases {
         let t0 = Instant::now();

@@ -28,6 +28,18 @@ pub trait ReplayBuffer: Send + Sync {
     /// Err(Closed) once closed.
     async fn insert(&self, rec: Record) -> Result<()>;
 
+    /// Insert `records` in order, with the semantics of calling [`insert`](Self::insert) on each:
+    /// waits while the rate limiter or capacity forbids inserts (a prefix may go in, then the call
+    /// waits and continues); Err(Closed) once closed (the records before that point stay
+    /// inserted). The redis backend admits a batch with one script call (one round trip when
+    /// nothing has to wait); this default inserts one by one.
+    async fn insert_many(&self, records: Vec<Record>) -> Result<()> {
+        for rec in records {
+            self.insert(rec).await?;
+        }
+        Ok(())
+    }
+
     /// Sample `n` records; waits until allowed (min fill, rate limiter) or until `timeout` passes
     /// (then Ok(None)); Err(Closed) once closed and nothing can ever be sampled.
     ///

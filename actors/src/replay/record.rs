@@ -246,9 +246,41 @@ const CRC32_TABLE: [u32; 256] = {
     table
 };
 
+/// Slicing-by-16 tables: `CRC32_SLICES[k][b]` is the CRC register after byte `b` followed by
+/// `k` zero bytes (`CRC32_SLICES[0]` is [`CRC32_TABLE`]).
+const CRC32_SLICES: [[u32; 256]; 16] = {
+    let mut t = [[0u32; 256]; 16];
+    t[0] = CRC32_TABLE;
+    let mut i = 0;
+    while i < 256 {
+        let mut k = 1;
+        while k < 16 {
+            let prev = t[k - 1][i];
+            t[k][i] = (prev >> 8) ^ CRC32_TABLE[(prev & 0xff) as usize];
+            k += 1;
+        }
+        i += 1;
+    }
+    t
+};
+
+/// CRC-32/ISO-HDLC, 16 bytes per step (slicing-by-16; the byte-at-a-time loop was most of the
+/// client's time on 64 KiB and 1 MiB records), the rest byte by byte.
 fn crc32(bytes: &[u8]) -> u32 {
+    let t = &CRC32_SLICES;
     let mut c = !0u32;
-    for &b in bytes {
+    let mut blocks = bytes.chunks_exact(16);
+    for b in &mut blocks {
+        let a = c ^ u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        c = t[15][(a & 0xff) as usize]
+            ^ t[14][((a >> 8) & 0xff) as usize]
+            ^ t[13][((a >> 16) & 0xff) as usize]
+            ^ t[12][(a >> 24) as usize];
+        for (j, &x) in b[4..].iter().enumerate() {
+            c ^= t[11 - j][x as usize];
+        }
+    }
+    for &b in blocks.remainder() {
         c = CRC32_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
     }
     !c
@@ -307,6 +339,25 @@ mod tests {
     fn crc32_check_value() {
         // The catalogued check value of CRC-32/ISO-HDLC over "123456789" is 0xCBF43926.
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn crc32_slicing_agrees_with_byte_at_a_time() {
+        let bytewise = |bytes: &[u8]| {
+            let mut c = !0u32;
+            for &b in bytes {
+                c = CRC32_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
+            }
+            !c
+        };
+        // Every length around the 16-byte blocks, on bytes that are not all alike.
+        let data: Vec<u8> = (0..1000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in 0..data.len() {
+            assert_eq!(crc32(&data[..len]), bytewise(&data[..len]), "length {len}");
+        }
+        assert_eq!(crc32(&data[3..]), bytewise(&data[3..]));
     }
 
     #[test]

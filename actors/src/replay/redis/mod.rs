@@ -447,6 +447,10 @@ impl ReplayBuffer for RedisReplay {
         self.inner.insert(&rec).await
     }
 
+    async fn insert_many(&self, records: Vec<Record>) -> Result<()> {
+        self.inner.insert_many(&records).await
+    }
+
     async fn sample(&self, n: usize, timeout: Duration) -> Result<Option<Vec<Record>>> {
         self.inner.sample(n, timeout).await
     }

@@ -27,6 +27,48 @@ redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
 return {'ok', len + 1}
 ";
 
+/// Insert a batch: the records in order, each as [`INSERT_LUA`] would (a repeat of its
+/// producer's last inserted key is skipped), up to the first one the capacity or the ratio
+/// limiter refuses. The limiter is asked once for the whole batch (`insert_room`, the shared
+/// formula for k records at once). Runs after [`limiter::LUA`]. A nonce key makes a retry after
+/// a lost reply a no-op that answers how many records the first run took.
+/// KEYS: stream, inserts, samples, last-seq hash, nonce. ARGV: capacity, [`limiter::LuaBounds`]'
+/// spi and max_diff, nonce ttl (ms), records the caller still has (sent or not), then one
+/// (producer, seq, payload) triple per record sent.
+/// Returns {status, stream length, records taken (inserted or skipped), room for more now}:
+/// status 'ok' (every sent record taken), 'full', 'limit' or 'replay'.
+const INSERT_MANY_LUA: &str = r"
+local len = redis.call('XLEN', KEYS[1])
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  return {'replay', len, tonumber(redis.call('GET', KEYS[5])), 0}
+end
+local cap, spi, max_diff = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local sent = (#ARGV - 5) / 3
+local ins, smp = 0, 0
+if spi > 0 then
+  ins = tonumber(redis.call('GET', KEYS[2]) or '0')
+  smp = tonumber(redis.call('GET', KEYS[3]) or '0')
+end
+local allowed = insert_room(ins, smp, sent, spi, max_diff)
+local taken, added, status = 0, 0, 'ok'
+for i = 6, #ARGV, 3 do
+  if redis.call('HGET', KEYS[4], ARGV[i]) ~= ARGV[i + 1] then
+    if len >= cap then status = 'full' break end
+    if added >= allowed then status = 'limit' break end
+    redis.call('XADD', KEYS[1], '*', 'r', ARGV[i + 2])
+    redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
+    len = len + 1
+    added = added + 1
+  end
+  taken = taken + 1
+end
+if added > 0 then redis.call('INCRBY', KEYS[2], added) end
+if taken > 0 then redis.call('SET', KEYS[5], taken, 'PX', ARGV[4]) end
+local room = math.min(math.max(cap - len, 0), tonumber(ARGV[5]) - taken)
+if room > 0 then room = insert_room(ins + added, smp, room, spi, max_diff) end
+return {status, len, taken, room}
+";
+
 /// Reserve `counted` samples if the limiter allows, and count one hand-out per listed entry (an
 /// uncounted hand-out, `counted` = 0, needs no permission). Runs after [`limiter::LUA`].
 /// KEYS: inserts, samples, uses hash, nonce. ARGV: [`limiter::LuaBounds`]' min_size, spi and
@@ -90,6 +132,7 @@ return lost
 
 pub(super) struct Scripts {
     pub(super) insert: Script,
+    pub(super) insert_many: Script,
     pub(super) reserve: Script,
     pub(super) retire: Script,
     pub(super) drop: Script,
@@ -101,6 +144,7 @@ impl Scripts {
         Self {
             // The limiter's decisions come from its one definition, transcribed in limiter::LUA.
             insert: Script::new(&format!("{}{INSERT_LUA}", limiter::LUA)),
+            insert_many: Script::new(&format!("{}{INSERT_MANY_LUA}", limiter::LUA)),
             reserve: Script::new(&format!("{}{RESERVE_LUA}", limiter::LUA)),
             retire: Script::new(RETIRE_LUA),
             drop: Script::new(DROP_LUA),

@@ -465,3 +465,43 @@ fn redis_config_rules_name_the_key() {
         .unwrap_or_default();
     assert!(e.starts_with("replay.backend"), "{e}");
 }
+
+/// The batch insert script on its own: a call retried with the same nonce (a lost reply) adds
+/// nothing and answers what the first call took; a record repeating its producer's last key is
+/// skipped as by a single insert; a full stream stops the batch after a prefix.
+#[tokio::test]
+async fn insert_many_script_is_safe_to_retry_and_stops_at_capacity() -> TestResult {
+    let run = run_id("insert-many");
+    let rb = RedisReplay::connect(URL, &run, "c0", cfg(5, 1, 0.0, 0.0, Sampler::Fifo)).await?;
+    let inner = &rb.inner;
+    let call = |nonce: &str, recs: &[Record], left: usize| {
+        let mut inv = inner.scripts.insert_many.prepare_invoke();
+        inv.key(&inner.keys.stream)
+            .key(&inner.keys.inserts)
+            .key(&inner.keys.samples)
+            .key(&inner.keys.last)
+            .key(format!("{}{nonce}", inner.keys.nonce))
+            .arg(inner.cfg.capacity)
+            .arg(&inner.bounds.spi)
+            .arg(&inner.bounds.max_diff)
+            .arg(30_000)
+            .arg(left);
+        for r in recs {
+            inv.arg(r.producer.to_string())
+                .arg(r.seq.to_string())
+                .arg(r.encode());
+        }
+        let mut c = inner.cmd.clone();
+        async move { inv.invoke_async::<(String, u64, u64, u64)>(&mut c).await }
+    };
+    let recs: Vec<Record> = (0..3).map(|s| rec(4, s)).collect();
+    assert_eq!(call("a", &recs, 3).await?, ("ok".to_owned(), 3, 3, 0));
+    assert_eq!(call("a", &recs, 3).await?, ("replay".to_owned(), 3, 3, 0));
+    assert_eq!(inserted(&rb).await, 3);
+    // (4, 2) repeats the last key: skipped, taken. Then room for 2 of the 3 new ones.
+    let more: Vec<Record> = (2..6).map(|s| rec(4, s)).collect();
+    assert_eq!(call("b", &more, 4).await?, ("full".to_owned(), 5, 3, 0));
+    assert_eq!(inserted(&rb).await, 5);
+    rb.purge().await?;
+    Ok(())
+}
