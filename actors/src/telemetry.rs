@@ -17,7 +17,8 @@ pub enum Stage {
     RolloutSegment,
     /// A critic actor scoring one unit and encoding its records.
     CriticScore,
-    /// One replay insert, including any wait imposed by the rate limiter (back-pressure).
+    /// One producer unit inserted into the replay (`insert_many`), including any wait imposed by
+    /// the rate limiter (back-pressure).
     ReplayInsert,
     /// One replay sample of a learner batch, including waiting for data.
     ReplaySample,
