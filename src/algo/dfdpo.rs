@@ -629,6 +629,7 @@ fn evaluate(
             .scale
             .to_data(&y)?
             .clamp(-1f32, 1f32)?
+            // The clip measurements and the saved filmstrips are host-side.
             .to_device(&Device::Cpu)?;
         let st = ModelEval::measure(&samples, hint, &gate)?;
         progress.line(&st.line(name));

@@ -96,6 +96,7 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                     };
                     let mut unit = Vec::with_capacity(recs.len());
                     for r in &recs {
+                        // Records decode on the CPU; the critic moves the endpoints to its device.
                         match record_segment_pair(r, &candle_core::Device::Cpu) {
                             Ok(p) => unit.push(p),
                             Err(e) => eprintln!("tilt worker: skipping a bad segment record: {e}"),
