@@ -370,25 +370,30 @@ mod tests {
         assert!(acc > 0.7, "held-out implicit accuracy {acc}");
     }
 
+    /// `rows` samples of the two points (1, 1, 1, 1) and (-1, -1, -1, -1), equally likely.
+    fn two_points(rng: &mut StdRng, rows: usize) -> Tensor {
+        randn(rng, (rows, 1), &Device::Cpu)
+            .unwrap()
+            .ge(0f32)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .affine(2.0, -1.0)
+            .unwrap()
+            .broadcast_as((rows, 4))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }
+
     #[test]
     fn denoise_training_lowers_the_loss() {
         // Data on two points: the denoising loss of a trained MLP drops below 0.6x its start.
-        let d = Device::Cpu;
         let s = VpSchedule::ddpm_default();
         let vm = VarMap::new();
         let m = net(&vm);
         let mut opt = opt_for(&vm, 3e-3);
-        let data = |i: u64| {
-            let sign = randn(&mut rng_for(4, 0, i), (128, 1), &d)
-                .unwrap()
-                .ge(0f32)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .affine(2.0, -1.0)
-                .unwrap();
-            sign.broadcast_as((128, 4)).unwrap().contiguous().unwrap()
-        };
+        let data = |i: u64| two_points(&mut rng_for(4, 0, i), 128);
         let eval = |m: &MlpDenoiser, opt: &AdamW| {
             (0..5)
                 .map(|i| {
@@ -418,15 +423,7 @@ mod tests {
         let vm = VarMap::new();
         let m = net(&vm);
         let mut opt = opt_for(&vm, 3e-3);
-        let sign = randn(&mut rng_for(7, 0, 0), (256, 1), &d)
-            .unwrap()
-            .ge(0f32)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .affine(2.0, -1.0)
-            .unwrap();
-        let data = sign.broadcast_as((256, 4)).unwrap().contiguous().unwrap();
+        let data = two_points(&mut rng_for(7, 0, 0), 256);
         let held_out = |m: &MlpDenoiser, opt: &AdamW| {
             (0..5)
                 .map(|i| {

@@ -135,11 +135,11 @@ impl Denoiser for MlpDenoiser {
 }
 
 /// The distinct training indices of `n` [rows] and each row's position among them, when there are
-/// at most a quarter as many as rows (else None: sharing would not pay). Reads `n` back to the
-/// host (rows floats).
+/// at most a quarter as many as rows (else None: sharing would not pay). Reads `n` on the host, so
+/// only CPU tensors take this path (on a GPU the read-back would synchronise every forward).
 fn shared_steps(n: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
     let rows = n.dim(0)?;
-    if rows < 64 {
+    if rows < 64 || !n.device().is_cpu() {
         return Ok(None);
     }
     let values = n.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
