@@ -12,7 +12,7 @@ use candle_core::Tensor;
 use candle_nn::VarMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tilt_kernels::denoiser::Denoiser;
-use tilt_kernels::optim::{average_grads, AdamW};
+use tilt_kernels::optim::{average_grads, first_non_finite, AdamW};
 
 use crate::checkpoint::{write_checkpoint, CheckpointState};
 use crate::control::{LastStats, RunControl};
@@ -114,23 +114,6 @@ fn apply(core: &Arc<Mutex<LearnerCore>>, grads: &[Option<Tensor>]) -> Result<(),
     c.opt.step_with(grads).map_err(|e| e.to_string())?;
     c.step += 1;
     Ok(())
-}
-
-/// The position of the first gradient holding a NaN or an infinity (summed in f64: a finite f32
-/// gradient cannot overflow it).
-fn first_non_finite(grads: &[Option<Tensor>]) -> candle_core::Result<Option<usize>> {
-    for (i, g) in grads.iter().enumerate() {
-        if let Some(t) = g {
-            let s = t
-                .to_dtype(candle_core::DType::F64)?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-            if !s.is_finite() {
-                return Ok(Some(i));
-            }
-        }
-    }
-    Ok(None)
 }
 
 impl LearnerState {

@@ -347,6 +347,20 @@ impl AdamW {
     }
 }
 
+/// The position of the first gradient holding a NaN or an infinity (summed in f64: a finite f32
+/// gradient cannot overflow the sum, and NaN or inf anywhere makes it non-finite).
+pub fn first_non_finite(grads: &[Option<Tensor>]) -> Result<Option<usize>> {
+    for (i, g) in grads.iter().enumerate() {
+        if let Some(t) = g {
+            let s = t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            if !s.is_finite() {
+                return Ok(Some(i));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// The variables of `varmap` sorted by name: a fixed order every replica and every optimiser of
 /// the same model agrees on (a VarMap iterates in hash order).
 pub fn named_vars(varmap: &candle_nn::VarMap) -> Result<Vec<(String, Var)>> {
@@ -857,5 +871,23 @@ mod tests {
         }
         let names: Vec<String> = named_vars(&vm).unwrap().into_iter().map(|v| v.0).collect();
         assert_eq!(names, ["a.b", "a.z", "b", "w2"]);
+    }
+
+    #[test]
+    fn first_non_finite_finds_nan_and_inf_and_ignores_large_finite() {
+        let d = Device::Cpu;
+        let ok = Tensor::new(&[1.0f32, -2.0, 3.0e38, 3.0e38], &d).unwrap();
+        let nan = Tensor::new(&[0.0f32, f32::NAN], &d).unwrap();
+        let inf = Tensor::new(&[f32::NEG_INFINITY], &d).unwrap();
+        // 3e38 + 3e38 overflows f32 but not the f64 sum: still finite.
+        assert_eq!(first_non_finite(&[Some(ok.clone()), None]).unwrap(), None);
+        assert_eq!(
+            first_non_finite(&[Some(ok.clone()), None, Some(nan)]).unwrap(),
+            Some(2)
+        );
+        assert_eq!(
+            first_non_finite(&[None, Some(inf), Some(ok)]).unwrap(),
+            Some(1)
+        );
     }
 }
