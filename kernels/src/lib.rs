@@ -9,6 +9,7 @@ pub mod critic_train;
 pub mod cuda;
 pub mod denoiser;
 pub mod dfdpo;
+pub mod digits;
 pub mod distort;
 pub mod error;
 pub mod fused;
