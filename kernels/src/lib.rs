@@ -2,6 +2,7 @@
 //! No async, no I/O beyond safetensors files, no actors. Each module is tested against a closed form
 //! or a hand computation next to its code.
 
+pub mod classifier;
 pub mod clip_gates;
 pub mod clip_metrics;
 pub mod critic;
