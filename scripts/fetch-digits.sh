@@ -52,10 +52,12 @@ print(f"fetch-digits: {path} ok: 1797 images 8x8, labels 0..9, per class {counts
 PY
 }
 
-if [ "$force" = 0 ] && [ -f "$out" ] && check "$out" >/dev/null 2>&1; then
-  check "$out"
-  echo "fetch-digits: $out already present and valid (use --force to regenerate)"
-  exit 0
+if [ "$force" = 0 ] && [ -f "$out" ]; then
+  if check "$out"; then
+    echo "fetch-digits: $out already present and valid (use --force to regenerate)"
+    exit 0
+  fi
+  echo "fetch-digits: $out fails the check above; regenerating it"
 fi
 
 tmp=$(mktemp -d)
