@@ -678,7 +678,8 @@ impl Batches {
     }
 }
 
-/// Trains `model` (its variables are all of `varmap`'s) to minimise the cross-entropy on
+/// Trains `model` (whose variables live in `varmap`; every variable there that the loss reaches is
+/// updated, so give each classifier its own VarMap) to minimise the cross-entropy on
 /// `train_x` [N, 1, S, S] f32 / `train_y` [N] u32, with AdamW (`cfg.lr` decaying to 0 on a cosine,
 /// `cfg.weight_decay`, other settings default) on augmented batches (see
 /// [`ClassifierTrainConfig`]). Batches and augmentation come from `rng_for(seed, TRAIN_STREAM, 0)`,
