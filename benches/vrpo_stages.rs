@@ -22,7 +22,7 @@ fn stages(c: &mut Criterion) {
     tilt::alloc::tune();
     let mut cfg = Config::default();
     cfg.policy.hidden = 64;
-    let s = setup(&cfg).expect("setup");
+    let s = setup(&cfg, std::path::Path::new(".")).expect("setup");
     let dev = Device::Cpu;
     let chains = 64;
     let len = cfg.vrpo.segment_len;
@@ -43,6 +43,7 @@ fn stages(c: &mut Criterion) {
                 &[2],
                 chains,
                 len,
+                None,
                 &mut rng_for(0, 0, i),
                 &dev,
             )
@@ -55,6 +56,7 @@ fn stages(c: &mut Criterion) {
         &[2],
         chains,
         len,
+        None,
         &mut rng_for(0, 0, 0),
         &dev,
     )

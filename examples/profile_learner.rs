@@ -22,7 +22,7 @@ fn main() {
     cfg.policy.hidden = 128;
     cfg.policy.depth = 2;
     cfg.policy.time_dim = 32;
-    let s = setup(&cfg).unwrap();
+    let s = setup(&cfg, std::path::Path::new(".")).unwrap();
     let dev = Device::Cpu;
     let pairs = make_segment_pairs(
         s.data.reference.as_ref(),
@@ -30,6 +30,7 @@ fn main() {
         &[2],
         256,
         10,
+        None,
         &mut rng_for(0, 0, 0),
         &dev,
     )

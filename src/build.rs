@@ -4,12 +4,13 @@
 
 use std::sync::Arc;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use tilt_actors::replay::{MemoryReplay, ReplayBackend, ReplayBuffer};
 use tilt_kernels::critic::{CdfCritic, CdfGrid, MlpEncoder, MlpEncoderConfig};
 use tilt_kernels::denoiser::Denoiser;
+use tilt_kernels::image_reward::{ClassifierReward, ContrastReward};
 use tilt_kernels::mixture::{AnalyticDenoiser, ExactValue, GaussianMixture};
 use tilt_kernels::models::{MlpConfig, MlpDenoiser, VideoConfig, VideoDenoiser};
 use tilt_kernels::optim::AdamWConfig;
@@ -59,17 +60,42 @@ pub fn grid(cfg: &Config, schedule: &VpSchedule) -> Result<Arc<SamplingGrid>> {
     )?))
 }
 
-/// VRPO's data: its reference model and the shape of one sample. The mixture is kept for the
-/// evaluation's mode weights and the closed-form tilt.
+/// VRPO's data: its reference model, the shape of one sample and its number of classes (0 =
+/// unconditional), and what the evaluation needs of the data kind.
 pub struct VrpoData {
-    pub mixture: GaussianMixture,
     pub reference: Arc<dyn Denoiser>,
     pub sample_shape: Vec<usize>,
+    pub classes: usize,
+    pub kind: DataKind,
 }
 
-/// Build the data kind named by `data.kind`.
-pub fn vrpo_data(data: &DataConfig, schedule: &VpSchedule) -> Result<VrpoData> {
-    match data {
+/// What each data kind keeps for its evaluation.
+pub enum DataKind {
+    /// The mixture, for mode weights and the closed-form tilt.
+    Mixture(GaussianMixture),
+    /// The pretrained image models (reference, reward model A, judge B) and the data.
+    Digits(Arc<crate::algo::vrpo::digits::DigitsModels>),
+}
+
+impl VrpoData {
+    /// The mixture of a `mixture2d` run.
+    pub fn mixture(&self) -> Option<&GaussianMixture> {
+        match &self.kind {
+            DataKind::Mixture(m) => Some(m),
+            DataKind::Digits(_) => None,
+        }
+    }
+}
+
+/// Build the data kind named by `data.kind`. Image kinds load their pretrained models from the
+/// run directory (the "pretrain" stage writes them there, or `pretrain.from` names another run).
+pub fn vrpo_data(
+    cfg: &Config,
+    schedule: &VpSchedule,
+    run_dir: &std::path::Path,
+    device: &Device,
+) -> Result<VrpoData> {
+    match &cfg.data {
         DataConfig::Mixture2d {
             weights,
             means,
@@ -83,15 +109,27 @@ pub fn vrpo_data(data: &DataConfig, schedule: &VpSchedule) -> Result<VrpoData> {
                     mixture: mixture.clone(),
                     schedule: schedule.clone(),
                 }),
-                mixture,
+                classes: 0,
+                kind: DataKind::Mixture(mixture),
+            })
+        }
+        DataConfig::Digits(d) => {
+            let models = Arc::new(crate::algo::vrpo::digits::DigitsModels::load(
+                cfg, run_dir, device,
+            )?);
+            Ok(VrpoData {
+                sample_shape: vec![1, d.size, d.size],
+                reference: models.reference.clone(),
+                classes: d.classes,
+                kind: DataKind::Digits(models),
             })
         }
     }
 }
 
-/// The reward named by `reward.kind`.
-pub fn reward(r: &RewardConfig) -> Arc<dyn Reward> {
-    match r {
+/// The reward named by `reward.kind` (image rewards use the data's trained reward model).
+pub fn reward(r: &RewardConfig, data: &VrpoData) -> Result<Arc<dyn Reward>> {
+    Ok(match r {
         RewardConfig::Linear { a, b } => Arc::new(LinearReward {
             a: a.clone(),
             b: *b,
@@ -100,19 +138,28 @@ pub fn reward(r: &RewardConfig) -> Arc<dyn Reward> {
             center: center.clone(),
             scale: *scale,
         }),
-    }
+        RewardConfig::Classifier => match &data.kind {
+            DataKind::Digits(m) => Arc::new(ClassifierReward {
+                model: m.reward_model.clone(),
+            }),
+            DataKind::Mixture(_) => {
+                bail!("reward.kind = \"classifier\" needs image data (data.kind = \"digits\")")
+            }
+        },
+        RewardConfig::Contrast { scale } => Arc::new(ContrastReward { scale: *scale }),
+    })
 }
 
 /// The exact value V(x, k) where it is known in closed form (a mixture with a linear reward).
 pub fn exact_value(data: &VrpoData, r: &RewardConfig, schedule: &VpSchedule) -> Option<ExactValue> {
-    match r {
-        RewardConfig::Linear { a, b } => Some(ExactValue {
-            mixture: data.mixture.clone(),
+    match (r, data.mixture()) {
+        (RewardConfig::Linear { a, b }, Some(m)) => Some(ExactValue {
+            mixture: m.clone(),
             schedule: schedule.clone(),
             a: a.clone(),
             b: *b,
         }),
-        RewardConfig::Quadratic { .. } => None,
+        _ => None,
     }
 }
 
@@ -120,6 +167,7 @@ pub fn exact_value(data: &VrpoData, r: &RewardConfig, schedule: &VpSchedule) -> 
 pub fn mlp_policy(
     p: &PolicyConfig,
     dim: usize,
+    classes: usize,
     opt: AdamWConfig,
     device: &Device,
 ) -> Result<Trainable> {
@@ -130,7 +178,7 @@ pub fn mlp_policy(
             hidden: p.hidden,
             depth: p.depth,
             time_dim: p.time_dim,
-            classes: 0,
+            classes,
             zero_init_output: true,
         },
         VarBuilder::from_varmap(&vm, DType::F32, device),
@@ -138,10 +186,11 @@ pub fn mlp_policy(
     Trainable::new(vm, Arc::new(res), opt)
 }
 
-/// The CDF critic: an MLP encoder of (x_k, k) and the monotone CDF head on `grid`.
+/// The CDF critic: an MLP encoder of (x_k, k, class) and the monotone CDF head on `grid`.
 pub fn cdf_critic(
     c: &CriticConfig,
     dim: usize,
+    classes: usize,
     grid: CdfGrid,
     vm: &VarMap,
     device: &Device,
@@ -153,7 +202,7 @@ pub fn cdf_critic(
             hidden: c.hidden,
             depth: c.depth,
             time_dim: c.time_dim,
-            classes: 0,
+            classes,
         },
         vb.pp("encoder"),
     )?;

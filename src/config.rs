@@ -82,6 +82,57 @@ pub enum DataConfig {
         /// Mixture standard deviations (isotropic), one per component.
         stds: Vec<f64>,
     },
+    /// The 8x8 handwritten digits (scikit-learn's copy of the UCI set), class-conditional: the
+    /// class is the prompt. The reference is a U-Net pretrained by the "pretrain" stage.
+    #[serde(rename = "digits")]
+    Digits(DigitsDataConfig),
+}
+
+/// `data.kind = "digits"`: the data set, the reference U-Net and the two classifiers (reward model
+/// A, judge B) that the "pretrain" stage trains.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DigitsDataConfig {
+    /// The converted data set (`scripts/fetch-digits.sh` regenerates it).
+    pub path: String,
+    /// Image side: 8 (as shipped) or 16 (2x upsampled).
+    pub size: usize,
+    /// Use the first this many classes (digits 0..classes-1), 2..=10.
+    pub classes: usize,
+    /// Share of each class held out (classifier accuracies are measured there).
+    pub held_out: f64,
+    /// The reference denoiser: "mlp" (class-conditional MLP on the flattened image; the default:
+    /// about 30x faster than the U-Net on CPU, README) or "unet" (the convolutional U-Net).
+    pub model: ReferenceModel,
+    /// MLP reference: hidden width and number of hidden layers.
+    pub hidden: usize,
+    pub depth: usize,
+    /// U-Net reference: feature channels at full resolution.
+    pub base: usize,
+    /// Time-embedding width of the reference.
+    pub time_dim: usize,
+    /// Training steps of each classifier (reward model A, judge B).
+    pub classifier_steps: u64,
+    /// Hidden width of reward model A (an MLP); the judge is a CNN.
+    pub classifier_hidden: usize,
+}
+
+impl Default for DigitsDataConfig {
+    fn default() -> Self {
+        Self {
+            path: "data/digits.safetensors".into(),
+            size: 8,
+            classes: 10,
+            held_out: 0.2,
+            model: ReferenceModel::Mlp,
+            hidden: 512,
+            depth: 4,
+            base: 16,
+            time_dim: 32,
+            classifier_steps: 1500,
+            classifier_hidden: 256,
+        }
+    }
 }
 
 /// The reward, one typed section per `kind`.
@@ -100,10 +151,27 @@ pub enum RewardConfig {
         #[serde(default = "one")]
         scale: f64,
     },
+    /// Images: r(x) = log p_A(class | x), the reward model A trained by the "pretrain" stage (the
+    /// PickScore role). Prompt-aware.
+    Classifier,
+    /// Images: r(x) = scale * mean(x^2) over pixels in [-1, 1] (stroke contrast: saturated
+    /// pixels score high). Prompt-agnostic.
+    Contrast {
+        #[serde(default = "one")]
+        scale: f64,
+    },
 }
 
 fn one() -> f64 {
     1.0
+}
+
+/// The reference denoiser of image data.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferenceModel {
+    Mlp,
+    Unet,
 }
 
 /// The critic of VRPO.
@@ -114,6 +182,28 @@ pub enum CriticKind {
     Learned,
     /// The analytic value of the mixture (linear reward only).
     Exact,
+}
+
+/// What the VRPO stage trains on.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum VrpoMethod {
+    /// VRPO: pairs of L-step segments from a shared start, ranked by the critic's value.
+    #[default]
+    Segments,
+    /// Baseline: Diffusion-DPO on pairs of final samples ranked by the reward.
+    FinalDpo,
+}
+
+/// The value a learned critic scores with.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueKind {
+    /// V = log sum_m pi_m exp(lambda c_m) (the optimal value; VRPO).
+    #[default]
+    Optimal,
+    /// V = lambda sum_m pi_m c_m (the mean reward; the paper's ablation).
+    Mean,
 }
 
 /// Where DF-DPO's real clips come from.
@@ -170,6 +260,12 @@ pub struct PolicyConfig {
 pub struct CriticConfig {
     /// "learned" (CDF critic trained in stage 1) or "exact" (the analytic mixture value).
     pub kind: CriticKind,
+    /// Which value the learned critic scores endpoints with: "optimal" (log E[exp(lambda r)],
+    /// VRPO) or "mean" (lambda E[r]: the paper's "average score" ablation, w/o OVF).
+    pub value: ValueKind,
+    /// Reuse the trained critic of this run directory (copied into this run) instead of training
+    /// one: methods compared on one critic. "" = train it here.
+    pub from: String,
     /// Critic actors scoring endpoints in stage 2.
     pub actors: usize,
     /// Device of the critic role (stage 1 training and scoring); "" = the top-level `device`.
@@ -197,6 +293,9 @@ pub struct VrpoConfig {
     pub lambda: f64,
     /// DPO temperature; 1 with soft labels (DESIGN.md).
     pub beta: f64,
+    /// "segments" (VRPO: critic-ranked segment pairs) or "final_dpo" (the offline baseline:
+    /// Diffusion-DPO on final-sample pairs ranked by the reward; no critic).
+    pub method: VrpoMethod,
     /// "soft" (q = sigmoid(V(a) - V(b))) or "hard" (the paper's winner/loser).
     pub labels: VrpoLabels,
     /// L, steps per segment.
@@ -285,13 +384,17 @@ impl Default for VideoDataConfig {
     }
 }
 
-/// DF-DPO stage "pretrain": the reference denoiser trained on the real clips.
+/// Stage "pretrain": the reference denoiser trained on the real data (DF-DPO's clips, VRPO's
+/// digits; for digits also the two classifiers).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PretrainConfig {
     pub steps: u64,
     pub batch: usize,
     pub lr: f64,
+    /// Digits: reuse the pretrained models of this run directory (or of this directory holding
+    /// them) instead of training them; "" = train them in this run.
+    pub from: String,
 }
 
 impl Default for PretrainConfig {
@@ -300,6 +403,7 @@ impl Default for PretrainConfig {
             steps: 600,
             batch: 16,
             lr: 2e-3,
+            from: String::new(),
         }
     }
 }
@@ -401,7 +505,7 @@ impl AlgorithmKind {
     /// The stages the algorithm offers, in the order it runs them.
     pub fn stages(self) -> &'static [&'static str] {
         match self {
-            AlgorithmKind::Vrpo => &["critic", "vrpo", "eval"],
+            AlgorithmKind::Vrpo => &["pretrain", "critic", "vrpo", "eval"],
             AlgorithmKind::Dfdpo => &["pretrain", "sft", "dfdpo", "ablation", "eval"],
         }
     }
@@ -434,6 +538,45 @@ impl Default for Config {
             dfdpo: DfDpoConfig::default(),
             distortion: DistortionConfig::default(),
         }
+    }
+}
+
+impl DigitsDataConfig {
+    /// Check every field; the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.path.is_empty() {
+            bail!("data.path = \"\": needs the digits file (scripts/fetch-digits.sh writes data/digits.safetensors)");
+        }
+        if self.size != 8 && self.size != 16 {
+            bail!(
+                "data.size = {}: must be 8 (as shipped) or 16 (2x upsampled)",
+                self.size
+            );
+        }
+        if !(2..=10).contains(&self.classes) {
+            bail!("data.classes = {}: must be in 2..=10", self.classes);
+        }
+        if !(self.held_out > 0.0 && self.held_out < 1.0) {
+            bail!("data.held_out = {}: must be in (0, 1)", self.held_out);
+        }
+        for (k, v) in [
+            ("data.hidden", self.hidden),
+            ("data.depth", self.depth),
+            ("data.base", self.base),
+            ("data.classifier_hidden", self.classifier_hidden),
+            ("data.classifier_steps", self.classifier_steps as usize),
+        ] {
+            if v == 0 {
+                bail!("{k} = 0: must be at least 1");
+            }
+        }
+        if self.time_dim == 0 || self.time_dim % 2 != 0 {
+            bail!(
+                "data.time_dim = {}: must be even and positive",
+                self.time_dim
+            );
+        }
+        Ok(())
     }
 }
 
@@ -485,6 +628,8 @@ impl Default for CriticConfig {
     fn default() -> Self {
         Self {
             kind: CriticKind::Learned,
+            value: ValueKind::Optimal,
+            from: String::new(),
             actors: 1,
             device: String::new(),
             bins: 50,
@@ -505,6 +650,7 @@ impl Default for VrpoConfig {
         Self {
             lambda: 1.0,
             beta: 1.0,
+            method: VrpoMethod::Segments,
             labels: VrpoLabels::Soft,
             segment_len: 10,
             steps: 2000,
@@ -641,6 +787,9 @@ impl Config {
     }
 
     fn validate_dfdpo(&self) -> Result<()> {
+        if !self.pretrain.from.is_empty() {
+            bail!("pretrain.from: only digits runs reuse pretrained models by path; a DF-DPO run resumes its own");
+        }
         let v = &self.video;
         if v.source == ClipSource::Dir && v.dir.is_empty() {
             bail!("video.dir = \"\": video.source = \"dir\" needs a directory of .npy clips");
@@ -678,7 +827,37 @@ impl Config {
                     stds.clone(),
                 )
                 .map_err(|e| anyhow!("data: {e}"))?;
+                if self.stages.iter().any(|s| s == "pretrain") {
+                    bail!("stages: \"pretrain\" needs image data (data.kind = \"digits\"); the mixture's reference is analytic");
+                }
+                if matches!(
+                    self.reward,
+                    RewardConfig::Classifier | RewardConfig::Contrast { .. }
+                ) {
+                    bail!("reward.kind: image rewards (\"classifier\", \"contrast\") need data.kind = \"digits\"");
+                }
                 means.first().map_or(0, |m| m.len())
+            }
+            DataConfig::Digits(d) => {
+                d.validate()?;
+                if matches!(
+                    self.reward,
+                    RewardConfig::Linear { .. } | RewardConfig::Quadratic { .. }
+                ) {
+                    bail!(
+                        "reward.kind: digits take an image reward (\"classifier\" or \"contrast\")"
+                    );
+                }
+                for (k, n) in [
+                    ("pretrain.batch", self.pretrain.batch as u64),
+                    ("pretrain.steps", self.pretrain.steps),
+                ] {
+                    if n == 0 && self.pretrain.from.is_empty() {
+                        bail!("{k} = 0: must be at least 1");
+                    }
+                }
+                positive("pretrain.lr", self.pretrain.lr)?;
+                d.size * d.size
             }
         };
         match &self.reward {
@@ -689,6 +868,11 @@ impl Config {
                 bail!("reward.center = {center:?}: needs {dim} entries")
             }
             _ => {}
+        }
+        if self.critic.kind == CriticKind::Exact && self.critic.value == ValueKind::Mean {
+            bail!(
+                "critic.value = \"mean\": the mean-value ablation needs critic.kind = \"learned\""
+            );
         }
         if self.critic.kind == CriticKind::Exact
             && !matches!(self.reward, RewardConfig::Linear { .. })

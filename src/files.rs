@@ -20,3 +20,12 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let b = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", path.display()))
 }
+
+/// Copy a file atomically (to a temp name beside the destination, then rename).
+pub fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
+    let tmp = to.with_extension("copy.tmp");
+    std::fs::copy(from, &tmp)
+        .with_context(|| format!("cannot copy {} to {}", from.display(), tmp.display()))?;
+    std::fs::rename(&tmp, to).with_context(|| format!("cannot write {}", to.display()))?;
+    Ok(())
+}

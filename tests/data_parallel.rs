@@ -25,9 +25,9 @@ const HALF: usize = 32;
 
 /// The same records, in the same order, in a FIFO replay (each record handed out once).
 async fn replay_with_records(cfg: &Config) -> Arc<dyn ReplayBuffer> {
-    let s = setup(cfg).unwrap();
+    let s = setup(cfg, std::path::Path::new(".")).unwrap();
     let v = ExactValue {
-        mixture: s.data.mixture.clone(),
+        mixture: s.data.mixture().expect("mixture data").clone(),
         schedule: s.schedule.clone(),
         a: vec![1.0, 0.0],
         b: 0.0,
@@ -47,6 +47,7 @@ async fn replay_with_records(cfg: &Config) -> Arc<dyn ReplayBuffer> {
         &[2],
         64,
         4,
+        None,
         &mut rng_for(5, 0, 0),
         &Device::Cpu,
     )
@@ -69,7 +70,7 @@ async fn train(world: usize, batch: usize, name: &str) -> Vec<Vec<(String, Vec<f
     cfg.policy.hidden = 32;
     cfg.policy.depth = 2;
     cfg.vrpo.lr = 1e-2;
-    let s = setup(&cfg).unwrap();
+    let s = setup(&cfg, std::path::Path::new(".")).unwrap();
     let replay = replay_with_records(&cfg).await;
     let control = Arc::new(RunControl::default());
     let dir = scratch(name);

@@ -31,6 +31,7 @@ pub fn pair_records(
     let vb = v_b.to_vec1::<f32>()?;
     let la = pair.a.log_prob.to_vec1::<f32>()?;
     let lb = pair.b.log_prob.to_vec1::<f32>()?;
+    let classes = pair.cond.as_ref().map(|c| c.to_vec1::<u32>()).transpose()?;
     let b = xa.dim(0)?;
     let mut out = Vec::with_capacity(b);
     for i in 0..b {
@@ -41,25 +42,30 @@ pub fn pair_records(
             ("xb", &row(&xb)?),
             ("zb", &row(&zb)?),
         ])?;
+        let mut scalars = vec![
+            ("k_start".into(), pair.k_start as f64),
+            ("v_a".into(), va[i] as f64),
+            ("v_b".into(), vb[i] as f64),
+            ("ref_logp_a".into(), la[i] as f64),
+            ("ref_logp_b".into(), lb[i] as f64),
+        ];
+        if let Some(c) = &classes {
+            scalars.push(("class".into(), c[i] as f64));
+        }
         out.push(Record {
             seq: *next_seq,
             producer,
             version,
             payload,
-            scalars: vec![
-                ("k_start".into(), pair.k_start as f64),
-                ("v_a".into(), va[i] as f64),
-                ("v_b".into(), vb[i] as f64),
-                ("ref_logp_a".into(), la[i] as f64),
-                ("ref_logp_b".into(), lb[i] as f64),
-            ],
+            scalars,
         });
         *next_seq += 1;
     }
     Ok(out)
 }
 
-/// Decode records into one learner batch. Every record must hold the same segment length.
+/// Decode records into one learner batch. Every record must hold the same segment length, and
+/// either every record carries a class (a class-conditional run) or none does.
 pub fn records_to_batch(records: &[Record], device: &Device) -> Result<VrpoBatch> {
     if records.is_empty() {
         return Err(ActorError::Replay(
@@ -67,7 +73,7 @@ pub fn records_to_batch(records: &[Record], device: &Device) -> Result<VrpoBatch
         ));
     }
     let mut cols: [Vec<Tensor>; 4] = Default::default();
-    let (mut ks, mut va, mut vb) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ks, mut va, mut vb, mut cs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in records {
         let bad = |detail: String| ActorError::Record {
             seq: r.seq,
@@ -88,6 +94,16 @@ pub fn records_to_batch(records: &[Record], device: &Device) -> Result<VrpoBatch
         ks.push(get("k_start")? as usize);
         va.push(get("v_a")? as f32);
         vb.push(get("v_b")? as f32);
+        if let Some(c) = r.scalar("class") {
+            cs.push(c as u32);
+        }
+    }
+    if !cs.is_empty() && cs.len() != records.len() {
+        return Err(ActorError::Replay(format!(
+            "{} of {} records in one batch carry a class: conditional and unconditional pairs mixed",
+            cs.len(),
+            records.len()
+        )));
     }
     let unstack = |ts: &[Tensor]| -> Result<Vec<Tensor>> {
         let s = Tensor::stack(ts, 1)?.to_device(device)?; // [L(+1), B, ...]
@@ -108,6 +124,11 @@ pub fn records_to_batch(records: &[Record], device: &Device) -> Result<VrpoBatch
         zb: unstack(&cols[3])?,
         v_a: Tensor::from_vec(va, b, device)?,
         v_b: Tensor::from_vec(vb, b, device)?,
+        cond: if cs.is_empty() {
+            None
+        } else {
+            Some(Tensor::from_vec(cs, b, device)?)
+        },
     })
 }
 
@@ -115,14 +136,24 @@ pub fn records_to_batch(records: &[Record], device: &Device) -> Result<VrpoBatch
 /// stacked states [L+1, B, ...], noises [L, B, ...] and reference path log-probs [B] of both paths.
 pub fn segment_pair_record(pair: &SegmentPair, producer: u32, seq: u64) -> Result<Record> {
     let st = |ts: &[Tensor]| -> Result<Tensor> { Ok(Tensor::stack(ts, 0)?.contiguous()?) };
-    let payload = tensors_to_payload(&[
-        ("xa", &st(&pair.a.states)?),
-        ("za", &st(&pair.a.noises)?),
+    let (xa, za, xb, zb) = (
+        st(&pair.a.states)?,
+        st(&pair.a.noises)?,
+        st(&pair.b.states)?,
+        st(&pair.b.noises)?,
+    );
+    let mut named: Vec<(&str, &Tensor)> = vec![
+        ("xa", &xa),
+        ("za", &za),
         ("la", &pair.a.log_prob),
-        ("xb", &st(&pair.b.states)?),
-        ("zb", &st(&pair.b.noises)?),
+        ("xb", &xb),
+        ("zb", &zb),
         ("lb", &pair.b.log_prob),
-    ])?;
+    ];
+    if let Some(c) = &pair.cond {
+        named.push(("cond", c));
+    }
+    let payload = tensors_to_payload(&named)?;
     Ok(Record {
         seq,
         producer,
@@ -163,7 +194,13 @@ pub fn record_segment_pair(r: &Record, device: &Device) -> Result<SegmentPair> {
         noises: unstack(take("zb")?)?,
         log_prob: take("lb")?,
     };
-    Ok(SegmentPair { k_start, a, b })
+    let cond = ts.remove("cond").map(|c| c.to_device(device)).transpose()?;
+    Ok(SegmentPair {
+        k_start,
+        a,
+        b,
+        cond,
+    })
 }
 
 /// Decode DF-DPO (winner, loser) clip pairs into two stacked tensors [B, T, C, H, W] on `device`.
@@ -188,6 +225,30 @@ pub fn records_to_clip_pairs(records: &[Record], device: &Device) -> Result<(Ten
     ))
 }
 
+/// Decode final-sample pairs (the Diffusion-DPO baseline): winners and losers stacked [B, ...] on
+/// `device`, and their classes [B] when the records carry them (all or none).
+pub fn records_to_final_pairs(
+    records: &[Record],
+    device: &Device,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let (w, l) = records_to_clip_pairs(records, device)?;
+    let cs: Vec<u32> = records
+        .iter()
+        .filter_map(|r| r.scalar("class").map(|c| c as u32))
+        .collect();
+    let cond = match cs.len() {
+        0 => None,
+        n if n == records.len() => Some(Tensor::from_vec(cs, n, device)?),
+        n => {
+            return Err(ActorError::Replay(format!(
+                "{n} of {} records in one batch carry a class",
+                records.len()
+            )))
+        }
+    };
+    Ok((w, l, cond))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,8 +266,17 @@ mod tests {
             mixture: GaussianMixture::quickstart(),
             schedule: s,
         };
-        let pairs =
-            make_segment_pairs(&r, &g, &[2], 5, 4, &mut rng_for(0, 0, 0), &Device::Cpu).unwrap();
+        let pairs = make_segment_pairs(
+            &r,
+            &g,
+            &[2],
+            5,
+            4,
+            None,
+            &mut rng_for(0, 0, 0),
+            &Device::Cpu,
+        )
+        .unwrap();
         for (i, p) in pairs.iter().enumerate() {
             let rec =
                 Record::decode(&segment_pair_record(p, 3, i as u64).unwrap().encode()).unwrap();
@@ -224,6 +294,51 @@ mod tests {
                 p.b.log_prob.to_vec1::<f32>().unwrap(),
                 q.b.log_prob.to_vec1::<f32>().unwrap()
             );
+            assert!(q.cond.is_none());
         }
+    }
+
+    #[test]
+    fn classes_travel_with_pairs_and_records() {
+        // A class-conditional pair: the classes survive the rollout -> critic record, become one
+        // scalar per learner record, and come back as the batch's cond in record order.
+        let s = VpSchedule::ddpm_default();
+        let g = SamplingGrid::new(&s, 20, 1.0).unwrap();
+        let r = AnalyticDenoiser {
+            mixture: GaussianMixture::quickstart(),
+            schedule: s,
+        };
+        let cond = Tensor::new(&[2u32, 0, 1], &Device::Cpu).unwrap();
+        let pairs = make_segment_pairs(
+            &r,
+            &g,
+            &[2],
+            3,
+            5,
+            Some(&cond),
+            &mut rng_for(0, 0, 0),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let p = &pairs[1];
+        let rec = Record::decode(&segment_pair_record(p, 1, 0).unwrap().encode()).unwrap();
+        let q = record_segment_pair(&rec, &Device::Cpu).unwrap();
+        assert_eq!(q.cond.unwrap().to_vec1::<u32>().unwrap(), vec![2, 0, 1]);
+        let v = Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap();
+        let mut seq = 0;
+        let mut recs = pair_records(p, &v, &v, 1, 0, &mut seq).unwrap();
+        recs.reverse();
+        let batch = records_to_batch(&recs, &Device::Cpu).unwrap();
+        assert_eq!(batch.cond.unwrap().to_vec1::<u32>().unwrap(), vec![1, 0, 2]);
+        // Mixing conditional and unconditional records in one batch is an error, not a guess.
+        let mut plain = pair_records(&pairs[0], &v, &v, 1, 0, &mut seq).unwrap();
+        for r in &mut plain {
+            r.scalars.retain(|(n, _)| n != "class");
+        }
+        recs.extend(plain);
+        let e = records_to_batch(&recs, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("carry a class"), "{e}");
     }
 }

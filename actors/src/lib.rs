@@ -8,6 +8,7 @@ pub mod coordinator;
 pub mod critic;
 pub mod distortion;
 pub mod error;
+pub mod final_pairs;
 pub mod learner;
 pub mod objective;
 pub mod replay;

@@ -9,7 +9,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tilt_kernels::denoiser::Denoiser;
 use tilt_kernels::rng::rng_for;
 use tilt_kernels::schedule::SamplingGrid;
-use tilt_kernels::vrpo::{make_segment_pairs, SegmentPair};
+use tilt_kernels::vrpo::{draw_classes, make_segment_pairs, SegmentPair};
 
 use crate::control::RunControl;
 use crate::source::{ActorSource, SourceArgs};
@@ -25,6 +25,8 @@ pub struct RolloutSource {
     pub grid: Arc<SamplingGrid>,
     /// One sample's shape ([dim], [C, H, W], ...).
     pub sample_shape: Vec<usize>,
+    /// Classes of a class-conditional reference (each chain draws one uniformly); 0 = unconditional.
+    pub classes: usize,
     /// Chains per unit of work.
     pub chains: usize,
     pub segment_len: usize,
@@ -105,7 +107,7 @@ impl Actor for RolloutActor {
             src.sample_shape.clone(),
             src.device.clone(),
         );
-        let (chains, len) = (src.chains, src.segment_len);
+        let (chains, len, classes) = (src.chains, src.segment_len, src.classes);
         let mut rng = rng_for(
             a.ctx.seed,
             1_000 + a.id as u64 + 1_000_000 * a.generation,
@@ -114,12 +116,14 @@ impl Actor for RolloutActor {
         // Tensor work off the async executor.
         let t0 = std::time::Instant::now();
         let pairs = tokio::task::spawn_blocking(move || {
+            let cond = draw_classes(classes, chains, &mut rng, &device)?;
             make_segment_pairs(
                 reference.as_ref(),
                 &grid,
                 &shape,
                 chains,
                 len,
+                cond.as_ref(),
                 &mut rng,
                 &device,
             )

@@ -746,6 +746,33 @@ impl ValueCritic for CdfCritic {
     }
 }
 
+/// The "average score" ablation of the paper ("w/o OVF"): V_mean(x, n; lambda) = lambda
+/// sum_m pi_m c_m = lambda E[r | x] from the same CDF, instead of the optimal value
+/// log E[exp(lambda r) | x]. By Jensen V_mean <= V; they agree to first order in lambda, and
+/// differ where the reward given x is spread out.
+pub struct MeanValue<C: DistributionalCritic + ?Sized>(pub std::sync::Arc<C>);
+
+/// lambda sum_m pi_m c_m for CDF rows `f` [B, M]: [B].
+pub fn mean_value_from_cdf(f: &Tensor, grid: &CdfGrid, lambda: f64, eps: f64) -> Result<Tensor> {
+    let (_, m) = check_f("mean_value_from_cdf", f)?;
+    grid.validate()?;
+    if m != grid.len() {
+        return Err(KernelError::shape(
+            "mean_value_from_cdf",
+            format!("f has {m} columns but the grid has {} points", grid.len()),
+        ));
+    }
+    let pi = bin_masses(f, eps)?; // [B, M]
+    let c = Tensor::from_vec(grid.c.clone(), (m, 1), f.device())?.to_dtype(f.dtype())?;
+    Ok((pi.matmul(&c)?.squeeze(1)? * lambda)?)
+}
+
+impl<C: DistributionalCritic + ?Sized> ValueCritic for MeanValue<C> {
+    fn value(&self, x: &Tensor, n: &Tensor, cond: Option<&Tensor>, lambda: f64) -> Result<Tensor> {
+        mean_value_from_cdf(&self.0.cdf(x, n, cond)?, self.0.grid(), lambda, DEFAULT_EPS)
+    }
+}
+
 /// A critic that predicts the CDF of the final reward on a grid as well as V: what the held-out
 /// report scores (CRPS, CE, top-k, calibration) next to the value. Implemented by `CdfCritic`.
 pub trait DistributionalCritic: ValueCritic {
@@ -1227,5 +1254,25 @@ mod tests {
         // The learned CDF is sharp: top-3 bucket accuracy well above the 3/31 of a flat guess.
         let top3 = topk_accuracy(&c.cdf(&xe, &n, None).unwrap(), &ye, &grid, 3).unwrap();
         assert!(top3 > 0.6, "top-3 {top3}");
+    }
+
+    #[test]
+    fn mean_value_is_lambda_times_the_mean_and_below_the_optimal_value() {
+        // Grid c = (0, 1, 2); F = (0.2, 0.7, 1.0) -> pi = (0.2, 0.5, 0.3) (eps = 0), mean = 1.1.
+        let g = CdfGrid::new(vec![0.0, 1.0, 2.0]).unwrap();
+        let f = Tensor::new(&[[0.2f32, 0.7, 1.0]], &Device::Cpu).unwrap();
+        let v = mean_value_from_cdf(&f, &g, 2.0, 0.0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!((v[0] - 2.2).abs() < 1e-5, "{v:?}");
+        // Jensen: lambda E[r] <= log E[exp(lambda r)] = log(0.2 + 0.5 e^2 + 0.3 e^4).
+        let opt = value_from_cdf(&f, &g, 2.0, 0.0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = (0.2f64 + 0.5 * 2f64.exp() + 0.3 * 4f64.exp()).ln();
+        assert!((opt[0] as f64 - want).abs() < 1e-4, "{opt:?} vs {want}");
+        assert!(v[0] < opt[0]);
     }
 }

@@ -33,12 +33,15 @@ const CALIB_GRID_STRIDE: usize = 5;
 /// Reference chains from pure noise: `states[k]` is x_k for k = 0..=K, each `[n, sample_shape..]`
 /// (`[n, dim]` for the 2-D toy, `[n, C, H, W]` for images). x_K is one `randn` draw of the whole
 /// batch from `rng`, then each step k -> k-1 is `sample_chain` with the same `rng`: exactly the
-/// draws the critic stage makes from `rng_for(seed, ROLLOUT_STREAM, 0)`.
+/// draws the critic stage makes from `rng_for(seed, ROLLOUT_STREAM, 0)`. `cond`: [n] u32 class
+/// of each chain for a class-conditional reference.
+#[allow(clippy::too_many_arguments)]
 pub fn roll_reference_states(
     reference: &dyn Denoiser,
     grid: &SamplingGrid,
     n: usize,
     sample_shape: &[usize],
+    cond: Option<&Tensor>,
     rng: &mut StdRng,
     device: &Device,
 ) -> Result<Vec<Tensor>> {
@@ -58,7 +61,7 @@ pub fn roll_reference_states(
     let mut states = Vec::with_capacity(k + 1);
     states.push(x.clone());
     for kk in (1..=k).rev() {
-        x = sample_chain(reference, grid, &x, kk, kk - 1, None, rng)?;
+        x = sample_chain(reference, grid, &x, kk, kk - 1, cond, rng)?;
         states.push(x.clone());
     }
     states.reverse();
@@ -135,7 +138,8 @@ fn check_split(
 /// indices uniformly from `rng_for(cfg.seed, BATCH_STREAM, 0)`, takes one AdamW step (lr = cfg.lr,
 /// defaults otherwise) on `critic_loss` (eps = DEFAULT_EPS), and calls `progress(done, total,
 /// &loss)` with done = 1..=total; an error from `progress` stops training and is returned.
-/// `states[k]`: [n, ...] (from [`roll_reference_states`]); `rewards`: the n rewards of x_0.
+/// `states[k]`: [n, ...] (from [`roll_reference_states`]); `rewards`: the n rewards of x_0;
+/// `cond`: the n chains' classes (a class-conditional critic), or None.
 #[allow(clippy::too_many_arguments)]
 pub fn train_critic(
     critic: &CdfCritic,
@@ -143,6 +147,7 @@ pub fn train_critic(
     states: &[Tensor],
     n_train: usize,
     rewards: &[f32],
+    cond: Option<&Tensor>,
     grid: &SamplingGrid,
     cfg: &CriticTrainConfig,
     progress: &mut dyn FnMut(usize, usize, &CriticLoss) -> Result<()>,
@@ -177,6 +182,10 @@ pub fn train_critic(
     let train_y: Vec<f32> = (1..=k)
         .flat_map(|_| rewards[..n_train].iter().cloned())
         .collect();
+    let train_c = match cond {
+        None => None,
+        Some(c) => Some(Tensor::cat(&vec![c.narrow(0, 0, n_train)?; k], 0)?),
+    };
     let rows = train_x.dim(0)?;
     let rows_u32 = u32::try_from(rows)
         .map_err(|_| KernelError::param("critic.rollouts", rows, "too many training rows"))?;
@@ -197,7 +206,11 @@ pub fn train_critic(
             idx.len(),
             device,
         )?;
-        let f = critic.cdf(&xb, &nb, None)?;
+        let cb = match &train_c {
+            None => None,
+            Some(c) => Some(c.index_select(&idx_t, 0)?),
+        };
+        let f = critic.cdf(&xb, &nb, cb.as_ref())?;
         let loss = critic_loss(&f, &yb, critic.grid(), &cfg.loss, DEFAULT_EPS)?;
         let grads = loss.total.backward()?;
         opt.step(&grads)?;
@@ -229,12 +242,14 @@ pub struct CriticHeldOut {
 
 /// Scores `critic` on the chains after the first `n_train` (at least one must remain): CRPS, CE and
 /// top-1/3 at every k = 1..=K (averaged), calibration pairs, and, with `exact`, the RMSE and order
-/// agreement of V(x, n; lambda) against it. `states` and `rewards` as for [`train_critic`].
+/// agreement of V(x, n; lambda) against it. `states`, `rewards` and `cond` as for [`train_critic`].
+#[allow(clippy::too_many_arguments)]
 pub fn critic_held_out(
     critic: &dyn DistributionalCritic,
     exact: Option<&dyn ValueCritic>,
     states: &[Tensor],
     rewards: &[f32],
+    cond: Option<&Tensor>,
     n_train: usize,
     grid: &SamplingGrid,
     lambda: f64,
@@ -253,13 +268,18 @@ pub fn critic_held_out(
     let cgrid = critic.grid();
     let yt = Tensor::from_slice(&rewards[n_train..], n_test, device)?; // [n_test]
     let yv = &rewards[n_train..];
+    let ct = match cond {
+        None => None,
+        Some(c) => Some(c.narrow(0, n_train, n_test)?),
+    };
+    let ct = ct.as_ref();
     let (mut crps, mut ce, mut t1, mut t3) = (0.0, 0.0, 0.0, 0.0);
     let mut calib: Vec<(f64, bool)> = Vec::new();
     let (mut se, mut cnt, mut agree, mut pairs) = (0.0, 0usize, 0usize, 0usize);
     for (kk, state) in states.iter().enumerate().skip(1) {
         let xt = state.narrow(0, n_train, n_test)?;
         let nt = timesteps(grid.n_of_k[kk], n_test, device)?;
-        let f = critic.cdf(&xt, &nt, None)?;
+        let f = critic.cdf(&xt, &nt, ct)?;
         crps += crps_loss(&f, &yt, cgrid)?.to_scalar::<f32>()? as f64;
         if kk % (k / 4).max(1) == 0 {
             let fv = f.to_vec2::<f32>()?;
@@ -273,8 +293,8 @@ pub fn critic_held_out(
         t1 += topk_accuracy(&f, &yt, cgrid, 1)?;
         t3 += topk_accuracy(&f, &yt, cgrid, 3)?;
         if let Some(ex) = exact {
-            let vl = critic.value(&xt, &nt, None, lambda)?.to_vec1::<f32>()?;
-            let ve = ex.value(&xt, &nt, None, lambda)?.to_vec1::<f32>()?;
+            let vl = critic.value(&xt, &nt, ct, lambda)?.to_vec1::<f32>()?;
+            let ve = ex.value(&xt, &nt, ct, lambda)?.to_vec1::<f32>()?;
             if vl.len() != n_test || ve.len() != n_test {
                 return Err(KernelError::shape(
                     "critic_held_out",
@@ -359,10 +379,11 @@ mod tests {
     fn chains(t: &Toy, n: usize) -> (Vec<Tensor>, Vec<f32>) {
         let mut rng = rng_for(7, ROLLOUT_STREAM, 0);
         let states =
-            roll_reference_states(&t.reference, &t.grid, n, &[2], &mut rng, &Device::Cpu).unwrap();
+            roll_reference_states(&t.reference, &t.grid, n, &[2], None, &mut rng, &Device::Cpu)
+                .unwrap();
         let y = t
             .reward
-            .reward(&states[0])
+            .reward(&states[0], None)
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
@@ -447,12 +468,13 @@ mod tests {
         }
         // Image-shaped states [n, C, H, W]: x_K is one randn draw of the whole batch.
         let mut rng = rng_for(3, ROLLOUT_STREAM, 0);
-        let s = roll_reference_states(&ZeroEps, &t.grid, 3, &[2, 4, 4], &mut rng, &dev).unwrap();
+        let s =
+            roll_reference_states(&ZeroEps, &t.grid, 3, &[2, 4, 4], None, &mut rng, &dev).unwrap();
         assert_eq!(s.len(), 7);
         assert!(s.iter().all(|x| x.dims() == [3, 2, 4, 4]));
         let x_k = randn(&mut rng_for(3, ROLLOUT_STREAM, 0), (3, 2, 4, 4), &dev).unwrap();
         assert_eq!(flat(&s[6]), flat(&x_k));
-        assert!(roll_reference_states(&ZeroEps, &t.grid, 0, &[2], &mut rng, &dev).is_err());
+        assert!(roll_reference_states(&ZeroEps, &t.grid, 0, &[2], None, &mut rng, &dev).is_err());
     }
 
     #[test]
@@ -635,6 +657,7 @@ mod tests {
             &states,
             n_train,
             &y,
+            None,
             &t.grid,
             &cfg,
             &mut |d, tot, _| {
@@ -651,7 +674,17 @@ mod tests {
         }
         // The held-out report, against the copied stage code.
         let y_t = Tensor::from_slice(&y, n, &Device::Cpu).unwrap();
-        let h = critic_held_out(&ca, Some(&t.exact), &states, &y, n_train, &t.grid, 1.0).unwrap();
+        let h = critic_held_out(
+            &ca,
+            Some(&t.exact),
+            &states,
+            &y,
+            None,
+            n_train,
+            &t.grid,
+            1.0,
+        )
+        .unwrap();
         let (crps, ce, t1, t3, calib, rmse, agree) =
             stage_held_out(&ca, &t.exact, &states, &y_t, n_train, &t.grid, 1.0);
         assert_eq!((h.crps, h.ce, h.top1, h.top3), (crps, ce, t1, t3), "{h:?}");
@@ -665,6 +698,7 @@ mod tests {
             &states,
             n_train,
             &y,
+            None,
             &t.grid,
             &cfg,
             &mut |_, _, _| Err(KernelError::param("stop", 1, "test")),
@@ -703,7 +737,17 @@ mod tests {
             cdf: &c,
             exact: &t.exact,
         };
-        let h = critic_held_out(&ex, Some(&t.exact), &states, &y, n_train, &t.grid, 1.0).unwrap();
+        let h = critic_held_out(
+            &ex,
+            Some(&t.exact),
+            &states,
+            &y,
+            None,
+            n_train,
+            &t.grid,
+            1.0,
+        )
+        .unwrap();
         assert_eq!(h.value_rmse_vs_exact, Some(0.0));
         assert_eq!(h.order_agreement_vs_exact, Some(1.0));
         // Calibration: K / 4 = 2, so k in {2, 4, 6, 8}; 10 held-out rows (< 100); grid points
@@ -712,16 +756,17 @@ mod tests {
         assert!(h.crps > 0.0 && h.ce > 0.0 && (0.0..=1.0).contains(&h.top1));
         assert!(h.top3 >= h.top1 && h.top3 <= 1.0);
         // Without an exact value there is nothing to compare against.
-        let none = critic_held_out(&c, None, &states, &y, n_train, &t.grid, 1.0).unwrap();
+        let none = critic_held_out(&c, None, &states, &y, None, n_train, &t.grid, 1.0).unwrap();
         assert_eq!(none.value_rmse_vs_exact, None);
         assert_eq!(none.order_agreement_vs_exact, None);
         assert_eq!((none.crps, none.ce), (h.crps, h.ce));
         // Bad splits are errors that name the problem.
-        let e = critic_held_out(&c, None, &states, &y, n, &t.grid, 1.0).unwrap_err();
+        let e = critic_held_out(&c, None, &states, &y, None, n, &t.grid, 1.0).unwrap_err();
         assert!(e.to_string().contains("held-out"), "{e}");
-        let e = critic_held_out(&c, None, &states[1..], &y, n_train, &t.grid, 1.0).unwrap_err();
+        let e =
+            critic_held_out(&c, None, &states[1..], &y, None, n_train, &t.grid, 1.0).unwrap_err();
         assert!(e.to_string().contains("K + 1"), "{e}");
-        assert!(critic_held_out(&c, None, &states, &y[1..], 10, &t.grid, 1.0).is_err());
+        assert!(critic_held_out(&c, None, &states, &y[1..], None, 10, &t.grid, 1.0).is_err());
     }
 
     #[test]
@@ -736,7 +781,7 @@ mod tests {
         let c = critic(&vm, CdfGrid::uniform(lo, hi, 30).unwrap());
         seeded_init(&vm, 1);
         let before =
-            critic_held_out(&c, Some(&t.exact), &states, &y, n_train, &t.grid, 1.0).unwrap();
+            critic_held_out(&c, Some(&t.exact), &states, &y, None, n_train, &t.grid, 1.0).unwrap();
         let cfg = CriticTrainConfig {
             steps: 400,
             batch: 128,
@@ -751,6 +796,7 @@ mod tests {
             &states,
             n_train,
             &y,
+            None,
             &t.grid,
             &cfg,
             &mut |_, _, l| {
@@ -760,7 +806,7 @@ mod tests {
         )
         .unwrap();
         let after =
-            critic_held_out(&c, Some(&t.exact), &states, &y, n_train, &t.grid, 1.0).unwrap();
+            critic_held_out(&c, Some(&t.exact), &states, &y, None, n_train, &t.grid, 1.0).unwrap();
         let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
         let (first, last) = (mean(&losses[..20]), mean(&losses[380..]));
         // Baseline for the RMSE: the spread of the exact V itself (a constant predictor at its

@@ -93,20 +93,22 @@ fn as_tensor(ns: &[usize], like: &Tensor) -> Result<Tensor> {
     )?)
 }
 
-/// The denoising loss mean ||eps - eps_theta(x_n, n)||^2 on clean data `x0` [batch, ...] and its
-/// gradients in `opt`'s order. Returns (grads, loss).
+/// The denoising loss mean ||eps - eps_theta(x_n, n, cond)||^2 on clean data `x0` [batch, ...]
+/// (with its classes `cond` for a class-conditional model) and its gradients in `opt`'s order.
+/// Returns (grads, loss).
 pub fn denoise_grads(
     model: &dyn Denoiser,
     vars: &[(String, Var)],
     schedule: &VpSchedule,
     x0: &Tensor,
+    cond: Option<&Tensor>,
     rng: &mut StdRng,
 ) -> Result<(Vec<Option<Tensor>>, f32)> {
     let b = x0.dim(0)?;
     let ns = sample_timesteps(schedule, b, rng);
     let eps = randn(rng, x0.shape(), x0.device())?;
     let xn = schedule.q_sample(x0, &ns, &eps)?;
-    let pred = model.eps(&xn, &as_tensor(&ns, x0)?, None)?;
+    let pred = model.eps(&xn, &as_tensor(&ns, x0)?, cond)?;
     let loss = (pred - &eps)?.sqr()?.mean_all()?;
     let grads = loss.backward()?;
     Ok((grads_in_order(vars, &grads), loss.to_scalar::<f32>()?))
@@ -114,14 +116,16 @@ pub fn denoise_grads(
 
 /// Pretrain a denoiser on clean data `data` [N, ...] with the plain denoising loss: `steps` AdamW
 /// steps on batches of `batch` rows drawn uniformly with replacement, step t drawing its rows,
-/// timesteps and noise from `rng_for(seed, 20, t)`. `progress(step, loss)` is called after every
-/// step (1-based). Returns the last loss.
+/// timesteps and noise from `rng_for(seed, 20, t)`. `labels` ([N] u32, the rows' classes) train a
+/// class-conditional model. `progress(step, loss)` is called after every step (1-based). Returns
+/// the last loss.
 #[allow(clippy::too_many_arguments)]
 pub fn pretrain_denoiser(
     model: &dyn Denoiser,
     opt: &mut AdamW,
     schedule: &VpSchedule,
     data: &Tensor,
+    labels: Option<&Tensor>,
     steps: u64,
     batch: usize,
     seed: u64,
@@ -139,8 +143,13 @@ pub fn pretrain_denoiser(
     for step in 0..steps {
         let mut rng = rng_for(seed, 20, step);
         let idx: Vec<u32> = (0..batch).map(|_| rng.random_range(0..n as u32)).collect();
-        let x0 = data.index_select(&Tensor::new(idx.as_slice(), data.device())?, 0)?;
-        let (g, loss) = denoise_grads(model, opt.vars(), schedule, &x0, &mut rng)?;
+        let idx = Tensor::new(idx.as_slice(), data.device())?;
+        let x0 = data.index_select(&idx, 0)?;
+        let cond = match labels {
+            None => None,
+            Some(l) => Some(l.index_select(&idx, 0)?),
+        };
+        let (g, loss) = denoise_grads(model, opt.vars(), schedule, &x0, cond.as_ref(), &mut rng)?;
         opt.step_with(&g)?;
         last = loss;
         progress(step + 1, loss);
@@ -397,9 +406,16 @@ mod tests {
         let eval = |m: &MlpDenoiser, opt: &AdamW| {
             (0..5)
                 .map(|i| {
-                    denoise_grads(m, opt.vars(), &s, &data(900 + i), &mut rng_for(5, 0, i))
-                        .unwrap()
-                        .1
+                    denoise_grads(
+                        m,
+                        opt.vars(),
+                        &s,
+                        &data(900 + i),
+                        None,
+                        &mut rng_for(5, 0, i),
+                    )
+                    .unwrap()
+                    .1
                 })
                 .sum::<f32>()
                 / 5.0
@@ -407,7 +423,7 @@ mod tests {
         let before = eval(&m, &opt);
         for i in 0..300 {
             let (g, _) =
-                denoise_grads(&m, opt.vars(), &s, &data(i), &mut rng_for(6, 0, i)).unwrap();
+                denoise_grads(&m, opt.vars(), &s, &data(i), None, &mut rng_for(6, 0, i)).unwrap();
             opt.step_with(&g).unwrap();
         }
         let after = eval(&m, &opt);
@@ -427,7 +443,7 @@ mod tests {
         let held_out = |m: &MlpDenoiser, opt: &AdamW| {
             (0..5)
                 .map(|i| {
-                    denoise_grads(m, opt.vars(), &s, &data, &mut rng_for(8, 0, i))
+                    denoise_grads(m, opt.vars(), &s, &data, None, &mut rng_for(8, 0, i))
                         .unwrap()
                         .1
                 })
@@ -436,7 +452,7 @@ mod tests {
         };
         let before = held_out(&m, &opt);
         let mut seen = vec![];
-        let last = pretrain_denoiser(&m, &mut opt, &s, &data, 300, 128, 3, &mut |st, l| {
+        let last = pretrain_denoiser(&m, &mut opt, &s, &data, None, 300, 128, 3, &mut |st, l| {
             seen.push((st, l))
         })
         .unwrap();
@@ -449,6 +465,8 @@ mod tests {
         let after = held_out(&m, &opt);
         assert!(after < 0.6 * before, "{before} -> {after}");
         let empty = Tensor::zeros((0, 4), DType::F32, &d).unwrap();
-        assert!(pretrain_denoiser(&m, &mut opt, &s, &empty, 1, 8, 0, &mut |_, _| {}).is_err());
+        assert!(
+            pretrain_denoiser(&m, &mut opt, &s, &empty, None, 1, 8, 0, &mut |_, _| {}).is_err()
+        );
     }
 }

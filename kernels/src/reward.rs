@@ -7,8 +7,9 @@ use crate::{KernelError, Result};
 
 /// r(x_0): a scalar per sample.
 pub trait Reward: Send + Sync {
-    /// `x0`: [batch, ...] -> [batch] f32.
-    fn reward(&self, x0: &Tensor) -> Result<Tensor>;
+    /// `x0`: [batch, ...] -> [batch] f32. `cond`: [batch] u32 class of each sample (the "prompt")
+    /// for a prompt-aware reward; prompt-agnostic rewards ignore it.
+    fn reward(&self, x0: &Tensor, cond: Option<&Tensor>) -> Result<Tensor>;
     /// A short name for reports.
     fn name(&self) -> String;
 }
@@ -41,7 +42,7 @@ fn check_dim(op: &'static str, x0: &Tensor, d: usize) -> Result<()> {
 }
 
 impl Reward for LinearReward {
-    fn reward(&self, x0: &Tensor) -> Result<Tensor> {
+    fn reward(&self, x0: &Tensor, _cond: Option<&Tensor>) -> Result<Tensor> {
         check_dim("LinearReward", x0, self.a.len())?;
         let a = Tensor::from_vec(
             self.a.iter().map(|&v| v as f32).collect::<Vec<_>>(),
@@ -56,7 +57,7 @@ impl Reward for LinearReward {
 }
 
 impl Reward for QuadraticReward {
-    fn reward(&self, x0: &Tensor) -> Result<Tensor> {
+    fn reward(&self, x0: &Tensor, _cond: Option<&Tensor>) -> Result<Tensor> {
         check_dim("QuadraticReward", x0, self.center.len())?;
         let c = Tensor::from_vec(
             self.center.iter().map(|&v| v as f32).collect::<Vec<_>>(),
@@ -83,7 +84,7 @@ mod tests {
             a: vec![2.0, -1.0],
             b: 0.5,
         }
-        .reward(&x)
+        .reward(&x, None)
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
@@ -93,7 +94,7 @@ mod tests {
             center: vec![1.0, 0.0],
             scale: 3.0,
         }
-        .reward(&x)
+        .reward(&x, None)
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
@@ -102,7 +103,7 @@ mod tests {
             a: vec![1.0; 3],
             b: 0.0
         }
-        .reward(&x)
+        .reward(&x, None)
         .is_err());
     }
 }

@@ -4,6 +4,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use rand::rngs::StdRng;
+use rand::Rng;
 
 use crate::critic::ValueCritic;
 use crate::denoiser::{timesteps, Denoiser};
@@ -20,6 +21,8 @@ pub struct SegmentPair {
     pub k_start: usize,
     pub a: Segment,
     pub b: Segment,
+    /// [batch] u32 class of each chain (the "prompt"), shared by a and b; None when unconditional.
+    pub cond: Option<Tensor>,
 }
 
 /// Segment starts for a grid of K steps and segments of L steps: K, K - L, ..., down to >= L.
@@ -36,13 +39,16 @@ pub fn segment_starts(k: usize, len: usize) -> Vec<usize> {
 /// Roll `batch` reference chains from x_K ~ N(0, I) (shape [batch, sample_shape...]); at every
 /// segment start k branch two continuations a and b of L steps, and carry on from a's endpoint (a
 /// is an exact reference continuation, so the next start is still distributed as p_ref(x_{k-L})).
-/// Costs 2K model evaluations per chain and yields K/L pairs per chain.
+/// Costs 2K model evaluations per chain and yields K/L pairs per chain. `cond`: [batch] u32
+/// class of each chain for a class-conditional reference (see [`draw_classes`]).
+#[allow(clippy::too_many_arguments)]
 pub fn make_segment_pairs(
     reference: &dyn Denoiser,
     grid: &SamplingGrid,
     sample_shape: &[usize],
     batch: usize,
     len: usize,
+    cond: Option<&Tensor>,
     rng: &mut StdRng,
     device: &Device,
 ) -> Result<Vec<SegmentPair>> {
@@ -60,12 +66,45 @@ pub fn make_segment_pairs(
     // Advance from K to the first start if K is not a multiple of L (starts[0] == K always).
     let mut out = Vec::with_capacity(starts.len());
     for &k in &starts {
-        let a = rollout_segment(reference, grid, &x, k, len, None, rng)?;
-        let b = rollout_segment(reference, grid, &x, k, len, None, rng)?;
+        let a = rollout_segment(reference, grid, &x, k, len, cond, rng)?;
+        let b = rollout_segment(reference, grid, &x, k, len, cond, rng)?;
         x = a.endpoint().clone();
-        out.push(SegmentPair { k_start: k, a, b });
+        out.push(SegmentPair {
+            k_start: k,
+            a,
+            b,
+            cond: cond.cloned(),
+        });
     }
     Ok(out)
+}
+
+/// One class per chain, uniform on 0..classes, as a [batch] u32 tensor; None when `classes` is 0
+/// (an unconditional model).
+pub fn draw_classes(
+    classes: usize,
+    batch: usize,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    if classes == 0 {
+        return Ok(None);
+    }
+    let c: Vec<u32> = (0..batch)
+        .map(|_| rng.random_range(0..classes as u32))
+        .collect();
+    Ok(Some(Tensor::from_vec(c, batch, device)?))
+}
+
+/// [cond; cond]: the classes of rows [a; b].
+fn twice(cond: Option<&Tensor>, device: &Device) -> Result<Option<Tensor>> {
+    Ok(match cond {
+        None => None,
+        Some(c) => {
+            let c = c.to_device(device)?;
+            Some(Tensor::cat(&[&c, &c], 0)?)
+        }
+    })
 }
 
 /// V of both endpoints of each pair, at the endpoint's training index, for the critic role. The
@@ -82,7 +121,8 @@ pub fn score_pair(
     let b = pair.a.endpoint().dim(0)?;
     let ns = timesteps(n_end, 2 * b, device)?;
     let both = Tensor::cat(&[pair.a.endpoint(), pair.b.endpoint()], 0)?.to_device(device)?;
-    let v = critic.value(&both, &ns, None, lambda)?;
+    let cond = twice(pair.cond.as_ref(), device)?;
+    let v = critic.value(&both, &ns, cond.as_ref(), lambda)?;
     Ok((v.narrow(0, 0, b)?, v.narrow(0, b, b)?))
 }
 
@@ -100,6 +140,8 @@ pub struct VrpoBatch {
     /// [B] values of the endpoints.
     pub v_a: Tensor,
     pub v_b: Tensor,
+    /// [B] u32 class of each pair (None when unconditional).
+    pub cond: Option<Tensor>,
 }
 
 /// What a learner step reports.
@@ -137,7 +179,8 @@ pub fn vrpo_grads(
         .chain(&batch.k_starts)
         .copied()
         .collect();
-    let ratio = path_log_ratio_residual_rows(residual, grid, &states, &noises, &ks, None)?; // [2B]
+    let cond = twice(batch.cond.as_ref(), states[0].device())?;
+    let ratio = path_log_ratio_residual_rows(residual, grid, &states, &noises, &ks, cond.as_ref())?; // [2B]
     let delta = (ratio.narrow(0, 0, b)? - ratio.narrow(0, b, b)?)?;
     let loss = vrpo_loss(labels, &delta, &batch.v_a, &batch.v_b, beta)?;
     let grads = loss.backward()?;
@@ -158,7 +201,7 @@ mod tests {
     use crate::mixture::{AnalyticDenoiser, ExactValue, GaussianMixture};
     use crate::models::{MlpConfig, MlpDenoiser};
     use crate::optim::{AdamW, AdamWConfig};
-    use crate::rng::rng_for;
+    use crate::rng::{randn, rng_for};
     use crate::schedule::VpSchedule;
     use candle_core::DType;
     use candle_nn::{VarBuilder, VarMap};
@@ -179,8 +222,17 @@ mod tests {
             mixture: m,
             schedule: s,
         };
-        let pairs =
-            make_segment_pairs(&r, &g, &[2], 8, 5, &mut rng_for(1, 0, 0), &Device::Cpu).unwrap();
+        let pairs = make_segment_pairs(
+            &r,
+            &g,
+            &[2],
+            8,
+            5,
+            None,
+            &mut rng_for(1, 0, 0),
+            &Device::Cpu,
+        )
+        .unwrap();
         assert_eq!(
             pairs.iter().map(|p| p.k_start).collect::<Vec<_>>(),
             vec![20, 15, 10, 5]
@@ -196,6 +248,163 @@ mod tests {
                 w[1].a.states[0].to_vec2::<f32>().unwrap()
             );
         }
+    }
+
+    #[test]
+    fn class_conditional_pairs_keep_their_classes_and_start_at_ln2() {
+        // Classes drawn per chain (uniform, reproducible), shared by a and b, handed to the
+        // residual: a zero-initialised class-conditional residual gives loss ln 2 exactly, and
+        // its gradient reaches the class embedding.
+        let s = VpSchedule::ddpm_default();
+        let g = SamplingGrid::new(&s, 20, 1.0).unwrap();
+        let r = AnalyticDenoiser {
+            mixture: GaussianMixture::quickstart(),
+            schedule: s,
+        };
+        let mut rng = rng_for(3, 0, 0);
+        assert!(draw_classes(0, 8, &mut rng, &Device::Cpu)
+            .unwrap()
+            .is_none());
+        let c = draw_classes(3, 64, &mut rng, &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        let cv = c.to_vec1::<u32>().unwrap();
+        assert!(cv.iter().all(|&x| x < 3));
+        assert!((0..3).all(|k| cv.contains(&k)), "{cv:?}");
+        let pairs =
+            make_segment_pairs(&r, &g, &[2], 64, 4, Some(&c), &mut rng, &Device::Cpu).unwrap();
+        let p = &pairs[2];
+        assert_eq!(p.cond.as_ref().unwrap().to_vec1::<u32>().unwrap(), cv);
+        let v = ExactValue {
+            mixture: GaussianMixture::quickstart(),
+            schedule: VpSchedule::ddpm_default(),
+            a: vec![1.0, 0.0],
+            b: 0.0,
+        };
+        let (va, vb) = score_pair(&v, &g, p, 1.0, &Device::Cpu).unwrap();
+        let batch = VrpoBatch {
+            k_starts: vec![p.k_start; 64],
+            xa: p.a.states.clone(),
+            za: p.a.noises.clone(),
+            xb: p.b.states.clone(),
+            zb: p.b.noises.clone(),
+            v_a: va,
+            v_b: vb,
+            cond: p.cond.clone(),
+        };
+        let vm = VarMap::new();
+        let res = MlpDenoiser::new(
+            MlpConfig {
+                dim: 2,
+                hidden: 16,
+                depth: 1,
+                time_dim: 8,
+                classes: 3,
+                zero_init_output: true,
+            },
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let vars: Vec<(String, Var)> = crate::optim::named_vars(&vm).unwrap();
+        let (grads, st) = vrpo_grads(&res, &vars, &g, &batch, VrpoLabels::Soft, 1.0).unwrap();
+        assert!((st.loss - std::f32::consts::LN_2).abs() < 1e-6);
+        // At a zero output layer only the output layer has a gradient; it must be nonzero.
+        let out_w = vars.iter().position(|(n, _)| n == "out.weight").unwrap();
+        let gsum = grads[out_w]
+            .as_ref()
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(gsum > 0.0);
+        // Without the classes the conditional residual refuses, rather than ignoring them.
+        let mut plain = batch.clone();
+        plain.cond = None;
+        assert!(vrpo_grads(&res, &vars, &g, &plain, VrpoLabels::Soft, 1.0).is_err());
+    }
+
+    #[test]
+    fn on_images_the_policy_is_the_reference_bit_for_bit_at_step_0_and_the_loss_is_ln2() {
+        // A class-conditional reference on [B, 1, 4, 4] images (an MLP with random weights), a
+        // zero-initialised class-conditional residual: policy eps == reference eps exactly, and
+        // the VRPO loss of image segment pairs is ln 2.
+        use crate::denoiser::ResidualPolicy;
+        use std::sync::Arc;
+        let s = VpSchedule::ddpm_default();
+        let g = SamplingGrid::new(&s, 12, 1.0).unwrap();
+        let net = |zero: bool, vm: &VarMap| {
+            MlpDenoiser::new(
+                MlpConfig {
+                    dim: 16,
+                    hidden: 32,
+                    depth: 2,
+                    time_dim: 8,
+                    classes: 3,
+                    zero_init_output: zero,
+                },
+                VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu),
+            )
+            .unwrap()
+        };
+        let (vr, vp) = (VarMap::new(), VarMap::new());
+        let reference: Arc<dyn Denoiser> = Arc::new(net(false, &vr));
+        let residual = Arc::new(net(true, &vp));
+        let policy = ResidualPolicy {
+            reference: reference.clone(),
+            residual: residual.clone(),
+        };
+        let mut rng = rng_for(4, 0, 0);
+        let c = draw_classes(3, 16, &mut rng, &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        let x = randn(&mut rng, (16, 1, 4, 4), &Device::Cpu).unwrap();
+        let n = timesteps(500, 16, &Device::Cpu).unwrap();
+        let e_ref = reference.eps(&x, &n, Some(&c)).unwrap();
+        let e_pol = policy.eps(&x, &n, Some(&c)).unwrap();
+        assert_eq!(e_pol.dims(), &[16, 1, 4, 4]);
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&e_ref), bits(&e_pol));
+        let pairs = make_segment_pairs(
+            reference.as_ref(),
+            &g,
+            &[1, 4, 4],
+            16,
+            3,
+            Some(&c),
+            &mut rng,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let p = &pairs[0];
+        let batch = VrpoBatch {
+            k_starts: vec![p.k_start; 16],
+            xa: p.a.states.clone(),
+            za: p.a.noises.clone(),
+            xb: p.b.states.clone(),
+            zb: p.b.noises.clone(),
+            v_a: Tensor::ones(16, DType::F32, &Device::Cpu).unwrap(),
+            v_b: Tensor::zeros(16, DType::F32, &Device::Cpu).unwrap(),
+            cond: p.cond.clone(),
+        };
+        let vars = crate::optim::named_vars(&vp).unwrap();
+        let (_, st) =
+            vrpo_grads(residual.as_ref(), &vars, &g, &batch, VrpoLabels::Soft, 1.0).unwrap();
+        assert!(
+            (st.loss - std::f32::consts::LN_2).abs() < 1e-6,
+            "{}",
+            st.loss
+        );
     }
 
     #[test]
@@ -216,8 +425,17 @@ mod tests {
             a: vec![1.0, 0.0],
             b: 0.0,
         };
-        let pairs =
-            make_segment_pairs(&r, &g, &[2], 64, 4, &mut rng_for(2, 0, 0), &Device::Cpu).unwrap();
+        let pairs = make_segment_pairs(
+            &r,
+            &g,
+            &[2],
+            64,
+            4,
+            None,
+            &mut rng_for(2, 0, 0),
+            &Device::Cpu,
+        )
+        .unwrap();
         let p = &pairs[3];
         let (va, vb) = score_pair(&v, &g, p, 1.0, &Device::Cpu).unwrap();
         let batch = VrpoBatch {
@@ -228,6 +446,7 @@ mod tests {
             zb: p.b.noises.clone(),
             v_a: va,
             v_b: vb,
+            cond: None,
         };
         let vm = VarMap::new();
         let res = MlpDenoiser::new(

@@ -107,7 +107,7 @@ impl Objective for SftObjective {
         let (w, _) = records_to_clip_pairs(records, &self.device)?;
         let w = self.scale.to_model(&w)?;
         let mut rng = rng_for(self.seed, 6_000 + replica as u64, step);
-        let (g, loss) = denoise_grads(model, vars, &self.schedule, &w, &mut rng)?;
+        let (g, loss) = denoise_grads(model, vars, &self.schedule, &w, None, &mut rng)?;
         Ok((
             g,
             StepStats {
@@ -230,6 +230,7 @@ fn pretrain(
         &mut opt,
         schedule,
         &clips,
+        None,
         total,
         cfg.pretrain.batch,
         cfg.seed,

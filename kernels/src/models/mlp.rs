@@ -106,13 +106,32 @@ impl MlpDenoiser {
 
 impl Denoiser for MlpDenoiser {
     fn eps(&self, x: &Tensor, n: &Tensor, cond: Option<&Tensor>) -> Result<Tensor> {
+        // Images [batch, C, H, W] go through flattened and come back in their shape.
+        if x.rank() > 2 {
+            let flat = x.flatten_from(1)?;
+            if flat.dim(1)? == self.cfg.dim {
+                return Ok(self.eps(&flat, n, cond)?.reshape(x.shape())?);
+            }
+        }
         if x.rank() != 2 || x.dim(1)? != self.cfg.dim {
             return Err(KernelError::shape(
                 "MlpDenoiser::eps",
                 format!(
-                    "x is {:?}, expected [batch, {}]",
+                    "x is {:?}, expected [batch, {}] (or [batch, ...] of {} elements per row)",
                     x.shape().dims(),
+                    self.cfg.dim,
                     self.cfg.dim
+                ),
+            ));
+        }
+        if self.class_emb.is_some() != cond.is_some() {
+            return Err(KernelError::param(
+                "MlpDenoiser::eps.cond",
+                if cond.is_some() { "Some" } else { "None" },
+                format!(
+                    "the network has classes = {}: a class-conditional one needs cond, an \
+                     unconditional one would silently ignore it",
+                    self.cfg.classes
                 ),
             ));
         }

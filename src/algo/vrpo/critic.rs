@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
-use tilt_kernels::critic::{CdfGrid, CriticLoss, ValueCritic};
+use tilt_kernels::critic::{CdfGrid, CriticLoss, MeanValue, ValueCritic};
 use tilt_kernels::critic_train::{
     critic_held_out, reward_grid_range, roll_reference_states, train_critic, CriticTrainConfig,
     ROLLOUT_STREAM,
@@ -17,10 +17,11 @@ use tilt_kernels::critic_train::{
 use tilt_kernels::denoiser::{load_weights, save_weights};
 use tilt_kernels::optim::named_vars;
 use tilt_kernels::rng::rng_for;
+use tilt_kernels::vrpo::draw_classes;
 
 use super::Setup;
 use crate::build;
-use crate::config::{Config, CriticKind};
+use crate::config::{Config, CriticKind, ValueKind};
 use crate::files::{read_json, write_json};
 
 /// The held-out report of the critic (the paper's Table 7 columns, plus agreement with the exact value).
@@ -59,21 +60,33 @@ pub fn stage_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<CriticRep
         s.grid.len()
     );
     let mut rng = rng_for(cfg.seed, ROLLOUT_STREAM, 0);
+    let cond = draw_classes(s.data.classes, n, &mut rng, &s.critic_device)?;
     let states = roll_reference_states(
         s.data.reference.as_ref(),
         &s.grid,
         n,
         &s.data.sample_shape,
+        cond.as_ref(),
         &mut rng,
         &s.critic_device,
     )?;
-    let y = s.reward.reward(&states[0])?.to_vec1::<f32>()?; // [n]
+    let y = s
+        .reward
+        .reward(&states[0], cond.as_ref())?
+        .to_vec1::<f32>()?; // [n]
     let fixed = (cfg.critic.grid.len() == 2).then(|| (cfg.critic.grid[0], cfg.critic.grid[1]));
     let (lo, hi) = reward_grid_range(&y, fixed);
     let grid = CdfGrid::uniform(lo, hi, cfg.critic.bins)?;
     let n_train = (n * 9 / 10).max(1);
     let vm = VarMap::new();
-    let critic = build::cdf_critic(&cfg.critic, s.dim(), grid, &vm, &s.critic_device)?;
+    let critic = build::cdf_critic(
+        &cfg.critic,
+        s.dim(),
+        s.data.classes,
+        grid,
+        &vm,
+        &s.critic_device,
+    )?;
     let vars = named_vars(&vm)?;
     let train_cfg = CriticTrainConfig {
         steps: cfg.critic.train_steps,
@@ -100,6 +113,7 @@ pub fn stage_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<CriticRep
         &states,
         n_train,
         &y,
+        cond.as_ref(),
         &s.grid,
         &train_cfg,
         &mut report_progress,
@@ -119,6 +133,7 @@ pub fn stage_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<CriticRep
             exact,
             &states,
             &y,
+            cond.as_ref(),
             n_train,
             &s.grid,
             cfg.vrpo.lambda,
@@ -166,10 +181,14 @@ pub fn load_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<Arc<dyn Va
     let critic = build::cdf_critic(
         &cfg.critic,
         s.dim(),
+        s.data.classes,
         CdfGrid::uniform(report.grid[0], report.grid[1], report.bins)?,
         &vm,
         &s.critic_device,
     )?;
     load_weights(&mut vm, &wfile)?;
-    Ok(Arc::new(critic))
+    Ok(match cfg.critic.value {
+        ValueKind::Optimal => Arc::new(critic),
+        ValueKind::Mean => Arc::new(MeanValue(Arc::new(critic))),
+    })
 }

@@ -15,7 +15,9 @@ use tilt_kernels::rng::{randn, rng_for};
 use tilt_kernels::tilt::{gap_closed, systematic_resample, tilted_target};
 
 use super::critic::CriticReport;
+use super::digits::{image_metrics, per_class_target, save_grid, ImageMetrics, TargetEstimate};
 use super::{build_policy, Setup};
+use crate::build::DataKind;
 use crate::config::{Config, RewardConfig};
 use crate::files::{read_json, write_json};
 use crate::plots::{calibration, line_chart, scatter, Series};
@@ -27,8 +29,13 @@ use crate::train::TrainReport;
 pub struct EvalPoint {
     pub step: u64,
     pub reward_mean_policy: f64,
+    /// Mixture data: the policy's mode weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mode_weights_policy: Vec<f64>,
     pub gap_closed: f64,
+    /// Image data: reward A, judge B and diversity of the policy's samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<ImageMetrics>,
 }
 
 /// The evaluation: reference, importance-weighted target, closed form, and each evaluated policy.
@@ -37,62 +44,120 @@ pub struct EvalReport {
     pub reward_mean_ref: f64,
     pub reward_mean_target: f64,
     pub target_ess: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mode_weights_ref: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mode_weights_target: Vec<f64>,
     /// The closed-form tilt of the data mixture (linear reward): differs from the chain's target
     /// because the K-step chain is itself slightly off the data (DESIGN.md).
     pub reward_mean_closed_form: Option<f64>,
     pub mode_weights_closed_form: Option<Vec<f64>>,
+    /// Image data: the reference's metrics and the per-class target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_ref: Option<ImageMetrics>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<TargetEstimate>,
     pub points: Vec<EvalPoint>,
 }
 
-fn rewards_f64(r: &dyn Reward, x: &Tensor) -> Result<Vec<f64>> {
-    Ok(r.reward(x)?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+fn rewards_f64(r: &dyn Reward, x: &Tensor, cond: Option<&Tensor>) -> Result<Vec<f64>> {
+    Ok(r.reward(x, cond)?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+}
+
+/// Classes of `n` evaluation samples (i mod classes: balanced), or None for unconditional data.
+fn eval_classes(classes: usize, n: usize, device: &candle_core::Device) -> Result<Option<Tensor>> {
+    if classes == 0 {
+        return Ok(None);
+    }
+    let c: Vec<u32> = (0..n).map(|i| (i % classes) as u32).collect();
+    Ok(Some(Tensor::from_vec(c, n, device)?))
 }
 
 /// Evaluate the reference, the target and the policy at the listed steps (and the last checkpoint).
 pub fn stage_eval(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<EvalReport> {
     let k = s.grid.len();
     let mut rng = rng_for(cfg.seed, 3, 0);
-    let x = randn(
+    let shape = |n: usize| -> Vec<usize> {
+        std::iter::once(n)
+            .chain(s.data.sample_shape.iter().copied())
+            .collect()
+    };
+    let n_ref = cfg.eval.target_samples;
+    let cond_ref = eval_classes(s.data.classes, n_ref, &s.learner_device)?;
+    let x = randn(&mut rng, shape(n_ref), &s.learner_device)?;
+    let t_ref = Instant::now();
+    let x0 = sample_chain(
+        s.data.reference.as_ref(),
+        &s.grid,
+        &x,
+        k,
+        0,
+        cond_ref.as_ref(),
         &mut rng,
-        (cfg.eval.target_samples, s.dim()),
-        &s.learner_device,
     )?;
-    let x0 = sample_chain(s.data.reference.as_ref(), &s.grid, &x, k, 0, None, &mut rng)?;
-    let r = rewards_f64(s.reward.as_ref(), &x0)?;
-    let est = tilted_target(&r, cfg.vrpo.lambda);
+    let r = rewards_f64(s.reward.as_ref(), &x0, cond_ref.as_ref())?;
+    eprintln!(
+        "[eval] {n_ref} reference samples in {:.1}s",
+        t_ref.elapsed().as_secs_f64()
+    );
     let mut rep = EvalReport {
         reward_mean_ref: r.iter().sum::<f64>() / r.len() as f64,
-        reward_mean_target: est.mean_reward,
-        target_ess: est.ess,
-        mode_weights_ref: s.data.mixture.mode_weights(&x0, None)?,
-        mode_weights_target: s.data.mixture.mode_weights(&x0, Some(&est.weights))?,
         ..Default::default()
     };
-    if let RewardConfig::Linear { a, b } = &cfg.reward {
-        let t = s.data.mixture.tilted_linear(cfg.vrpo.lambda, a)?;
-        rep.reward_mean_closed_form = Some(t.linear_reward_mean(a, *b));
-        // Mode weights as `assign` would see exact samples of the tilted mixture.
-        let (xt, _) = t.sample(
-            cfg.eval.target_samples,
-            &mut rng_for(cfg.seed, 3, 1),
-            &s.learner_device,
-        )?;
-        rep.mode_weights_closed_form = Some(s.data.mixture.mode_weights(&xt, None)?);
-    }
-    // Samples for the report's scatter: reference, target-weighted (systematic resampling), policy.
-    let rows = x0.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-    let take = 2000.min(rows.len());
+    let mut samples = PlotSamples::default();
     let xy = |r: &Vec<f64>| (r[0], r.get(1).copied().unwrap_or(0.0));
-    let mut samples = PlotSamples {
-        reference: rows.iter().take(take).map(xy).collect(),
-        target: systematic_resample(&est.weights, take, 0.5)
-            .into_iter()
-            .map(|i| xy(&rows[i]))
-            .collect(),
-        policy: vec![],
-    };
+    let take = 2000.min(n_ref);
+    match &s.data.kind {
+        DataKind::Mixture(mixture) => {
+            let est = tilted_target(&r, cfg.vrpo.lambda);
+            rep.reward_mean_target = est.mean_reward;
+            rep.target_ess = est.ess;
+            rep.mode_weights_ref = mixture.mode_weights(&x0, None)?;
+            rep.mode_weights_target = mixture.mode_weights(&x0, Some(&est.weights))?;
+            if let RewardConfig::Linear { a, b } = &cfg.reward {
+                let t = mixture.tilted_linear(cfg.vrpo.lambda, a)?;
+                rep.reward_mean_closed_form = Some(t.linear_reward_mean(a, *b));
+                // Mode weights as `assign` would see exact samples of the tilted mixture.
+                let (xt, _) = t.sample(
+                    cfg.eval.target_samples,
+                    &mut rng_for(cfg.seed, 3, 1),
+                    &s.learner_device,
+                )?;
+                rep.mode_weights_closed_form = Some(mixture.mode_weights(&xt, None)?);
+            }
+            // Samples for the report's scatter: reference, target-weighted (systematic
+            // resampling), policy.
+            let rows = x0.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+            samples.reference = rows.iter().take(take).map(xy).collect();
+            samples.target = systematic_resample(&est.weights, take, 0.5)
+                .into_iter()
+                .map(|i| xy(&rows[i]))
+                .collect();
+        }
+        DataKind::Digits(models) => {
+            let cond = cond_ref.as_ref().expect("digits are class-conditional");
+            let labels = cond.to_vec1::<u32>()?;
+            let est = per_class_target(&r, &labels, s.data.classes, cfg.vrpo.lambda);
+            rep.reward_mean_target = est.reward;
+            rep.target_ess = est.ess;
+            rep.images_ref = Some(image_metrics(models, &r, &x0, cond, s.data.classes)?);
+            save_grid(
+                &run_dir.join("samples-reference.png"),
+                &x0,
+                &labels,
+                s.data.classes,
+                None,
+            )?;
+            save_grid(
+                &run_dir.join("samples-target.png"),
+                &x0,
+                &labels,
+                s.data.classes,
+                Some(&est.weights),
+            )?;
+            rep.target = Some(est);
+        }
+    }
     let mut steps: Vec<u64> = cfg
         .eval
         .at_steps
@@ -113,32 +178,65 @@ pub fn stage_eval(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<EvalReport>
             residual: p.model,
         };
         let mut prng = rng_for(cfg.seed, 4, step);
-        let xk = randn(&mut prng, (cfg.eval.samples, s.dim()), &s.learner_device)?;
-        let p0 = sample_chain(&policy, &s.grid, &xk, k, 0, None, &mut prng)?;
-        let rp = rewards_f64(s.reward.as_ref(), &p0)?;
+        let n = cfg.eval.samples;
+        let cond = eval_classes(s.data.classes, n, &s.learner_device)?;
+        let xk = randn(&mut prng, shape(n), &s.learner_device)?;
+        let p0 = sample_chain(&policy, &s.grid, &xk, k, 0, cond.as_ref(), &mut prng)?;
+        let rp = rewards_f64(s.reward.as_ref(), &p0, cond.as_ref())?;
         let mean = rp.iter().sum::<f64>() / rp.len() as f64;
-        let point = EvalPoint {
+        let mut point = EvalPoint {
             step,
             reward_mean_policy: mean,
-            mode_weights_policy: s.data.mixture.mode_weights(&p0, None)?,
+            mode_weights_policy: vec![],
             gap_closed: gap_closed(mean, rep.reward_mean_ref, rep.reward_mean_target),
+            images: None,
         };
-        eprintln!(
-            "[eval] step {step}: reward {:.4} (ref {:.4}, target {:.4}), gap closed {:.3}, modes {:?} (target {:?})",
-            point.reward_mean_policy,
-            rep.reward_mean_ref,
-            rep.reward_mean_target,
-            point.gap_closed,
-            round3(&point.mode_weights_policy),
-            round3(&rep.mode_weights_target)
-        );
+        match &s.data.kind {
+            DataKind::Mixture(mixture) => {
+                point.mode_weights_policy = mixture.mode_weights(&p0, None)?;
+                eprintln!(
+                    "[eval] step {step}: reward {:.4} (ref {:.4}, target {:.4}), gap closed {:.3}, modes {:?} (target {:?})",
+                    point.reward_mean_policy,
+                    rep.reward_mean_ref,
+                    rep.reward_mean_target,
+                    point.gap_closed,
+                    round3(&point.mode_weights_policy),
+                    round3(&rep.mode_weights_target)
+                );
+                let pr = p0.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+                samples.policy = pr.iter().take(take).map(xy).collect();
+            }
+            DataKind::Digits(models) => {
+                let c = cond.as_ref().expect("digits are class-conditional");
+                let im = image_metrics(models, &rp, &p0, c, s.data.classes)?;
+                eprintln!(
+                    "[eval] step {step}: reward A {:.4} (ref {:.4}, target {:.4}), gap closed {:.3}, judge B accuracy {:.3} (ref {:.3}), diversity {:.3} (ref {:.3})",
+                    point.reward_mean_policy,
+                    rep.reward_mean_ref,
+                    rep.reward_mean_target,
+                    point.gap_closed,
+                    im.judge_acc,
+                    rep.images_ref.as_ref().map_or(f64::NAN, |m| m.judge_acc),
+                    im.diversity.pairwise,
+                    rep.images_ref.as_ref().map_or(f64::NAN, |m| m.diversity.pairwise),
+                );
+                save_grid(
+                    &run_dir.join("samples-policy.png"),
+                    &p0,
+                    &c.to_vec1::<u32>()?,
+                    s.data.classes,
+                    None,
+                )?;
+                point.images = Some(im);
+            }
+        }
         metrics::gauge!("tilt_reward_mean", "role" => "eval", "actor" => "0")
             .set(point.reward_mean_policy);
         rep.points.push(point);
-        let pr = p0.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-        samples.policy = pr.iter().take(take).map(xy).collect();
     }
-    write_json(&run_dir.join("samples.json"), &samples)?;
+    if matches!(s.data.kind, DataKind::Mixture(_)) {
+        write_json(&run_dir.join("samples.json"), &samples)?;
+    }
     Ok(rep)
 }
 
@@ -172,12 +270,28 @@ pub struct Summary {
     pub reward_mean_target: f64,
     pub reward_mean_closed_form: Option<f64>,
     pub gap_closed: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mode_weights_ref: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mode_weights_policy: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mode_weights_target: Vec<f64>,
     pub mode_weights_closed_form: Option<Vec<f64>>,
-    pub max_mode_weight_error: f64,
+    /// Mixture data: the largest |policy - target| mode weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_mode_weight_error: Option<f64>,
     pub target_ess: f64,
+    /// Image data: held-out accuracy of reward model A and judge B.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifiers: Option<Classifiers>,
+    /// Image data: the reference's and the policy's samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ImageMetrics>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<ImageMetrics>,
+    /// Image data: the per-class importance-weighted target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<TargetEstimate>,
     pub critic: Option<CriticReport>,
     pub throughput: Throughput,
     pub learner_utilisation: f64,
@@ -189,6 +303,14 @@ pub struct Summary {
     pub peak_rss_mb: Option<f64>,
     /// Per-stage latency percentiles (ms), merged across actors.
     pub latency: std::collections::BTreeMap<String, tilt_actors::telemetry::LatencySummary>,
+}
+
+/// Held-out accuracy of the two classifiers, and how recognisable the reference's samples are.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Classifiers {
+    pub reward_acc: f64,
+    pub judge_acc: f64,
+    pub reference_judge_acc: f64,
 }
 
 /// Throughput of the VRPO stage.
@@ -217,12 +339,21 @@ pub fn finish(
             run_dir.display()
         );
     };
-    let max_err = last
-        .mode_weights_policy
-        .iter()
-        .zip(&ev.mode_weights_target)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
+    let max_err = (!ev.mode_weights_target.is_empty()).then(|| {
+        last.mode_weights_policy
+            .iter()
+            .zip(&ev.mode_weights_target)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max)
+    });
+    let classifiers = match &s.data.kind {
+        DataKind::Digits(m) => Some(Classifiers {
+            reward_acc: m.report.reward_acc,
+            judge_acc: m.report.judge_acc,
+            reference_judge_acc: m.report.reference_judge_acc,
+        }),
+        DataKind::Mixture(_) => None,
+    };
     let summary = Summary {
         name: cfg.name.clone(),
         algorithm: "vrpo".into(),
@@ -244,6 +375,10 @@ pub fn finish(
         mode_weights_closed_form: ev.mode_weights_closed_form.clone(),
         max_mode_weight_error: max_err,
         target_ess: ev.target_ess,
+        classifiers,
+        reference: ev.images_ref.clone(),
+        policy: last.images.clone(),
+        target: ev.target.clone(),
         critic: critic.or_else(|| read_json(&run_dir.join("critic.json")).ok()),
         throughput: Throughput {
             pairs_per_s: vrpo.pairs_per_s,
@@ -271,14 +406,25 @@ pub fn finish(
         )),
         Err(e) => progress.line(&format!("tilt: warning: plots failed: {e:#}")),
     }
+    let detail = match (
+        &summary.max_mode_weight_error,
+        &summary.policy,
+        &summary.reference,
+    ) {
+        (Some(e), _, _) => format!("max mode-weight error {e:.3}"),
+        (None, Some(p), Some(r)) => format!(
+            "judge B accuracy {:.3} (reference {:.3}), diversity {:.3} (reference {:.3})",
+            p.judge_acc, r.judge_acc, p.diversity.pairwise, r.diversity.pairwise
+        ),
+        _ => String::new(),
+    };
     progress.line(&format!(
-        "tilt: done in {:.0}s: reward {:.4} (reference {:.4}, target {:.4}), gap closed {:.3}, max mode-weight error {:.3}; {}",
+        "tilt: done in {:.0}s: reward {:.4} (reference {:.4}, target {:.4}), gap closed {:.3}, {detail}; {}",
         summary.wall_s,
         summary.reward_mean_policy,
         summary.reward_mean_ref,
         summary.reward_mean_target,
         summary.gap_closed,
-        summary.max_mode_weight_error,
         run_dir.join("summary.json").display()
     ));
     Ok(summary)

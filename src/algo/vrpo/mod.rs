@@ -4,7 +4,9 @@
 //! vs the importance-weighted tilted target; `eval.rs`). Worker mode is in `worker.rs`.
 
 pub mod critic;
+pub mod digits;
 pub mod eval;
+pub mod final_dpo;
 pub mod worker;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use async_trait::async_trait;
 use candle_core::{Device, Tensor, Var};
 use tilt_actors::codec::records_to_batch;
 use tilt_actors::critic::CriticSource;
+use tilt_actors::final_pairs::FinalPairSource;
 use tilt_actors::objective::{Objective, StepStats};
 use tilt_actors::replay::{Record, ReplayBuffer};
 use tilt_actors::rollout::RolloutSource;
@@ -29,7 +32,7 @@ use tilt_kernels::vrpo::{vrpo_grads, SegmentPair};
 
 use super::{has_stage, Algorithm, RunCtx, WorkerRole};
 use crate::build::{self, VrpoData};
-use crate::config::{Config, CriticKind};
+use crate::config::{Config, CriticKind, VrpoMethod};
 use crate::files::read_json;
 use crate::progress::Progress;
 use crate::train::{off_executor, train, TrainReport, Trainable, Training};
@@ -58,17 +61,19 @@ impl Setup {
     }
 }
 
-/// Build the shared pieces from a validated config.
-pub fn setup(cfg: &Config) -> Result<Setup> {
+/// Build the shared pieces from a validated config. Image data loads its pretrained models from
+/// the run directory (the "pretrain" stage must have run: `ensure_pretrained`).
+pub fn setup(cfg: &Config, run_dir: &Path) -> Result<Setup> {
     let schedule = build::schedule(cfg)?;
     let grid = build::grid(cfg, &schedule)?;
-    let data = build::vrpo_data(&cfg.data, &schedule)?;
+    let learner_device = build::device(cfg, "learner.device", &cfg.learner.device)?;
+    let data = build::vrpo_data(cfg, &schedule, run_dir, &learner_device)?;
     let exact = build::exact_value(&data, &cfg.reward, &schedule).map(Arc::new);
     Ok(Setup {
         rollout_device: build::device(cfg, "rollout.device", &cfg.rollout.device)?,
         critic_device: build::device(cfg, "critic.device", &cfg.critic.device)?,
-        learner_device: build::device(cfg, "learner.device", &cfg.learner.device)?,
-        reward: build::reward(&cfg.reward),
+        learner_device,
+        reward: build::reward(&cfg.reward, &data)?,
         exact,
         data,
         grid,
@@ -76,9 +81,28 @@ pub fn setup(cfg: &Config) -> Result<Setup> {
     })
 }
 
+/// The "pretrain" stage of image data (a no-op for the mixture, whose reference is analytic).
+pub fn ensure_pretrained(cfg: &Config, run_dir: &Path, progress: &Progress) -> Result<()> {
+    if !matches!(cfg.data, crate::config::DataConfig::Digits(_)) {
+        return Ok(());
+    }
+    let schedule = build::schedule(cfg)?;
+    let grid = build::grid(cfg, &schedule)?;
+    let device = build::device(cfg, "learner.device", &cfg.learner.device)?;
+    off_executor(|| {
+        digits::ensure_pretrained(cfg, &schedule, &grid, run_dir, &device, progress).map(|_| ())
+    })
+}
+
 /// A residual policy network with its optimiser (zero-initialised output), on the learner device.
 pub fn build_policy(cfg: &Config, s: &Setup) -> Result<Trainable> {
-    build::mlp_policy(&cfg.policy, s.dim(), adamw(cfg), &s.learner_device)
+    build::mlp_policy(
+        &cfg.policy,
+        s.dim(),
+        s.data.classes,
+        adamw(cfg),
+        &s.learner_device,
+    )
 }
 
 fn adamw(cfg: &Config) -> AdamWConfig {
@@ -157,6 +181,22 @@ pub fn sources(
     roles: &Roles,
 ) -> Result<Vec<Arc<dyn PairSource>>> {
     let mut out: Vec<Arc<dyn PairSource>> = Vec::new();
+    if cfg.vrpo.method == VrpoMethod::FinalDpo {
+        // The baseline's only producer: ranked final samples straight into the replay.
+        if roles.rollouts.is_some() {
+            out.push(Arc::new(FinalPairSource {
+                actors: cfg.rollout.actors,
+                reference: s.data.reference.clone(),
+                reward: s.reward.clone(),
+                grid: s.grid.clone(),
+                sample_shape: s.data.sample_shape.clone(),
+                classes: s.data.classes,
+                per_unit: cfg.rollout.chains,
+                device: s.rollout_device.clone(),
+            }));
+        }
+        return Ok(out);
+    }
     if let Some((actors, input)) = &roles.critics {
         out.push(Arc::new(CriticSource {
             actors: *actors,
@@ -174,6 +214,7 @@ pub fn sources(
             reference: s.data.reference.clone(),
             grid: s.grid.clone(),
             sample_shape: s.data.sample_shape.clone(),
+            classes: s.data.classes,
             chains: cfg.rollout.chains,
             segment_len: cfg.vrpo.segment_len,
             device: s.rollout_device.clone(),
@@ -184,12 +225,32 @@ pub fn sources(
     Ok(out)
 }
 
+/// The learners' objective: VRPO on scored segment pairs, or the Diffusion-DPO baseline.
+fn objective(cfg: &Config, s: &Setup) -> Arc<dyn Objective> {
+    match cfg.vrpo.method {
+        VrpoMethod::Segments => Arc::new(VrpoObjective {
+            grid: s.grid.clone(),
+            labels: cfg.vrpo.labels,
+            beta: cfg.vrpo.beta,
+            device: s.learner_device.clone(),
+        }),
+        VrpoMethod::FinalDpo => Arc::new(final_dpo::FinalDpoObjective {
+            reference: s.data.reference.clone(),
+            schedule: s.schedule.clone(),
+            beta: cfg.vrpo.beta,
+            seed: cfg.seed,
+            device: s.learner_device.clone(),
+        }),
+    }
+}
+
 /// Stage 2 as a `Training` for the shared learners.
 pub fn training(cfg: &Config, s: &Setup, run_dir: &Path, roles: Roles) -> Result<Training> {
     let sources = sources(cfg, s, run_dir, &roles)?;
-    let (policy, dim, opt, device) = (
+    let (policy, dim, classes, opt, device) = (
         cfg.policy.clone(),
         s.dim(),
+        s.data.classes,
         adamw(cfg),
         s.learner_device.clone(),
     );
@@ -204,14 +265,9 @@ pub fn training(cfg: &Config, s: &Setup, run_dir: &Path, roles: Roles) -> Result
         } else {
             0
         },
-        build: Box::new(move || build::mlp_policy(&policy, dim, opt.clone(), &device)),
+        build: Box::new(move || build::mlp_policy(&policy, dim, classes, opt.clone(), &device)),
         init: None,
-        objective: Arc::new(VrpoObjective {
-            grid: s.grid.clone(),
-            labels: cfg.vrpo.labels,
-            beta: cfg.vrpo.beta,
-            device: s.learner_device.clone(),
-        }),
+        objective: objective(cfg, s),
         sources,
         replay: roles.replay,
         checkpoint_every: cfg.learner.checkpoint_every,
@@ -240,6 +296,30 @@ pub fn ensure_critic(
         progress.line("[critic] already trained in this run directory: reusing it");
         return Ok(Some(read_json(&jfile)?));
     }
+    if !cfg.critic.from.is_empty() {
+        let from = Path::new(&cfg.critic.from);
+        let (fw, fj) = critic_files(from);
+        if !fw.exists() || !fj.exists() {
+            anyhow::bail!(
+                "critic.from = {:?}: no trained critic there (expected {} and {})",
+                cfg.critic.from,
+                fw.display(),
+                fj.display()
+            );
+        }
+        // Weights first, the report last: its presence means the weights are complete.
+        crate::files::copy_atomic(&fw, &wfile)?;
+        let cal = from.join("calibration.json");
+        if cal.exists() {
+            crate::files::copy_atomic(&cal, &run_dir.join("calibration.json"))?;
+        }
+        crate::files::copy_atomic(&fj, &jfile)?;
+        progress.line(&format!(
+            "[critic] reusing the critic of {}",
+            from.display()
+        ));
+        return Ok(Some(read_json(&jfile)?));
+    }
     // Tensor work off the async executor's worker.
     off_executor(|| stage_critic(cfg, s, run_dir)).map(Some)
 }
@@ -266,7 +346,10 @@ impl Algorithm for Vrpo {
     async fn execute(&self, run: &RunCtx<'_>) -> Result<Option<serde_json::Value>> {
         let (cfg, run_dir, progress) = (run.cfg, run.run_dir, run.progress);
         let t0 = std::time::Instant::now();
-        let s = setup(cfg)?;
+        if has_stage(cfg, "pretrain") {
+            ensure_pretrained(cfg, run_dir, progress)?;
+        }
+        let s = setup(cfg, run_dir)?;
         // Connect the replay first: a Redis that is down fails the run before any work is done.
         let replay = if has_stage(cfg, "vrpo") {
             Some(build::replay(cfg, &invocation_id(cfg), "learner-0").await?)

@@ -41,7 +41,7 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
     let name = format!("{role:?}").to_lowercase();
     let consumer = format!("{name}-{}", std::process::id());
     let url = redis_url(cfg);
-    let s = setup(cfg)?;
+    let s = setup(cfg, run_dir)?;
     let seg_id = format!("{run_id}-segments");
     match role {
         WorkerRole::Rollout => {
