@@ -429,24 +429,33 @@ pub struct Diversity {
     pub distinct_nn: f64,
 }
 
-/// Reward, judge and diversity of `x` [n, 1, s, s] generated for classes `cond` [n].
+/// Reward, judge and diversity of `x` [n, 1, s, s] generated for classes `cond` [n]. Diversity
+/// depends on the number of samples (distinct nearest neighbours saturate), so it is measured on
+/// the first `diversity_rows` only: the same count for every model compared.
 pub fn image_metrics(
     m: &DigitsModels,
     reward: &[f64],
     x: &Tensor,
     cond: &Tensor,
     classes: usize,
+    diversity_rows: usize,
 ) -> Result<ImageMetrics> {
     let lp = m
         .judge
         .log_prob(x, cond)?
         .to_dtype(DType::F64)?
         .to_vec1::<f64>()?;
+    let rows = diversity_rows.min(x.dim(0)?);
     Ok(ImageMetrics {
         reward: reward.iter().sum::<f64>() / reward.len().max(1) as f64,
         judge_acc: accuracy(m.judge.as_ref(), x, cond)?,
         judge_logp: lp.iter().sum::<f64>() / lp.len().max(1) as f64,
-        diversity: diversity(x, cond, classes, &m.train_images)?,
+        diversity: diversity(
+            &x.narrow(0, 0, rows)?,
+            &cond.narrow(0, 0, rows)?,
+            classes,
+            &m.train_images,
+        )?,
     })
 }
 

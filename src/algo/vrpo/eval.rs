@@ -140,7 +140,14 @@ pub fn stage_eval(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<EvalReport>
             let est = per_class_target(&r, &labels, s.data.classes, cfg.vrpo.lambda);
             rep.reward_mean_target = est.reward;
             rep.target_ess = est.ess;
-            rep.images_ref = Some(image_metrics(models, &r, &x0, cond, s.data.classes)?);
+            rep.images_ref = Some(image_metrics(
+                models,
+                &r,
+                &x0,
+                cond,
+                s.data.classes,
+                cfg.eval.samples,
+            )?);
             save_grid(
                 &run_dir.join("samples-reference.png"),
                 &x0,
@@ -208,7 +215,7 @@ pub fn stage_eval(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<EvalReport>
             }
             DataKind::Digits(models) => {
                 let c = cond.as_ref().expect("digits are class-conditional");
-                let im = image_metrics(models, &rp, &p0, c, s.data.classes)?;
+                let im = image_metrics(models, &rp, &p0, c, s.data.classes, n)?;
                 eprintln!(
                     "[eval] step {step}: reward A {:.4} (ref {:.4}, target {:.4}), gap closed {:.3}, judge B accuracy {:.3} (ref {:.3}), diversity {:.3} (ref {:.3})",
                     point.reward_mean_policy,
@@ -258,6 +265,12 @@ pub fn round3(v: &[f64]) -> Vec<f64> {
 pub struct Summary {
     pub name: String,
     pub algorithm: String,
+    /// "segments" (VRPO) or "final_dpo" (the Diffusion-DPO baseline).
+    #[serde(default)]
+    pub method: String,
+    /// The critic's value: "optimal" or "mean" (the average-score ablation).
+    #[serde(default)]
+    pub critic_value: String,
     pub labels: String,
     pub lambda: f64,
     pub beta: f64,
@@ -357,6 +370,14 @@ pub fn finish(
     let summary = Summary {
         name: cfg.name.clone(),
         algorithm: "vrpo".into(),
+        method: serde_json::to_value(cfg.vrpo.method)?
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        critic_value: serde_json::to_value(cfg.critic.value)?
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
         labels: format!("{:?}", cfg.vrpo.labels).to_lowercase(),
         lambda: cfg.vrpo.lambda,
         beta: cfg.vrpo.beta,
