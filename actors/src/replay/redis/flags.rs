@@ -122,26 +122,28 @@ async fn wait_for_mark(url: &str, run_id: &str) {
 mod tests {
     use super::*;
     use crate::replay::testutil::{
-        fails_naming_the_address_not_the_password, run_id, TestResult, LONG, URL,
+        fails_naming_the_address_not_the_password, run_id, RedisServer, TestResult, LONG,
     };
     use tokio::time::timeout;
 
     #[tokio::test]
     async fn run_done_mark_is_seen_by_watchers() -> TestResult {
-        // Against the Redis at 127.0.0.1:6379: a watcher started before the mark resolves after
-        // it, one started after resolves at once, and the key is src/worker.rs's, with its TTL.
+        // On a redis-server of its own: a watcher started before the mark resolves after it, one
+        // started after resolves at once, and the key is src/worker.rs's, with its TTL.
+        let redis = RedisServer::start();
+        let url = redis.url();
         let run = run_id("done");
         let key = done_key(&run);
         assert_eq!(key, format!("tilt:{run}:done"));
-        let mut early = watch_run_done(URL.to_owned(), run.clone());
+        let mut early = watch_run_done(url.clone(), run.clone());
         // Not marked: two polls (600 ms) pass without it resolving.
         assert!(timeout(2 * DONE_POLL, &mut early).await.is_err());
 
-        mark_run_done(URL, &run).await?;
+        mark_run_done(&url, &run).await?;
         timeout(LONG, early).await??;
-        timeout(LONG, watch_run_done(URL.to_owned(), run.clone())).await??;
+        timeout(LONG, watch_run_done(url.clone(), run.clone())).await??;
 
-        let client = Client::open(URL)?;
+        let client = Client::open(url.as_str())?;
         let mut c = client.get_multiplexed_async_connection().await?;
         let (value, ttl): (Option<String>, i64) = redis::pipe()
             .cmd("GET")
