@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use common::redis_server::RedisServer;
 use common::*;
 
-/// The learner's step budget (the three-worker test's: the quickstart's 1500 plus margin).
+/// The learner's step budget of the kill test (the three-worker test's: the quickstart's 1500
+/// plus margin).
 const BUDGET: u64 = 2000;
 /// Bound on a whole run, restarts included (~1 min measured on 2 shared cores).
 const RUN_LIMIT: Duration = Duration::from_secs(300);
@@ -33,10 +34,10 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(redis: &RedisServer, name: &str, sets: &[&str]) -> Self {
+    fn new(redis: &RedisServer, name: &str, budget: u64, sets: &[&str]) -> Self {
         let dir = scratch(name).join("run");
         let mut all = vec![
-            format!("vrpo.steps={BUDGET}"),
+            format!("vrpo.steps={budget}"),
             "eval.at_steps=[]".to_owned(),
             "learner.checkpoint_every=250".to_owned(),
             "metrics.progress_every_s=0.25".to_owned(),
@@ -97,6 +98,29 @@ impl Cluster {
             self.t0.elapsed().as_secs_f64(),
             self.learner_step()
         );
+    }
+
+    /// SIGTERM the worker of `role` and wait for it to exit (it must exit 0).
+    fn sigterm(&mut self, role: &'static str) {
+        let mut c = self.workers.remove(role).expect("the worker runs");
+        let st = std::process::Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let status = c.wait().unwrap();
+        assert!(
+            status.success(),
+            "{role} after SIGTERM: {status}\n{}",
+            self.logs()
+        );
+    }
+
+    /// Whether the worker of `role` is still running.
+    fn running(&mut self, role: &'static str) -> bool {
+        self.workers
+            .get_mut(role)
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Stderr of the `n`-th start of `role`.
@@ -208,7 +232,7 @@ fn assert_quality(s: &serde_json::Value) {
 #[test]
 fn kill9_of_each_worker_mid_run_then_restart_finishes_from_the_newest_checkpoint() {
     let redis = RedisServer::start();
-    let mut run = Cluster::new(&redis, "kill9", &[]);
+    let mut run = Cluster::new(&redis, "kill9", BUDGET, &[]);
     for role in ["critic", "rollout", "learner"] {
         run.start(role);
     }
@@ -278,4 +302,81 @@ fn kill9_of_each_worker_mid_run_then_restart_finishes_from_the_newest_checkpoint
         let e = run.stderr(role, 2);
         assert!(e.contains("producers stopped"), "{role}:\n{e}");
     }
+}
+
+#[test]
+fn sigterm_pauses_the_learner_without_stopping_the_producers_and_it_resumes() {
+    // A small run (the point is finished vs paused, not quality): the learner gets SIGTERM at a
+    // third of its budget, checkpoints and exits 0 without marking the run done; the producers
+    // keep running; `tilt worker --role learner` continues from the paused step to the budget,
+    // and only then do the producers stop.
+    const STEPS: u64 = 600;
+    let redis = RedisServer::start();
+    let mut run = Cluster::new(
+        &redis,
+        "pause",
+        STEPS,
+        &[
+            "critic.rollouts=1000",
+            "critic.train_steps=150",
+            "eval.samples=4000",
+            "eval.target_samples=8000",
+        ],
+    );
+    for role in ["critic", "rollout", "learner"] {
+        run.start(role);
+    }
+    run.wait("a third of the steps", |r| {
+        r.learner_step().is_some_and(|s| s >= STEPS / 3)
+    });
+    run.sigterm("learner");
+    let paused = newest_checkpoint(&run.dir).unwrap();
+    assert!((STEPS / 3..STEPS).contains(&paused), "paused at {paused}");
+    let e = run.stderr("learner", 1);
+    assert!(
+        e.contains(&format!("the learner paused at step {paused} of {STEPS}")),
+        "{e}"
+    );
+    assert!(!run.dir.join("summary.json").exists());
+    assert_eq!(
+        redis.keys(&format!("tilt:{}:done", run.run_id)),
+        Vec::<String>::new()
+    );
+
+    // The producers stay up (they would stop within a done-mark poll, 300 ms, of a mark): each
+    // writes four more progress lines (0.25 s apart) after the learner's exit, and neither has
+    // stopped; while paused they are held by the replay's back-pressure, not by the mark.
+    let log = |r: &Cluster, role: &str| {
+        std::fs::read_to_string(r.dir.join(format!("progress-{role}.log"))).unwrap_or_default()
+    };
+    let ticks = |r: &Cluster, role: &str| {
+        log(r, role)
+            .lines()
+            .filter(|l| l.starts_with("[vrpo:producer]"))
+            .count()
+    };
+    let before = (ticks(&run, "rollout"), ticks(&run, "critic"));
+    run.wait("producer progress lines after the pause", |r| {
+        ticks(r, "rollout") > before.0 + 4 && ticks(r, "critic") > before.1 + 4
+    });
+    for role in ["rollout", "critic"] {
+        assert!(
+            run.running(role),
+            "the {role} worker stopped with the learner"
+        );
+        assert!(!log(&run, role).contains("producers stopped"), "{role}");
+    }
+
+    run.start("learner");
+    run.finish();
+    let resumed = run.stderr("learner", 2);
+    assert!(
+        resumed.contains(&format!("[vrpo] resuming from checkpoint step {paused} ")),
+        "{resumed}"
+    );
+    let s = json(&run.dir.join("summary.json"));
+    assert_eq!(s["steps"], STEPS, "{s}");
+    assert_eq!(json(&run.dir.join("vrpo.json"))["resumed_from"], paused);
+    // The learner's second start is a restart of learner-0.
+    assert_eq!(s["restarts"], 1, "{s}");
 }

@@ -2,7 +2,8 @@
 //! run directory. Rollout workers push unscored segment pairs into the `<run-id>-segments` stream;
 //! critic workers (which also train the critic, stage 1, if the run directory has none) score them
 //! into the `<run-id>` replay stream; the learner worker trains, evaluates, writes summary.json and
-//! sets `tilt:<run-id>:done`, which stops the producers. Each process start has its own producer
+//! sets `tilt:<run-id>:done`, which stops the producers (only at the step budget: a learner
+//! stopped by a signal pauses the run, and `tilt worker --role learner` resumes it). Each process start has its own producer
 //! ids and randomness (`crate::worker::WorkerCtx`), so a killed worker can simply be started again.
 
 use std::sync::Arc;
@@ -145,11 +146,17 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                 stop: None,
             };
             let mut vrpo = train(training(cfg, &s, run_dir, roles)?, progress).await?;
-            mark_run_done(&url, run_id).await?;
             if vrpo.stopped_early {
-                progress.line("tilt worker: the learner stopped early; resume with `tilt worker --role learner` again");
+                // Paused, not finished: the done mark would stop the producers, so only the step
+                // budget sets it. The producers keep going (held back by the replay's capacity
+                // and rate limiter) until a learner comes back.
+                progress.line(&format!(
+                    "tilt worker: the learner paused at step {} of {} (checkpointed); the run is not done and its producers keep running: resume with `tilt worker --role learner`",
+                    vrpo.steps, cfg.vrpo.steps
+                ));
                 return Ok(());
             }
+            mark_run_done(&url, run_id).await?;
             // Restarts of every process of the run, and of the actors inside them.
             let restarts = worker.run_restarts().await?;
             progress.line(&format!(
