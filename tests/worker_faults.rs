@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
-use common::redis_server::RedisServer;
+use common::redis_server::{Persistence, RedisServer};
 use common::*;
 
 /// The learner's step budget of the kill test (the three-worker test's: the quickstart's 1500
@@ -379,4 +379,50 @@ fn sigterm_pauses_the_learner_without_stopping_the_producers_and_it_resumes() {
     assert_eq!(json(&run.dir.join("vrpo.json"))["resumed_from"], paused);
     // The learner's second start is a restart of learner-0.
     assert_eq!(s["restarts"], 1, "{s}");
+}
+
+/// A small run whose Redis is SIGKILLed and started again on the same port at 40% of the
+/// learner's budget: the workers reconnect (with back-off) and the run finishes at its budget.
+fn redis_restart_mid_run(persistence: Persistence, name: &str) -> serde_json::Value {
+    const STEPS: u64 = 600;
+    let mut redis = RedisServer::start_with(persistence);
+    let mut run = Cluster::new(
+        &redis,
+        name,
+        STEPS,
+        &[
+            "critic.rollouts=1000",
+            "critic.train_steps=150",
+            "eval.samples=4000",
+            "eval.target_samples=8000",
+        ],
+    );
+    for role in ["critic", "rollout", "learner"] {
+        run.start(role);
+    }
+    run.wait("40% of the steps", |r| {
+        r.learner_step().is_some_and(|s| s >= STEPS * 40 / 100)
+    });
+    let at = run.learner_step().unwrap();
+    redis.restart();
+    eprintln!("redis ({persistence:?}) restarted at learner step {at}");
+    run.wait("learner progress after the Redis restart", |r| {
+        r.learner_step().is_some_and(|s| s > at + 50)
+    });
+    run.finish();
+    let s = json(&run.dir.join("summary.json"));
+    assert_eq!(s["steps"], STEPS, "{s}");
+    s
+}
+
+#[test]
+fn redis_restart_with_aof_mid_run_is_survived() {
+    let s = redis_restart_mid_run(Persistence::Aof, "redis-aof");
+    // Nothing restarted but Redis: the starts kept in the AOF show no worker restart.
+    assert_eq!(s["restarts"], 0, "{s}");
+}
+
+#[test]
+fn redis_restart_empty_mid_run_is_survived() {
+    redis_restart_mid_run(Persistence::None, "redis-empty");
 }
