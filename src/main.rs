@@ -48,6 +48,10 @@ enum Cmd {
         /// Names the run: Redis keys are namespaced by it; every worker of the run passes the same.
         #[arg(long)]
         run_id: String,
+        /// Names this worker among the run's workers of its role (run several of one role with
+        /// different ids); a start under a name that started before counts as a restart.
+        #[arg(long, default_value = "0")]
+        id: String,
         /// The shared run directory (default: runs/<run-id>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -70,12 +74,13 @@ async fn main_inner(cli: Cli) -> Result<()> {
             role,
             config,
             run_id,
+            id,
             out,
             sets,
         } => {
             let cfg = Config::load(&config, &sets)?;
             let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&run_id));
-            tilt::worker::run_worker(&cfg, role, &run_id, &out).await?;
+            tilt::worker::run_worker(&cfg, role, &id, &run_id, &out).await?;
         }
         Cmd::Report { run_dir } => tilt::report::report(&run_dir)?,
         Cmd::CheckConfig { config, sets } => {

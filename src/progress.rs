@@ -73,6 +73,9 @@ impl Progress {
         let me = self.clone();
         tokio::spawn(async move {
             let t0 = Instant::now();
+            // In worker mode the producers are other processes: the replay's own insert counter
+            // (run-wide on Redis) is what comes in.
+            let inserted0 = replay.stats().inserted;
             loop {
                 tokio::time::sleep(me.every).await;
                 let el = t0.elapsed().as_secs_f64();
@@ -103,6 +106,8 @@ impl Progress {
                     continue;
                 }
                 let util = RunControl::get(&control.learner_busy_us) as f64 / 1e6 / el;
+                let pairs_in = RunControl::get(&control.pairs_inserted)
+                    .max(st.inserted.saturating_sub(inserted0));
                 metrics::gauge!("tilt_replay_depth", "role" => "replay", "actor" => "0")
                     .set(st.depth as f64);
                 metrics::counter!("tilt_pairs_dropped_total", "role" => "replay", "actor" => "0")
@@ -116,7 +121,7 @@ impl Progress {
                         "\r\x1b[2K[{stage}] [{}{}] {step}/{total} | {:.0} pairs/s | loss {:.4} acc {:.3} | ETA {}",
                         "#".repeat(filled.min(30)),
                         ".".repeat(30 - filled.min(30)),
-                        RunControl::get(&control.pairs_inserted) as f64 / el,
+                        pairs_in as f64 / el,
                         last.loss,
                         last.accuracy,
                         fmt_secs(eta)
@@ -125,7 +130,7 @@ impl Progress {
                 me.log_only(&format!(
                     "[{stage}] step {step}/{total} ({:.0}%) | {:.0} pairs/s in, {:.1} steps/s | loss {:.4} pair-acc {:.3} | replay {} | restarts {} | {} elapsed, ETA {}",
                     100.0 * step as f64 / total.max(1) as f64,
-                    RunControl::get(&control.pairs_inserted) as f64 / el,
+                    pairs_in as f64 / el,
                     rate,
                     last.loss,
                     last.accuracy,

@@ -64,6 +64,7 @@ pub async fn execute(cfg: &Config, run_dir: &Path) -> Result<Option<serde_json::
         cfg,
         run_dir,
         progress: &progress,
+        worker: None,
     };
     for_kind(cfg.algorithm).execute(&run).await
 }

@@ -1,42 +1,37 @@
-//! Multi-process runs on a real Redis (127.0.0.1:6379, started by .ci/run): the single-process run
-//! on the Redis backend, the three-worker run through scripts/cluster-local.sh meeting the
-//! quickstart's quality bar, and a clear error (without the password) when Redis is down.
+//! Multi-process runs on a real Redis (a redis-server each test starts on a free port): the
+//! single-process run on the Redis backend, the three-worker run through scripts/cluster-local.sh
+//! meeting the quickstart's quality bar, and a clear error (without the password) when Redis is
+//! down.
 
 mod common;
+use common::redis_server::RedisServer;
 use common::*;
-
-fn redis_keys(pattern: &str) -> usize {
-    let o = std::process::Command::new("redis-cli")
-        .args(["--scan", "--pattern", pattern])
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter(|l| !l.is_empty())
-        .count()
-}
 
 #[test]
 fn single_process_run_on_the_redis_backend_cleans_up_its_keys() {
+    let redis = RedisServer::start();
     let d = scratch("redis-single");
     let out = d.join("run");
-    let o = tilt(&[
-        "run",
-        "configs/smoke.toml",
-        "--out",
-        out.to_str().unwrap(),
-        "--set",
-        "replay.backend=redis",
-        "--set",
-        "name=redis-single-test",
-    ]);
+    let o = tilt_on(
+        &redis.url(),
+        &[
+            "run",
+            "configs/smoke.toml",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "replay.backend=redis",
+            "--set",
+            "name=redis-single-test",
+        ],
+    );
     assert!(o.status.success(), "{}", err(&o));
     let s = json(&out.join("summary.json"));
     assert_eq!(s["steps"], 60);
     assert!(s["gap_closed"].as_f64().unwrap() > 0.25, "{s}");
     assert_eq!(
-        redis_keys("tilt:redis-single-test-*"),
-        0,
+        redis.keys("tilt:*"),
+        Vec::<String>::new(),
         "the run's Redis keys must be removed"
     );
 }
@@ -77,6 +72,7 @@ fn three_workers_meet_through_redis_and_reach_the_target() {
     // 1500 steps: 0.015 (one process), 0.025 (three processes), 0.043 (exact value); shortened runs
     // sat at the bar (600 steps: 0.059; 1200 steps with a shorter critic stage: 0.053).
     // Bar (issue 3): gap_closed >= 0.85 and every mode weight within 0.05 of the target.
+    let redis = RedisServer::start();
     let run_id = format!("ci-cluster-{}", std::process::id());
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster-local.sh");
     let o = std::process::Command::new("bash")
@@ -84,6 +80,7 @@ fn three_workers_meet_through_redis_and_reach_the_target() {
         .args(["configs/quickstart-redis.toml", &run_id])
         .args(["--set", "eval.at_steps=[]", "--set", "vrpo.steps=2000"])
         .env("TILT_BIN", env!("CARGO_BIN_EXE_tilt"))
+        .env("TILT_REDIS_URL", redis.url())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
@@ -107,10 +104,30 @@ fn three_workers_meet_through_redis_and_reach_the_target() {
     // The learner process counts the other processes' inserts (the Redis backend's counter).
     let pps = s["throughput"]["pairs_per_s"].as_f64().unwrap();
     assert!(pps > 0.0, "pairs_per_s in worker mode: {pps}");
-    assert_eq!(redis_keys(&format!("tilt:{run_id}*")), 0);
+    assert_eq!(redis.keys("tilt:*"), Vec::<String>::new());
     let dir = summary.parent().unwrap();
     for role in ["rollout", "critic", "learner"] {
         assert!(dir.join(format!("progress-{role}.log")).exists(), "{role}");
     }
     std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn a_missing_redis_server_says_how_to_install_it() {
+    // What a machine without Redis sees from every Redis test: one message with the install
+    // command, not a connection error.
+    let e = std::panic::catch_unwind(|| {
+        RedisServer::start_program(
+            "tilt-test-no-such-redis-server",
+            common::redis_server::Persistence::None,
+        )
+    })
+    .err()
+    .expect("starting a missing binary must fail");
+    let msg = e
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_default();
+    assert!(msg.contains("apt-get install redis-server"), "{msg}");
 }

@@ -1,7 +1,7 @@
 //! One conformance suite for every `ReplayBuffer` backend: the same assertions on insert / sample /
 //! ack, the rate limiter blocking and releasing, capacity, `max_times_sampled`, close and stats,
-//! run once against `MemoryReplay` and once against `RedisReplay` (a real Redis at
-//! 127.0.0.1:6379; keys under a run id unique to this test run, purged at the end).
+//! run once against `MemoryReplay` and once against `RedisReplay` (on a redis-server the test
+//! starts on a free port; each buffer under a run id of its own).
 //!
 //! The one difference the suite allows is the documented policy of a full buffer: the memory
 //! backend evicts the oldest record, the redis backend makes the insert wait (on Redis 7, trimming
@@ -28,7 +28,9 @@ type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Syn
 const LONG: Duration = Duration::from_secs(20);
 /// How long a wait that is expected NOT to finish is given before we conclude it is blocked.
 const SHORT: Duration = Duration::from_millis(300);
-const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
+#[path = "../../tests/common/redis_server.rs"]
+mod redis_server;
 
 /// What an insert into a full buffer does.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -572,71 +574,30 @@ async fn memory_backend_conforms() -> TestResult {
     .await
 }
 
-/// Delete every key whose name starts with `prefix`; returns how many.
-async fn purge_prefix(prefix: &str) -> Result<u64, redis::RedisError> {
-    let client = redis::Client::open(REDIS_URL)?;
-    let mut c = client.get_multiplexed_async_connection().await?;
-    let mut cursor = 0u64;
-    let mut deleted = 0;
-    loop {
-        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut c)
-            .await?;
-        if !found.is_empty() {
-            deleted += redis::cmd("DEL")
-                .arg(&found)
-                .query_async::<u64>(&mut c)
-                .await?;
-        }
-        if next == 0 {
-            return Ok(deleted);
-        }
-        cursor = next;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_backend_conforms() -> TestResult {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    // Every buffer gets its own run id under this one; the braces are the backend's key prefix.
-    let run = format!("conformance-{}-{nanos}", std::process::id());
-    let prefix = format!("tilt:{{{run}-");
+    let server = redis_server::RedisServer::start();
+    let url = server.url();
+    // Every buffer gets a run id of its own.
     let next = Arc::new(AtomicU64::new(0));
     let backend = Backend {
         name: "redis",
         when_full: WhenFull::Wait,
         per_producer: 500,
         make: Box::new({
-            let run = run.clone();
             move |c| {
-                let id = format!("{run}-{}", next.fetch_add(1, Ordering::SeqCst));
+                let id = format!("conformance-{}", next.fetch_add(1, Ordering::SeqCst));
+                let url = url.clone();
                 Box::pin(async move {
                     let c = ReplayConfig {
                         backend: ReplayBackend::Redis,
                         ..c
                     };
-                    let rb = RedisReplay::connect(REDIS_URL, &id, "c0", c).await?;
+                    let rb = RedisReplay::connect(&url, &id, "c0", c).await?;
                     Ok(Arc::new(rb) as Arc<dyn ReplayBuffer>)
                 })
             }
         }),
     };
-    // Run the suite in its own task so a failed assertion (a panic) still gets its keys purged.
-    let outcome = tokio::spawn(suite(backend)).await;
-    let purged = purge_prefix(&prefix).await?;
-    eprintln!("redis backend: purged {purged} keys under {prefix}");
-    assert_eq!(purge_prefix(&prefix).await?, 0);
-    match outcome {
-        Ok(r) => r,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(e.into()),
-    }
+    suite(backend).await
 }

@@ -27,6 +27,8 @@ pub struct RunCtx<'a> {
     pub cfg: &'a Config,
     pub run_dir: &'a Path,
     pub progress: &'a Progress,
+    /// Worker mode: this process's registered place in the run (None for `tilt run`).
+    pub worker: Option<&'a crate::worker::WorkerCtx>,
 }
 
 /// One algorithm.

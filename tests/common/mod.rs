@@ -1,5 +1,8 @@
-//! Helpers shared by the integration tests: a scratch directory and the `tilt` binary.
+//! Helpers shared by the integration tests: a scratch directory, the `tilt` binary, and a
+//! redis-server of the test's own (`redis_server`).
 #![allow(dead_code)]
+
+pub mod redis_server;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -13,11 +16,25 @@ pub fn scratch(name: &str) -> PathBuf {
     p
 }
 
+/// `tilt` with arguments, run from the repository root, never inheriting TILT_REDIS_URL (a test
+/// names its Redis itself).
+pub fn tilt_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tilt"));
+    c.args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("TILT_REDIS_URL");
+    c
+}
+
 /// Run `tilt` with arguments from the repository root.
 pub fn tilt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tilt"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    tilt_cmd(args).output().expect("tilt binary runs")
+}
+
+/// Run `tilt` with arguments against the Redis at `url` (passed as TILT_REDIS_URL).
+pub fn tilt_on(url: &str, args: &[&str]) -> Output {
+    tilt_cmd(args)
+        .env("TILT_REDIS_URL", url)
         .output()
         .expect("tilt binary runs")
 }

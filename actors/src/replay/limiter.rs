@@ -224,8 +224,8 @@ mod tests {
     }
 
     /// Every decision of `can_insert` and `can_sample` on a grid of `(inserted, sampled)` around
-    /// the bounds of several configs, against [`LUA`] evaluated by a real Redis at
-    /// 127.0.0.1:6379 (one EVAL per config and batch size).
+    /// the bounds of several configs, against [`LUA`] evaluated by a redis-server of the test's
+    /// own (one EVAL per config and batch size).
     #[tokio::test]
     async fn limiter_lua_agrees_with_rust() -> std::result::Result<(), Box<dyn std::error::Error>> {
         const GRID: &str = r"
@@ -245,7 +245,8 @@ end
 return out
 ";
         let script = ::redis::Script::new(&format!("{LUA}{GRID}"));
-        let client = ::redis::Client::open("redis://127.0.0.1:6379/0")?;
+        let server = crate::replay::testutil::RedisServer::start();
+        let client = ::redis::Client::open(server.url())?;
         let mut con = client.get_multiplexed_async_connection().await?;
         // (min_size, spi, error_buffer, first inserted, first sampled): each grid crosses a bound.
         // 0.1 and 1.5 make the products inexact in binary.

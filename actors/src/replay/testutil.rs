@@ -1,6 +1,7 @@
-//! What the replay unit tests share: records, configs, waits, and the Redis they run against
-//! (127.0.0.1:6379, keys under a run id of their own). `actors/tests/replay_conformance.rs` keeps
-//! its own copy of the few it needs: an integration test cannot see `cfg(test)` items.
+//! What the replay unit tests share: records, configs, waits, and a redis-server of each test's
+//! own (`RedisServer`, the file `tests/common/redis_server.rs` that every test crate of the
+//! workspace includes). `actors/tests/replay_conformance.rs` keeps its own copy of the few helpers
+//! it needs: an integration test cannot see `cfg(test)` items.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -17,8 +18,10 @@ use crate::Result;
 /// A boxed error so `?` works across candle, serde, redis, tokio and our own errors.
 pub(crate) type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-/// The Redis the tests use.
-pub(crate) const URL: &str = "redis://127.0.0.1:6379/0";
+#[path = "../../../tests/common/redis_server.rs"]
+pub(crate) mod redis_server;
+pub(crate) use redis_server::RedisServer;
+
 /// Generous bound on every wait that is expected to finish.
 pub(crate) const LONG: Duration = Duration::from_secs(20);
 /// How long a wait that is expected NOT to finish is given before we conclude it is blocked.
@@ -95,13 +98,6 @@ where
     })
 }
 
-/// A free port on 127.0.0.1 (bound and released, so nothing listens there).
-pub(crate) fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// `attempt`, given a password-protected Redis URL of a port nothing listens on, must fail with
 /// one error naming host:port, without the password, within the connect timeout (no reconnect
 /// loop).
@@ -112,7 +108,7 @@ where
     Fut: Future<Output = std::result::Result<T, E>>,
     E: Display,
 {
-    let port = free_port()?;
+    let port = redis_server::free_port();
     let t0 = Instant::now();
     let Err(e) = attempt(format!("redis://:hunter2-secret@127.0.0.1:{port}/0")).await else {
         return Err(format!("reaching the closed port {port} succeeded").into());

@@ -2,12 +2,14 @@
 //! run directory. Rollout workers push unscored segment pairs into the `<run-id>-segments` stream;
 //! critic workers (which also train the critic, stage 1, if the run directory has none) score them
 //! into the `<run-id>` replay stream; the learner worker trains, evaluates, writes summary.json and
-//! sets `tilt:<run-id>:done`, which stops the producers.
+//! sets `tilt:<run-id>:done`, which stops the producers (only at the step budget: a learner
+//! stopped by a signal pauses the run, and `tilt worker --role learner` resumes it). Each process start has its own producer
+//! ids and randomness (`crate::worker::WorkerCtx`), so a killed worker can simply be started again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tilt_actors::codec::{record_segment_pair, segment_pair_record};
 use tilt_actors::replay::redis::{mark_run_done, watch_run_done, RedisReplay};
 use tilt_actors::replay::{ReplayBackend, ReplayBuffer, ReplayConfig, Sampler};
@@ -38,6 +40,9 @@ fn segments_config(cfg: &Config) -> ReplayConfig {
 /// `crate::worker`).
 pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Result<()> {
     let (cfg, run_dir, progress) = (run.cfg, run.run_dir, run.progress);
+    let worker = run
+        .worker
+        .context("VRPO's worker roles run under `tilt worker`")?;
     let name = format!("{role:?}").to_lowercase();
     let consumer = format!("{name}-{}", std::process::id());
     let url = redis_url(cfg);
@@ -51,7 +56,9 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
             let (tx, rx) = flume::bounded(cfg.rollout.channel.max(1));
             // Bridge: in-process channel -> segments stream.
             let seg = segments.clone();
-            let producer = std::process::id();
+            // This process start's own producer id: a restarted rollout worker never repeats
+            // the keys of the one it replaces.
+            let producer = worker.producer_base();
             let bridge = tokio::spawn(async move {
                 let mut seq = 0u64;
                 while let Ok(unit) = rx.recv_async().await {
@@ -70,7 +77,9 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                 replay: segments.clone(),
                 stop: Some(watch_run_done(url.clone(), run_id.to_string())),
             };
-            train(training(cfg, &s, run_dir, roles)?, progress).await?;
+            let mut t = training(cfg, &s, run_dir, roles)?;
+            t.sources = worker.sources(std::mem::take(&mut t.sources));
+            train(t, progress).await?;
             segments.close();
             bridge.abort();
         }
@@ -119,7 +128,9 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                 replay: replay.clone(),
                 stop: Some(watch_run_done(url.clone(), run_id.to_string())),
             };
-            train(training(cfg, &s, run_dir, roles)?, progress).await?;
+            let mut t = training(cfg, &s, run_dir, roles)?;
+            t.sources = worker.sources(std::mem::take(&mut t.sources));
+            train(t, progress).await?;
             bridge.abort();
             segments.close();
         }
@@ -134,12 +145,25 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                 replay: replay.clone(),
                 stop: None,
             };
-            let vrpo = train(training(cfg, &s, run_dir, roles)?, progress).await?;
-            mark_run_done(&url, run_id).await?;
+            let mut vrpo = train(training(cfg, &s, run_dir, roles)?, progress).await?;
             if vrpo.stopped_early {
-                progress.line("tilt worker: the learner stopped early; resume with `tilt worker --role learner` again");
+                // Paused, not finished: the done mark would stop the producers, so only the step
+                // budget sets it. The producers keep going (held back by the replay's capacity
+                // and rate limiter) until a learner comes back.
+                progress.line(&format!(
+                    "tilt worker: the learner paused at step {} of {} (checkpointed); the run is not done and its producers keep running: resume with `tilt worker --role learner`",
+                    vrpo.steps, cfg.vrpo.steps
+                ));
                 return Ok(());
             }
+            mark_run_done(&url, run_id).await?;
+            // Restarts of every process of the run, and of the actors inside them.
+            let restarts = worker.run_restarts().await?;
+            progress.line(&format!(
+                "tilt worker: restarts in this run: processes {:?}, actors {:?}",
+                restarts.processes, restarts.actors
+            ));
+            vrpo.restarts += restarts.total();
             let critic = read_json(&run_dir.join("critic.json")).ok();
             off_executor(|| eval::finish(cfg, &s, run_dir, critic, &vrpo, t0, progress))?;
             println!("{}", run_dir.join("summary.json").display());

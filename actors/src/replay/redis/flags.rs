@@ -1,7 +1,9 @@
 //! Run flags of worker mode: processes of one run that meet only through Redis tell each other
-//! that the run is over. The learner marks the run done; rollout and critic workers watch for the
-//! mark and stop their producers.
+//! that the run is over (the learner marks the run done; rollout and critic workers watch for the
+//! mark and stop their producers), and count their starts and restarts, so a process killed and
+//! started again shows in the run's summary.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use redis::{AsyncConnectionConfig, Client, RedisError};
@@ -32,32 +34,89 @@ fn connection_config() -> AsyncConnectionConfig {
         .set_response_timeout(Some(CONNECT_TIMEOUT))
 }
 
-/// Mark run `run_id` done (`SET tilt:<run-id>:done 1 EX 3600`) on the Redis at `url`. Errors name
-/// the address, never the password.
-pub async fn mark_run_done(url: &str, run_id: &str) -> Result<()> {
+/// The hash of run `run_id`'s process starts, `tilt:<run-id>:starts`: one field per worker name
+/// (how often that worker started) and [`ALL_STARTS`] (process starts of the run). Outside the
+/// replay's hash slot, like the done mark; no expiry (it lives as long as the run's streams).
+pub fn starts_key(run_id: &str) -> String {
+    format!("tilt:{run_id}:starts")
+}
+
+/// The hash of run `run_id`'s actor restarts inside worker processes, `tilt:<run-id>:restarts`:
+/// one field per role (`rollout`, `critic`, ...).
+pub fn restarts_key(run_id: &str) -> String {
+    format!("tilt:{run_id}:restarts")
+}
+
+/// The field of [`starts_key`] counting every process start of the run.
+pub const ALL_STARTS: &str = "#all";
+
+/// One registered process start (see [`register_start`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerStart {
+    /// Ordinal of this start among all process starts of the run (0 for the first): a number no
+    /// other process of the run has, for fresh randomness and producer ids.
+    pub ordinal: u64,
+    /// How often this worker started before (0: a first start; more: it is a restart).
+    pub previous: u64,
+}
+
+/// Restarts of a run across its processes (see [`run_restarts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunRestarts {
+    /// Worker processes started again under a name that had started before, by name.
+    pub processes: BTreeMap<String, u64>,
+    /// Actors restarted inside worker processes, by role.
+    pub actors: BTreeMap<String, u64>,
+}
+
+impl RunRestarts {
+    /// Process restarts plus actor restarts.
+    pub fn total(&self) -> u64 {
+        self.processes.values().chain(self.actors.values()).sum()
+    }
+}
+
+/// A connection for one flag call on the Redis at `url`, and a function that turns a Redis error
+/// of call `what` into one line naming the address, never the password.
+async fn flag_connection(
+    url: &str,
+    what: String,
+) -> Result<(
+    redis::aio::MultiplexedConnection,
+    impl Fn(&str, RedisError) -> ActorError,
+)> {
     let mut secrets: Vec<String> = password_ranges(url)
         .into_iter()
         .map(|(a, b)| url[a..b].to_owned())
         .collect();
-    let fail = |what: &str, e: RedisError, secrets: &[String]| {
+    let address = redact(url);
+    let client = Client::open(url);
+    if let Ok(c) = &client {
+        secrets.extend(
+            c.get_connection_info()
+                .redis_settings()
+                .password()
+                .map(str::to_owned),
+        );
+    }
+    let fail = move |step: &str, e: RedisError| {
         ActorError::Replay(format!(
-            "redis {}: mark run {run_id} done: {what}: {}",
-            redact(url),
-            scrub(e.to_string(), secrets)
+            "redis {address}: {what}: {step}: {}",
+            scrub(e.to_string(), &secrets)
         ))
     };
-    let client = Client::open(url).map_err(|e| fail("bad url", e, &secrets))?;
-    secrets.extend(
-        client
-            .get_connection_info()
-            .redis_settings()
-            .password()
-            .map(str::to_owned),
-    );
-    let mut c = client
+    let client = client.map_err(|e| fail("bad url", e))?;
+    let c = client
         .get_multiplexed_async_connection_with_config(&connection_config())
         .await
-        .map_err(|e| fail("cannot connect", e, &secrets))?;
+        .map_err(|e| fail("cannot connect", e))?;
+    Ok((c, fail))
+}
+
+/// Mark run `run_id` done (`SET tilt:<run-id>:done 1 EX 3600`) on the Redis at `url`. Errors name
+/// the address, never the password.
+pub async fn mark_run_done(url: &str, run_id: &str) -> Result<()> {
+    let (mut c, fail) = flag_connection(url, format!("mark run {run_id} done")).await?;
     redis::cmd("SET")
         .arg(done_key(run_id))
         .arg("1")
@@ -65,7 +124,69 @@ pub async fn mark_run_done(url: &str, run_id: &str) -> Result<()> {
         .arg(DONE_TTL.as_secs())
         .query_async::<()>(&mut c)
         .await
-        .map_err(|e| fail("SET", e, &secrets))
+        .map_err(|e| fail("SET", e))
+}
+
+/// Register a start of worker `worker` (a role and an id, e.g. `critic-0`) of run `run_id`: one
+/// atomic `HINCRBY` of its field and of [`ALL_STARTS`] in [`starts_key`].
+pub async fn register_start(url: &str, run_id: &str, worker: &str) -> Result<WorkerStart> {
+    let (mut c, fail) =
+        flag_connection(url, format!("register worker {worker} of run {run_id}")).await?;
+    let key = starts_key(run_id);
+    let (mine, all): (u64, u64) = redis::pipe()
+        .atomic()
+        .cmd("HINCRBY")
+        .arg(&key)
+        .arg(worker)
+        .arg(1)
+        .cmd("HINCRBY")
+        .arg(&key)
+        .arg(ALL_STARTS)
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .map_err(|e| fail("HINCRBY", e))?;
+    Ok(WorkerStart {
+        ordinal: all.saturating_sub(1),
+        previous: mine.saturating_sub(1),
+    })
+}
+
+/// Count `n` actor restarts of role `role` inside a worker process of run `run_id`
+/// (`HINCRBY` in [`restarts_key`]).
+pub async fn count_actor_restarts(url: &str, run_id: &str, role: &str, n: u64) -> Result<()> {
+    let (mut c, fail) =
+        flag_connection(url, format!("count a {role} restart of run {run_id}")).await?;
+    redis::cmd("HINCRBY")
+        .arg(restarts_key(run_id))
+        .arg(role)
+        .arg(n)
+        .query_async::<()>(&mut c)
+        .await
+        .map_err(|e| fail("HINCRBY", e))
+}
+
+/// The restarts of run `run_id` recorded so far by its workers: each worker name's starts
+/// beyond the first, and the actor restarts inside worker processes.
+pub async fn run_restarts(url: &str, run_id: &str) -> Result<RunRestarts> {
+    let (mut c, fail) = flag_connection(url, format!("read the restarts of run {run_id}")).await?;
+    let (starts, actors): (BTreeMap<String, u64>, BTreeMap<String, u64>) = redis::pipe()
+        .cmd("HGETALL")
+        .arg(starts_key(run_id))
+        .cmd("HGETALL")
+        .arg(restarts_key(run_id))
+        .query_async(&mut c)
+        .await
+        .map_err(|e| fail("HGETALL", e))?;
+    Ok(RunRestarts {
+        processes: starts
+            .into_iter()
+            .filter(|(name, _)| name != ALL_STARTS)
+            .map(|(name, n)| (name, n.saturating_sub(1)))
+            .filter(|(_, n)| *n > 0)
+            .collect(),
+        actors,
+    })
 }
 
 /// Resolves once run `run_id` is marked done on the Redis at `url`, looking every [`DONE_POLL`]
@@ -122,26 +243,28 @@ async fn wait_for_mark(url: &str, run_id: &str) {
 mod tests {
     use super::*;
     use crate::replay::testutil::{
-        fails_naming_the_address_not_the_password, run_id, TestResult, LONG, URL,
+        fails_naming_the_address_not_the_password, run_id, RedisServer, TestResult, LONG,
     };
     use tokio::time::timeout;
 
     #[tokio::test]
     async fn run_done_mark_is_seen_by_watchers() -> TestResult {
-        // Against the Redis at 127.0.0.1:6379: a watcher started before the mark resolves after
-        // it, one started after resolves at once, and the key is src/worker.rs's, with its TTL.
+        // On a redis-server of its own: a watcher started before the mark resolves after it, one
+        // started after resolves at once, and the key is src/worker.rs's, with its TTL.
+        let redis = RedisServer::start();
+        let url = redis.url();
         let run = run_id("done");
         let key = done_key(&run);
         assert_eq!(key, format!("tilt:{run}:done"));
-        let mut early = watch_run_done(URL.to_owned(), run.clone());
+        let mut early = watch_run_done(url.clone(), run.clone());
         // Not marked: two polls (600 ms) pass without it resolving.
         assert!(timeout(2 * DONE_POLL, &mut early).await.is_err());
 
-        mark_run_done(URL, &run).await?;
+        mark_run_done(&url, &run).await?;
         timeout(LONG, early).await??;
-        timeout(LONG, watch_run_done(URL.to_owned(), run.clone())).await??;
+        timeout(LONG, watch_run_done(url.clone(), run.clone())).await??;
 
-        let client = Client::open(URL)?;
+        let client = Client::open(url.as_str())?;
         let mut c = client.get_multiplexed_async_connection().await?;
         let (value, ttl): (Option<String>, i64) = redis::pipe()
             .cmd("GET")
@@ -156,6 +279,47 @@ mod tests {
         let deleted: u64 = redis::cmd("DEL").arg(&key).query_async(&mut c).await?;
         assert_eq!(deleted, 1);
         Ok(())
+    }
+
+    #[tokio::test]
+    async fn starts_and_restarts_are_counted_per_worker() -> TestResult {
+        // Three first starts, one restart of critic-0, two actor restarts of the rollout role:
+        // ordinals 0..4 in order, `previous` says which start is a restart, and the run's
+        // restarts are 1 process + 2 actors.
+        let redis = RedisServer::start();
+        let url = redis.url();
+        let run = run_id("starts");
+        let mut got = vec![];
+        for w in ["rollout-0", "critic-0", "learner-0", "critic-0"] {
+            got.push(register_start(&url, &run, w).await?);
+        }
+        let want = [(0, 0), (1, 0), (2, 0), (3, 1)];
+        let got: Vec<(u64, u64)> = got.iter().map(|s| (s.ordinal, s.previous)).collect();
+        assert_eq!(got, want);
+        assert_eq!(run_restarts(&url, &run).await?.total(), 1);
+        count_actor_restarts(&url, &run, "rollout", 2).await?;
+        let r = run_restarts(&url, &run).await?;
+        assert_eq!(r.processes, BTreeMap::from([("critic-0".to_owned(), 1)]));
+        assert_eq!(r.actors, BTreeMap::from([("rollout".to_owned(), 2)]));
+        assert_eq!(r.total(), 3);
+        // A run nobody registered in has none.
+        assert_eq!(
+            run_restarts(&url, &run_id("other")).await?,
+            RunRestarts::default()
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn flag_calls_name_the_address_not_the_password() -> TestResult {
+        fails_naming_the_address_not_the_password(|url| async move {
+            register_start(&url, "r", "critic-0").await
+        })
+        .await?;
+        fails_naming_the_address_not_the_password(
+            |url| async move { run_restarts(&url, "r").await },
+        )
+        .await
     }
 
     #[tokio::test]

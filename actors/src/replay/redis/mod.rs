@@ -39,7 +39,10 @@ mod read;
 mod scripts;
 mod url;
 
-pub use flags::{done_key, mark_run_done, watch_run_done, DONE_POLL, DONE_TTL};
+pub use flags::{
+    count_actor_restarts, done_key, mark_run_done, register_start, restarts_key, run_restarts,
+    starts_key, watch_run_done, RunRestarts, WorkerStart, ALL_STARTS, DONE_POLL, DONE_TTL,
+};
 pub use url::redact;
 
 use conn::{

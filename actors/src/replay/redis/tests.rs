@@ -1,16 +1,15 @@
-//! RedisReplay's own tests, against a real Redis on 127.0.0.1:6379 and redis-servers they start
-//! themselves: what only the redis backend does (several instances on one run, claims, restarts,
+//! RedisReplay's own tests, each against a redis-server it starts itself: what only the redis backend does (several instances on one run, claims, restarts,
 //! uses per record). The behaviour both backends share is checked by
 //! `actors/tests/replay_conformance.rs`.
 
 use super::*;
+use crate::replay::testutil::redis_server::Persistence;
 use crate::replay::testutil::{
-    fails_naming_the_address_not_the_password, free_port, rec, run_id, spawn_producer, wait_until,
-    TestResult, LONG, SHORT, URL,
+    fails_naming_the_address_not_the_password, rec, run_id, spawn_producer, wait_until,
+    RedisServer, TestResult, LONG, SHORT,
 };
 use crate::replay::{tensors_to_payload, testutil, Sampler};
 use candle_core::{Device, Tensor};
-use std::process::{Child, Command, Stdio};
 use std::sync::{MutexGuard, PoisonError};
 use tokio::time::timeout;
 
@@ -66,10 +65,12 @@ fn assert_exactly_once(applied: &Applied, producers: u32, per: u64) {
 
 #[tokio::test]
 async fn round_trip_is_bit_exact() -> TestResult {
+    let redis = RedisServer::start();
+    let url = redis.url();
     // A record with real safetensors bytes and awkward scalars (NaN payload, -0, subnormal)
     // goes through XADD / XREADGROUP and comes back with the same encoded bytes.
     let run = run_id("roundtrip");
-    let rb = RedisReplay::connect(URL, &run, "c0", cfg(16, 1, 0.0, 0.0, Sampler::Fifo)).await?;
+    let rb = RedisReplay::connect(&url, &run, "c0", cfg(16, 1, 0.0, 0.0, Sampler::Fifo)).await?;
     let t = Tensor::new(&[[1.5f32, -2.0], [3.0, 1e-30]], &Device::Cpu)?;
     let r = Record {
         seq: u64::MAX - 1,
@@ -100,15 +101,17 @@ async fn round_trip_is_bit_exact() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_records_two_consumers_each_applied_once() -> TestResult {
+    let redis = RedisServer::start();
+    let url = redis.url();
     // Two producers insert 5000 records each through a 1024-entry stream (back-pressure is
     // engaged); two consumers of one group (two learners) share them. Each key must be
     // applied exactly once, and the stream must end empty with nothing dropped.
     const PER: u64 = 5000;
     let run = run_id("10k");
     let c = cfg(1024, 100, 1.0, 200.0, Sampler::Fifo);
-    let prod = Arc::new(RedisReplay::connect(URL, &run, "p", c.clone()).await?);
-    let l1 = Arc::new(RedisReplay::connect(URL, &run, "l1", c.clone()).await?);
-    let l2 = Arc::new(RedisReplay::connect(URL, &run, "l2", c).await?);
+    let prod = Arc::new(RedisReplay::connect(&url, &run, "p", c.clone()).await?);
+    let l1 = Arc::new(RedisReplay::connect(&url, &run, "l1", c.clone()).await?);
+    let l2 = Arc::new(RedisReplay::connect(&url, &run, "l2", c).await?);
     let producers: Vec<_> = (0..2u32)
         .map(|p| spawn_producer(prod.clone(), p, 0..PER))
         .collect();
@@ -133,6 +136,8 @@ async fn ten_thousand_records_two_consumers_each_applied_once() -> TestResult {
 
 #[tokio::test]
 async fn killed_consumer_records_are_claimed_and_applied_once() -> TestResult {
+    let redis = RedisServer::start();
+    let url = redis.url();
     // Consumer A takes 20 of 50 records and is dropped before acking (a killed learner, its
     // heartbeat stops with it). Consumer B, with a 300 ms idle bound, claims A's entries with
     // XAUTOCLAIM; every key is applied exactly once by B.
@@ -142,17 +147,17 @@ async fn killed_consumer_records_are_claimed_and_applied_once() -> TestResult {
         ..RedisOptions::default()
     };
     let c = cfg(100, 1, 0.0, 0.0, Sampler::Fifo);
-    let prod = RedisReplay::connect_with(URL, &run, "p", c.clone(), opts.clone()).await?;
+    let prod = RedisReplay::connect_with(&url, &run, "p", c.clone(), opts.clone()).await?;
     for s in 0..50 {
         prod.insert(rec(0, s)).await?;
     }
-    let a = RedisReplay::connect_with(URL, &run, "a", c.clone(), opts.clone()).await?;
+    let a = RedisReplay::connect_with(&url, &run, "a", c.clone(), opts.clone()).await?;
     let taken = timeout(LONG, a.sample(20, LONG))
         .await??
         .unwrap_or_default();
     assert_eq!(taken.len(), 20);
     drop(a);
-    let b = Arc::new(RedisReplay::connect_with(URL, &run, "b", c, opts).await?);
+    let b = Arc::new(RedisReplay::connect_with(&url, &run, "b", c, opts).await?);
     let applied: Applied = Arc::default();
     timeout(LONG, learn(b.clone(), applied.clone(), 50, 16)).await??;
     assert_exactly_once(&applied, 1, 50);
@@ -165,11 +170,13 @@ async fn killed_consumer_records_are_claimed_and_applied_once() -> TestResult {
 
 #[tokio::test]
 async fn full_stream_blocks_inserts_until_an_ack_frees_space() -> TestResult {
+    let redis = RedisServer::start();
+    let url = redis.url();
     // capacity 100, no consumer: 100 inserts pass, the 101st waits (no trimming, nothing
     // dropped) until a learner samples one record and acks it.
     let run = run_id("backpressure");
     let c = cfg(100, 1, 0.0, 0.0, Sampler::Fifo);
-    let prod = Arc::new(RedisReplay::connect(URL, &run, "p", c.clone()).await?);
+    let prod = Arc::new(RedisReplay::connect(&url, &run, "p", c.clone()).await?);
     for s in 0..100 {
         prod.insert(rec(0, s)).await?;
     }
@@ -181,7 +188,7 @@ async fn full_stream_blocks_inserts_until_an_ack_frees_space() -> TestResult {
     let st = prod.fetch_stats().await?;
     assert_eq!((st.inserted, st.depth, st.dropped), (100, 100, 0));
 
-    let learner = RedisReplay::connect(URL, &run, "l", c).await?;
+    let learner = RedisReplay::connect(&url, &run, "l", c).await?;
     let got = timeout(LONG, learner.sample(1, LONG))
         .await??
         .unwrap_or_default();
@@ -201,13 +208,15 @@ async fn full_stream_blocks_inserts_until_an_ack_frees_space() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limiter_holds_across_two_processes() -> TestResult {
+    let redis = RedisServer::start();
+    let url = redis.url();
     // Two instances (two "processes") insert into one run, a third samples.
     // spi = 1, min_size = 10, error_buffer = 5: min_diff = 5, max_diff = 15.
     let run = run_id("limiter");
     let c = cfg(100, 10, 1.0, 5.0, Sampler::Fifo);
-    let a = Arc::new(RedisReplay::connect(URL, &run, "a", c.clone()).await?);
-    let b = Arc::new(RedisReplay::connect(URL, &run, "b", c.clone()).await?);
-    let l = RedisReplay::connect(URL, &run, "l", c).await?;
+    let a = Arc::new(RedisReplay::connect(&url, &run, "a", c.clone()).await?);
+    let b = Arc::new(RedisReplay::connect(&url, &run, "b", c.clone()).await?);
+    let l = RedisReplay::connect(&url, &run, "l", c).await?;
     // min_size counts inserts of both: 5 + 4 = 9 < 10, so no sample.
     for s in 0..5 {
         a.insert(rec(1, s)).await?;
@@ -260,14 +269,16 @@ async fn limiter_holds_across_two_processes() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_uses_per_record_with_uniform_sampling() -> TestResult {
+    let redis = RedisServer::start();
+    let url = redis.url();
     // spi = 2 (so U = 2 uses per record), uniform sampler, capacity 64: both the stream bound
     // and the ratio limiter engage. Each of 300 records must be handed out exactly twice and
     // then retired, without the two sides blocking each other; sampled = 2 x inserted.
     const N: u64 = 300;
     let run = run_id("uses");
     let c = cfg(64, 16, 2.0, 40.0, Sampler::Uniform);
-    let prod = Arc::new(RedisReplay::connect(URL, &run, "p", c.clone()).await?);
-    let learner = RedisReplay::connect(URL, &run, "l", c).await?;
+    let prod = Arc::new(RedisReplay::connect(&url, &run, "p", c.clone()).await?);
+    let learner = RedisReplay::connect(&url, &run, "l", c).await?;
     // n + min_diff must fit the stream: min_diff = 16 * 2 - 40 = -8, so n = 73 (73 - 8 = 65
     // > 64) is refused, although n + spi = 75 <= 2 * error_buffer = 80 passes.
     assert!(matches!(
@@ -299,96 +310,6 @@ async fn two_uses_per_record_with_uniform_sampling() -> TestResult {
     Ok(())
 }
 
-/// A redis-server this test started (with AOF, so a restart keeps the stream); killed on drop.
-struct OwnRedis {
-    child: Option<Child>,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl OwnRedis {
-    fn start(port: u16, dir: &std::path::Path) -> std::io::Result<Self> {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(dir)
-            .args(["--daemonize", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        Ok(Self {
-            child: Some(child),
-            port,
-            dir: dir.to_owned(),
-        })
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    /// Wait until it answers PING.
-    async fn ready(&self) -> bool {
-        let Ok(client) = Client::open(self.url()) else {
-            return false;
-        };
-        wait_until(LONG, || {
-            let client = client.clone();
-            async move {
-                let Ok(mut c) = client.get_multiplexed_async_connection().await else {
-                    return false;
-                };
-                redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
-            }
-        })
-        .await
-    }
-
-    /// SIGKILL: no shutdown, no final save.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().ok();
-            c.wait().ok();
-        }
-    }
-
-    /// Kill and start again on the same port and AOF directory.
-    fn restart(&mut self) -> std::io::Result<()> {
-        self.kill();
-        let again = Self::start(self.port, &self.dir)?;
-        self.child = again.child_taken();
-        Ok(())
-    }
-
-    /// Move the process out (leaving `self` without one, so its drop removes nothing twice).
-    fn child_taken(mut self) -> Option<Child> {
-        let c = self.child.take();
-        // `self` still owns the directory name; keep the directory for the restarted server.
-        self.dir = std::path::PathBuf::new();
-        c
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-        if !self.dir.as_os_str().is_empty() {
-            std::fs::remove_dir_all(&self.dir).ok();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_mid_run_loses_nothing() -> TestResult {
     // A producer and a learner on a redis-server of our own; after 300 records are applied
@@ -396,22 +317,7 @@ async fn redis_restart_mid_run_loses_nothing() -> TestResult {
     // reconnect with back-off; every seq produced is applied exactly once or counted as
     // dropped (and none is dropped).
     const N: u64 = 4000;
-    // tmpfs when there is one: it survives the server's SIGKILL like a disk would, and
-    // `appendfsync always` is cheap there.
-    let shm = std::path::Path::new("/dev/shm");
-    let base = if shm.is_dir() {
-        shm.to_owned()
-    } else {
-        std::env::temp_dir()
-    };
-    let dir = base.join(run_id("tilt-redis-aof"));
-    std::fs::create_dir_all(&dir)?;
-    let port = free_port()?;
-    let mut server = OwnRedis::start(port, &dir)?;
-    assert!(
-        server.ready().await,
-        "redis-server on port {port} did not start"
-    );
+    let mut server = RedisServer::start_with(Persistence::Aof);
     let url = server.url();
     let run = run_id("restart");
     let c = cfg(256, 16, 1.0, 64.0, Sampler::Fifo);
@@ -422,7 +328,7 @@ async fn redis_restart_mid_run_loses_nothing() -> TestResult {
     let consumer = tokio::spawn(learn(learner.clone(), applied.clone(), N as usize, 32));
     assert!(wait_until(LONG, || async { lock(&applied).len() >= 300 }).await);
 
-    server.restart()?;
+    tokio::task::block_in_place(|| server.restart());
     timeout(LONG, producer).await???;
     timeout(LONG, consumer).await???;
 
@@ -471,8 +377,10 @@ fn redis_config_rules_name_the_key() {
 /// skipped as by a single insert; a full stream stops the batch after a prefix.
 #[tokio::test]
 async fn insert_many_script_is_safe_to_retry_and_stops_at_capacity() -> TestResult {
+    let redis = RedisServer::start();
+    let url = redis.url();
     let run = run_id("insert-many");
-    let rb = RedisReplay::connect(URL, &run, "c0", cfg(5, 1, 0.0, 0.0, Sampler::Fifo)).await?;
+    let rb = RedisReplay::connect(&url, &run, "c0", cfg(5, 1, 0.0, 0.0, Sampler::Fifo)).await?;
     let inner = &rb.inner;
     let call = |nonce: &str, recs: &[Record], left: usize| {
         let mut inv = inner.scripts.insert_many.prepare_invoke();
