@@ -131,3 +131,30 @@ fn image_rewards_need_image_data_and_digits_need_an_image_reward() {
     assert_eq!(o.status.code(), Some(1));
     assert!(err(&o).contains("data.classes = 11"), "{}", err(&o));
 }
+
+#[test]
+fn digits_run_on_the_redis_backend() {
+    // The image config through the same actors on the Redis replay (a redis-server of its own):
+    // class-conditional records cross the stream and the run finishes every stage.
+    let redis = common::redis_server::RedisServer::start();
+    let d = scratch("digits-redis");
+    let out = d.join("run");
+    let o = tilt_on(
+        &redis.url(),
+        &[
+            "run",
+            "configs/digits-smoke.toml",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "replay.backend=redis",
+            "--set",
+            "name=digits-redis-test",
+        ],
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    let s = json(&out.join("summary.json"));
+    assert_eq!(s["steps"], 40);
+    assert!(s["policy"]["judge_acc"].as_f64().unwrap().is_finite());
+    assert_eq!(redis.keys("tilt:*"), Vec::<String>::new());
+}
