@@ -8,7 +8,9 @@ use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use tilt_actors::replay::{MemoryReplay, ReplayBackend, ReplayBuffer};
-use tilt_kernels::critic::{CdfCritic, CdfGrid, MlpEncoder, MlpEncoderConfig};
+use tilt_kernels::classifier::Classifier;
+use tilt_kernels::critic::{CdfCritic, CdfGrid, CriticEncoder, MlpEncoder, MlpEncoderConfig};
+use tilt_kernels::critic_features::{FeatureEncoderConfig, RewardFeatureEncoder};
 use tilt_kernels::denoiser::Denoiser;
 use tilt_kernels::image_reward::{ClassifierReward, ContrastReward};
 use tilt_kernels::mixture::{AnalyticDenoiser, ExactValue, GaussianMixture};
@@ -18,7 +20,7 @@ use tilt_kernels::reward::{LinearReward, QuadraticReward, Reward};
 use tilt_kernels::schedule::{SamplingGrid, VpSchedule};
 
 use crate::config::{
-    Config, CriticConfig, DataConfig, PolicyConfig, RewardConfig, VideoDataConfig,
+    Config, CriticConfig, DataConfig, EncoderKind, PolicyConfig, RewardConfig, VideoDataConfig,
 };
 use crate::train::Trainable;
 
@@ -186,27 +188,52 @@ pub fn mlp_policy(
     Trainable::new(vm, Arc::new(res), opt)
 }
 
-/// The CDF critic: an MLP encoder of (x_k, k, class) and the monotone CDF head on `grid`.
+/// The CDF critic: the encoder `critic.encoder` names (an MLP of (x_k, k, class), or the frozen
+/// reward model's features of x_k with time and class embeddings: `frozen`) and the monotone CDF
+/// head on `grid`.
 pub fn cdf_critic(
     c: &CriticConfig,
     dim: usize,
     classes: usize,
+    frozen: Option<Arc<dyn Classifier>>,
     grid: CdfGrid,
     vm: &VarMap,
     device: &Device,
 ) -> Result<CdfCritic> {
     let vb = VarBuilder::from_varmap(vm, DType::F32, device);
-    let enc = MlpEncoder::new(
-        MlpEncoderConfig {
-            in_dim: dim,
-            hidden: c.hidden,
-            depth: c.depth,
-            time_dim: c.time_dim,
-            classes,
-        },
-        vb.pp("encoder"),
-    )?;
-    Ok(CdfCritic::new(Box::new(enc), grid, vb.pp("head"))?)
+    let enc: Box<dyn CriticEncoder> = match c.encoder {
+        EncoderKind::Mlp => Box::new(MlpEncoder::new(
+            MlpEncoderConfig {
+                in_dim: dim,
+                hidden: c.hidden,
+                depth: c.depth,
+                time_dim: c.time_dim,
+                classes,
+            },
+            vb.pp("encoder"),
+        )?),
+        EncoderKind::RewardFeatures => Box::new(RewardFeatureEncoder::new(
+            frozen.ok_or_else(|| {
+                anyhow!("critic.encoder = \"reward_features\": this run has no reward model")
+            })?,
+            FeatureEncoderConfig {
+                hidden: c.hidden,
+                depth: c.depth,
+                time_dim: c.time_dim,
+                classes,
+            },
+            vb.pp("encoder"),
+        )?),
+    };
+    Ok(CdfCritic::new(enc, grid, vb.pp("head"))?)
+}
+
+/// The reward model of image data (the frozen features of `critic.encoder = "reward_features"`).
+pub fn reward_model(data: &VrpoData) -> Option<Arc<dyn Classifier>> {
+    match &data.kind {
+        DataKind::Digits(m) => Some(m.reward_model.clone()),
+        DataKind::Mixture(_) => None,
+    }
 }
 
 /// The spatio-temporal video denoiser (the DF-DPO reference and the models continued from it).

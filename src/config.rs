@@ -195,6 +195,15 @@ pub enum VrpoMethod {
     FinalDpo,
 }
 
+/// The encoder of the learned critic.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderKind {
+    #[default]
+    Mlp,
+    RewardFeatures,
+}
+
 /// The value a learned critic scores with.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -266,6 +275,10 @@ pub struct CriticConfig {
     /// Reuse the trained critic of this run directory (copied into this run) instead of training
     /// one: methods compared on one critic. "" = train it here.
     pub from: String,
+    /// The encoder under the CDF head: "mlp" (a trained MLP of (x_k, k, class)) or
+    /// "reward_features" (images: the paper's design, the frozen reward model's features of x_k
+    /// plus time and class embeddings through a trained MLP; features cached during training).
+    pub encoder: EncoderKind,
     /// Critic actors scoring endpoints in stage 2.
     pub actors: usize,
     /// Device of the critic role (stage 1 training and scoring); "" = the top-level `device`.
@@ -630,6 +643,7 @@ impl Default for CriticConfig {
             kind: CriticKind::Learned,
             value: ValueKind::Optimal,
             from: String::new(),
+            encoder: EncoderKind::Mlp,
             actors: 1,
             device: String::new(),
             bins: 50,
@@ -827,6 +841,9 @@ impl Config {
                     stds.clone(),
                 )
                 .map_err(|e| anyhow!("data: {e}"))?;
+                if self.critic.encoder == EncoderKind::RewardFeatures {
+                    bail!("critic.encoder = \"reward_features\": needs image data with a classifier reward (data.kind = \"digits\")");
+                }
                 if self.stages.iter().any(|s| s == "pretrain") {
                     bail!("stages: \"pretrain\" needs image data (data.kind = \"digits\"); the mixture's reference is analytic");
                 }
@@ -840,6 +857,11 @@ impl Config {
             }
             DataConfig::Digits(d) => {
                 d.validate()?;
+                if self.critic.encoder == EncoderKind::RewardFeatures
+                    && !matches!(self.reward, RewardConfig::Classifier)
+                {
+                    bail!("critic.encoder = \"reward_features\": needs reward.kind = \"classifier\" (the features are the reward model's)");
+                }
                 if matches!(
                     self.reward,
                     RewardConfig::Linear { .. } | RewardConfig::Quadratic { .. }

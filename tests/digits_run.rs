@@ -98,6 +98,25 @@ fn digits_smoke_runs_every_stage_and_reuses_models_by_path() {
     assert_eq!(s2["classifiers"], s["classifiers"]);
     assert_eq!(s2["critic"]["crps"], s["critic"]["crps"]);
     assert_eq!(s2["labels"], "hard");
+    // The paper's critic encoder: the frozen reward model's features of x_k, cached once per state.
+    let out4 = d.join("run4");
+    let o = run(
+        &out4,
+        &[
+            &format!("pretrain.from={from}"),
+            "critic.encoder=\"reward_features\"",
+        ],
+    );
+    let e = err(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("[critic] cached the reward model's features"),
+        "{e}"
+    );
+    let s4 = json(&out4.join("summary.json"));
+    for k in ["crps", "ce", "top1", "top3"] {
+        assert!(s4["critic"][k].as_f64().unwrap().is_finite(), "critic.{k}");
+    }
     // Models trained for other data are refused with both data sections named.
     let o = run(
         &d.join("run3"),

@@ -6,6 +6,7 @@ pub mod classifier;
 pub mod clip_gates;
 pub mod clip_metrics;
 pub mod critic;
+pub mod critic_features;
 pub mod critic_train;
 pub mod cuda;
 pub mod denoiser;

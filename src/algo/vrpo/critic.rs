@@ -21,7 +21,7 @@ use tilt_kernels::vrpo::draw_classes;
 
 use super::Setup;
 use crate::build;
-use crate::config::{Config, CriticKind, ValueKind};
+use crate::config::{Config, CriticKind, EncoderKind, ValueKind};
 use crate::files::{read_json, write_json};
 
 /// The held-out report of the critic (the paper's Table 7 columns, plus agreement with the exact value).
@@ -79,14 +79,35 @@ pub fn stage_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<CriticRep
     let grid = CdfGrid::uniform(lo, hi, cfg.critic.bins)?;
     let n_train = (n * 9 / 10).max(1);
     let vm = VarMap::new();
+    let frozen = build::reward_model(&s.data);
     let critic = build::cdf_critic(
         &cfg.critic,
         s.dim(),
         s.data.classes,
+        frozen.clone(),
         grid,
         &vm,
         &s.critic_device,
     )?;
+    // The embedding cache: with the reward model's frozen features as the encoder's input, they
+    // are computed once per state here instead of once per sampled batch.
+    let states = match (cfg.critic.encoder, &frozen) {
+        (EncoderKind::RewardFeatures, Some(f)) => {
+            let t = Instant::now();
+            let cached = states
+                .iter()
+                .map(|x| Ok(f.features(x)?.detach()))
+                .collect::<Result<Vec<_>>>()?;
+            eprintln!(
+                "[critic] cached the reward model's features of {} states ({} per state) in {:.1}s",
+                n * states.len(),
+                f.feature_dim(),
+                t.elapsed().as_secs_f64()
+            );
+            cached
+        }
+        _ => states,
+    };
     let vars = named_vars(&vm)?;
     let train_cfg = CriticTrainConfig {
         steps: cfg.critic.train_steps,
@@ -182,6 +203,7 @@ pub fn load_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<Arc<dyn Va
         &cfg.critic,
         s.dim(),
         s.data.classes,
+        build::reward_model(&s.data),
         CdfGrid::uniform(report.grid[0], report.grid[1], report.bins)?,
         &vm,
         &s.critic_device,
