@@ -6,7 +6,8 @@
 #   scripts/digits-compare.sh [OUT] [--set key=value ...]      (default OUT: runs/digits-compare)
 #
 # OUT/base runs the "pretrain" and "critic" stages of configs/digits-vrpo.toml once; each method
-# then runs "critic" (copied from base: critic.from), "vrpo" and "eval" in OUT/<method> with
+# then runs "critic" (copied from base: critic.from; the feature-critic method trains its own
+# with critic.encoder = "reward_features"), "vrpo" and "eval" in OUT/<method> with
 # pretrain.from = OUT/base. Extra --set arguments apply to every run (e.g. --set vrpo.steps=500).
 # Finished methods (with a summary.json) are reused; an interrupted one is started over. Ends with
 # OUT/compare.json (one summary object per method under "methods") and OUT/compare.md (a Markdown
@@ -37,6 +38,7 @@ methods=(
   "vrpo_soft_L2|vrpo.segment_len=2"
   "vrpo_soft_L8|vrpo.segment_len=8"
   "vrpo_soft_lambda_x2|vrpo.lambda=$lambda2"
+  "vrpo_soft_feature_critic|critic.encoder=reward_features"
 )
 rows=()
 for m in "${methods[@]}"; do
@@ -46,10 +48,12 @@ for m in "${methods[@]}"; do
     [[ -e "$dir" ]] && { echo "== $dir has no summary.json (interrupted): starting it over" >&2; rm -rf -- "$dir"; }
     args=()
     for s in $sets; do args+=(--set "$s"); done
+    # Every method scores with base's critic, except one that names its own critic encoder.
+    if [[ "$sets" == *critic.encoder=* ]]; then critic=(); else critic=(--set "critic.from=$out/base"); fi
     echo "== $name ${sets:-(defaults)} -> $dir" >&2
     t0=$(date +%s)
     $tilt run $cfg --out "$dir" --set 'stages=["critic","vrpo","eval"]' \
-      --set "pretrain.from=$out/base" --set "critic.from=$out/base" --set metrics.listen= \
+      --set "pretrain.from=$out/base" "${critic[@]}" --set metrics.listen= \
       --set "name=$name" "${args[@]}" "$@" > "$dir.log" 2>&1 \
       || { echo "digits-compare: $name failed, see $dir.log" >&2; tail -5 "$dir.log" >&2; exit 1; }
     echo "   done in $(( $(date +%s) - t0 )) s" >&2
@@ -66,21 +70,33 @@ for r in rows:
 first = next(iter(methods.values()))
 ref = {"reward": first["reference"], "target": first["target"], "classifiers": first["classifiers"]}
 json.dump({"reference": ref, "methods": methods}, open(f"{out}/compare.json", "w"), indent=1)
-hdr = ("| method | lambda | beta | labels | L | reward A | gap closed | judge B acc | judge B log p "
-       "| diversity (pairwise) | distinct NN | critic CRPS | CE | top-1 | top-3 |")
-lines = [hdr, "|" + "---|" * 15]
+lam0 = float(first["lambda"]) if first["method"] != "final_dpo" else None
+base_target = None
+for s in methods.values():
+    if s["labels"] == "soft" and s["method"] == "segments" and s["critic_value"] == "optimal":
+        base_target = base_target or (s["lambda"], s["target"]["reward"])
 r = first["reference"]
-lines.append(f"| reference | | | | | {r['reward']:.4f} | 0 | {r['judge_acc']:.3f} | {r['judge_logp']:.4f} "
-             f"| {r['diversity']['pairwise']:.3f} | {r['diversity']['distinct_nn']:.3f} | | | | |")
-t = first["target"]
-lines.append(f"| target (per-class IW, ESS {t['ess']:.0f}) | {first['lambda']:g} | | | | {t['reward']:.4f} | 1 | | | | | | | | |")
+def gap(p, t):
+    return (p - r["reward"]) / (t - r["reward"])
+hdr = ("| method | labels | beta | lambda | L | critic | reward A (+- SE) | gap closed, own lambda "
+       f"| gap closed, lambda = {base_target[0]:g} target | judge B acc | judge B log p | diversity: pairwise "
+       "| distinct NN | critic CRPS | CE | top-1 | top-3 |")
+lines = [hdr, "|" + "---|" * 17]
+lines.append(f"| reference | | | | | | {r['reward']:.4f} +- {r.get('reward_se', float('nan')):.4f} | 0 | 0 "
+             f"| {r['judge_acc']:.3f} | {r['judge_logp']:.4f} | {r['diversity']['pairwise']:.3f} "
+             f"| {r['diversity']['distinct_nn']:.3f} | | | | |")
+lines.append(f"| target, lambda = {base_target[0]:g} (per-class IW) | | | | | | {base_target[1]:.4f} | 1 | 1 | | | | | | | | |")
 for name, s in methods.items():
     p, c = s["policy"], s["critic"]
-    method = s.get("method", "")
-    lines.append(f"| {name} | {s['lambda']:g} | {s['beta']:g} | {s['labels']} | {s['segment_len']} "
-                 f"| {p['reward']:.4f} | {s['gap_closed']:.3f} | {p['judge_acc']:.3f} | {p['judge_logp']:.4f} "
+    dpo = s["method"] == "final_dpo"
+    crit = "none" if dpo else f"{c.get('encoder', 'mlp')}, {s['critic_value']}"
+    lines.append(f"| {name} | {'ranked final pairs' if dpo else s['labels']} | {s['beta']:g} | "
+                 f"{'' if dpo else format(s['lambda'], 'g')} | {'' if dpo else s['segment_len']} | {crit} "
+                 f"| {p['reward']:.4f} +- {p.get('reward_se', float('nan')):.4f} "
+                 f"| {'' if dpo else format(s['gap_closed'], '.3f')} | {gap(p['reward'], base_target[1]):.3f} "
+                 f"| {p['judge_acc']:.3f} | {p['judge_logp']:.4f} "
                  f"| {p['diversity']['pairwise']:.3f} | {p['diversity']['distinct_nn']:.3f} "
-                 f"| {c['crps']:.4f} | {c['ce']:.3f} | {c['top1']:.3f} | {c['top3']:.3f} |")
+                 + ("| | | | |" if dpo else f"| {c['crps']:.4f} | {c['ce']:.3f} | {c['top1']:.3f} | {c['top3']:.3f} |"))
 open(f"{out}/compare.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY

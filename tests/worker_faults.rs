@@ -15,9 +15,11 @@ use std::time::{Duration, Instant};
 use common::redis_server::{Persistence, RedisServer};
 use common::*;
 
-/// The learner's step budget of the kill test (the three-worker test's: the quickstart's 1500
-/// plus margin).
-const BUDGET: u64 = 2000;
+/// The learner's step budget of the kill test: the quickstart's 1500 plus margin for the steps
+/// the faults cost. At 2000 one CI run on heavily loaded cores (load ~6 on 2 cores) ended at gap
+/// closed 0.90 and a mode-weight error of 0.085, against 0.98 / 0.029 in other runs; 3000 leaves
+/// the run time to settle after the last restart.
+const BUDGET: u64 = 3000;
 /// Bound on a whole run, restarts included (~1 min measured on 2 shared cores).
 const RUN_LIMIT: Duration = Duration::from_secs(300);
 

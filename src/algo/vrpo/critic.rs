@@ -28,6 +28,9 @@ use crate::files::{read_json, write_json};
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct CriticReport {
     pub kind: String,
+    /// "mlp" or "reward_features" (critic.encoder).
+    #[serde(default)]
+    pub encoder: String,
     pub crps: f64,
     pub ce: f64,
     pub top1: f64,
@@ -143,6 +146,10 @@ pub fn stage_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<CriticRep
     save_weights(&vm, &wfile)?;
     let mut report = CriticReport {
         kind: format!("{:?}", cfg.critic.kind).to_lowercase(),
+        encoder: serde_json::to_value(cfg.critic.encoder)?
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
         grid: vec![lo, hi],
         bins: cfg.critic.bins,
         ..Default::default()

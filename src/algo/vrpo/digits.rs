@@ -413,6 +413,9 @@ pub fn balanced_classes(classes: usize, per_class: usize, device: &Device) -> Re
 pub struct ImageMetrics {
     /// Mean reward A.
     pub reward: f64,
+    /// Its standard error (sample standard deviation / sqrt(n)).
+    #[serde(default)]
+    pub reward_se: f64,
     /// Share the judge classifies as their conditioning class.
     pub judge_acc: f64,
     /// Mean judge log-probability of the conditioning class.
@@ -446,8 +449,12 @@ pub fn image_metrics(
         .to_dtype(DType::F64)?
         .to_vec1::<f64>()?;
     let rows = diversity_rows.min(x.dim(0)?);
+    let n = reward.len() as f64;
+    let mean = reward.iter().sum::<f64>() / n.max(1.0);
+    let var = reward.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
     Ok(ImageMetrics {
-        reward: reward.iter().sum::<f64>() / reward.len().max(1) as f64,
+        reward: mean,
+        reward_se: (var / n.max(1.0)).sqrt(),
         judge_acc: accuracy(m.judge.as_ref(), x, cond)?,
         judge_logp: lp.iter().sum::<f64>() / lp.len().max(1) as f64,
         diversity: diversity(
