@@ -278,6 +278,7 @@ pub fn ensure_pretrained(
     let [_, wref, wrew, wjudge] = files(&dir);
     // Reward model A and judge B: different architectures and seeds, the same training split.
     let mut accs = [0.0f64; 2];
+    let mut trained: Vec<Box<dyn Classifier>> = Vec::with_capacity(2);
     for (i, (name, path)) in [("reward model A (MLP)", &wrew), ("judge B (CNN)", &wjudge)]
         .into_iter()
         .enumerate()
@@ -315,6 +316,7 @@ pub fn ensure_pretrained(
             accs[i]
         ));
         save_weights(&vm, path)?;
+        trained.push(net);
     }
     // The class-conditional reference.
     let vm = VarMap::new();
@@ -351,10 +353,7 @@ pub fn ensure_pretrained(
     )?;
     save_weights(&vm, &wref)?;
     // Are the reference's samples recognisable? The judge says.
-    let vm_j = VarMap::new();
-    let judge = judge_net(d, &vm_j, cfg.seed, device)?;
-    let mut vm_j = vm_j;
-    load_weights(&mut vm_j, &wjudge)?;
+    let judge = &trained[1];
     let cond = balanced_classes(d.classes, JUDGED_PER_CLASS, device)?;
     let mut rng = rng_for(cfg.seed, 21, 0);
     let xk = randn(&mut rng, (cond.dim(0)?, 1, d.size, d.size), device)?;
@@ -367,7 +366,7 @@ pub fn ensure_pretrained(
         Some(&cond),
         &mut rng,
     )?;
-    let ref_acc = accuracy(&judge, &x0, &cond)?;
+    let ref_acc = accuracy(judge.as_ref(), &x0, &cond)?;
     let report = PretrainReport {
         data: d.clone(),
         train_rows: tx.dim(0)?,
@@ -589,9 +588,8 @@ pub fn save_grid(
                     .collect()
             }
         };
-        for (n, &i) in pick.iter().enumerate() {
+        for &i in &pick {
             images.push(x.get(i)?.to_vec3::<f32>()?);
-            let _ = n;
         }
         // Pad a short class so that each class stays on its own row.
         for _ in pick.len()..GRID_PER_CLASS {
