@@ -57,7 +57,11 @@ fn smoke_run_finishes_and_moves_toward_the_tilted_target() {
     // each learner step used 64 rows; what was not applied is still in the buffer or was refused
     // when it closed at the end.
     let a = accounting(&s);
-    assert_eq!((&a["lost"], &a["redelivered"], &a["deduplicated"]), (&0.into(), &0.into(), &0.into()), "{a}");
+    assert_eq!(
+        (&a["lost"], &a["redelivered"], &a["deduplicated"]),
+        (&0.into(), &0.into(), &0.into()),
+        "{a}"
+    );
     assert_eq!(a["applications"], 60 * 64, "{a}");
     for why in a["dropped"].as_object().unwrap().keys() {
         assert_eq!(why, "closed_at_stop", "{a}");

@@ -479,5 +479,8 @@ fn redis_restart_empty_mid_run_is_survived() {
     // the producers' sequence numbers, and every produced record still has exactly one fate.
     let a = accounting(&s);
     let lost = a["lost"].as_u64().unwrap();
-    assert!(backlog > 0 && lost >= backlog, "lost {lost}, backlog {backlog}: {a}");
+    assert!(
+        backlog > 0 && lost >= backlog,
+        "lost {lost}, backlog {backlog}: {a}"
+    );
 }

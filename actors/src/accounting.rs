@@ -455,7 +455,10 @@ mod tests {
         assert_eq!(keep.iter().map(Record::key).collect::<Vec<_>>(), [(0, 2)]);
         assert_eq!(dups, vec![(0, 1), (0, 2)]);
         l.commit(&[(0, 2)]);
-        assert_eq!((l.applied_count(), l.applications, l.deduplicated), (2, 4, 3));
+        assert_eq!(
+            (l.applied_count(), l.applications, l.deduplicated),
+            (2, 4, 3)
+        );
         assert_eq!(l.distinct, 2);
         assert!(l.partial.is_empty());
         // No quota: nothing is a duplicate.

@@ -141,10 +141,14 @@ impl LearnerState {
     }
 
     fn ledger(&self) -> Result<std::sync::MutexGuard<'_, Ledger>, ActorError> {
-        self.args.control.ledger.lock().map_err(|_| ActorError::Actor {
-            role: "learner".into(),
-            detail: "ledger lock poisoned".into(),
-        })
+        self.args
+            .control
+            .ledger
+            .lock()
+            .map_err(|_| ActorError::Actor {
+                role: "learner".into(),
+                detail: "ledger lock poisoned".into(),
+            })
     }
 
     fn step(&self) -> u64 {

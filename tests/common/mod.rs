@@ -83,7 +83,10 @@ pub fn accounting(s: &serde_json::Value) -> serde_json::Value {
         n("applied") + dropped + n("lost") + n("in_flight"),
         "the accounting does not balance: {a}"
     );
-    assert!(n("inserted") <= n("produced") && n("applied") <= n("inserted"), "{a}");
+    assert!(
+        n("inserted") <= n("produced") && n("applied") <= n("inserted"),
+        "{a}"
+    );
     assert!(n("applications") >= n("applied") && n("applied") > 0, "{a}");
     for k in ["redelivered", "deduplicated"] {
         n(k);

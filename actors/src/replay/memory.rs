@@ -12,8 +12,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::limiter::RateLimiter;
-use crate::accounting::{reason, stream_base, stream_of, Census, KeySet};
 use super::{Record, ReplayBackend, ReplayBuffer, ReplayConfig, ReplayStats, Sampler};
+use crate::accounting::{reason, stream_base, stream_of, Census, KeySet};
 use crate::{ActorError, Result};
 
 /// The in-process, bounded replay backend.
@@ -310,6 +310,25 @@ impl ReplayBuffer for MemoryReplay {
         }
     }
 
+    async fn insert_many(&self, records: Vec<Record>) -> Result<()> {
+        let mut rest = records.into_iter();
+        while let Some(rec) = rest.next() {
+            if let Err(e) = self.insert(rec).await {
+                if matches!(e, ActorError::Closed) {
+                    // Accounting: the whole rest of the batch was handed over and refused.
+                    let mut st = self.lock()?;
+                    for r in rest {
+                        let k = r.key();
+                        st.handed(k);
+                        st.refused.entry(stream_of(k)).or_default().insert(k.1);
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     async fn sample(&self, n: usize, timeout: Duration) -> Result<Option<Vec<Record>>> {
         if n == 0 {
             return Ok(Some(Vec::new()));
@@ -355,7 +374,10 @@ impl ReplayBuffer for MemoryReplay {
             present.entry(stream_of(k)).or_default().insert(k.1);
         }
         let mut dropped = BTreeMap::new();
-        for (why, set) in [(reason::CAPACITY, &st.dropped_keys), (reason::CLOSED, &st.refused)] {
+        for (why, set) in [
+            (reason::CAPACITY, &st.dropped_keys),
+            (reason::CLOSED, &st.refused),
+        ] {
             if !set.is_empty() {
                 dropped.insert(why.to_owned(), set.clone());
             }

@@ -16,8 +16,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::replay::limiter::{LuaBounds, RateLimiter};
 use crate::accounting::Census;
+use crate::replay::limiter::{LuaBounds, RateLimiter};
 use crate::replay::{Record, ReplayBackend, ReplayBuffer, ReplayConfig, ReplayStats};
 use crate::{ActorError, Result};
 

@@ -462,9 +462,7 @@ async fn redelivered_and_duplicate_records_are_counted_and_applied_once() -> Tes
         prod.insert(rec(0, s)).await?;
     }
     let a = RedisReplay::connect_with(&url, &run, "a", c.clone(), opts.clone()).await?;
-    let taken = timeout(LONG, a.sample(4, LONG))
-        .await??
-        .unwrap_or_default();
+    let taken = timeout(LONG, a.sample(4, LONG)).await??.unwrap_or_default();
     assert_eq!(taken.len(), 4);
     drop(a);
     let p = prod.clone();
@@ -494,7 +492,11 @@ async fn redelivered_and_duplicate_records_are_counted_and_applied_once() -> Tes
     );
     // Nothing applied twice: 40 keys, 40 uses, no delivery refused by the ledger.
     assert_eq!(
-        (ledger.applied_count(), ledger.applications, ledger.deduplicated),
+        (
+            ledger.applied_count(),
+            ledger.applications,
+            ledger.deduplicated
+        ),
         (40, 40, 0)
     );
     let st = b.fetch_stats().await?;
@@ -502,11 +504,21 @@ async fn redelivered_and_duplicate_records_are_counted_and_applied_once() -> Tes
     assert_eq!((st.inserted, st.sampled, st.dropped), (52, 52, 0));
     let acct = settle(&ledger, &b.census().await?);
     assert_eq!(
-        (acct.produced, acct.inserted, acct.applied, acct.applications),
+        (
+            acct.produced,
+            acct.inserted,
+            acct.applied,
+            acct.applications
+        ),
         (40, 40, 40, 40)
     );
     assert_eq!(
-        (acct.redelivered, acct.deduplicated, acct.lost, acct.in_flight),
+        (
+            acct.redelivered,
+            acct.deduplicated,
+            acct.lost,
+            acct.in_flight
+        ),
         (4, 12, 0, 0)
     );
     assert!(acct.dropped.is_empty() && acct.balances(), "{acct:?}");
