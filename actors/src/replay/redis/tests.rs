@@ -390,6 +390,7 @@ async fn insert_many_script_is_safe_to_retry_and_stops_at_capacity() -> TestResu
             .key(&inner.keys.samples)
             .key(&inner.keys.last)
             .key(format!("{}{nonce}", inner.keys.nonce))
+            .key(&inner.keys.produced)
             .arg(inner.cfg.capacity)
             .arg(&inner.bounds.spi)
             .arg(&inner.bounds.max_diff)
