@@ -11,7 +11,8 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
-use tilt_actors::checkpoint::{latest_checkpoint, load_checkpoint};
+use tilt_actors::accounting::{settle, Accounting, Ledger};
+use tilt_actors::checkpoint::{latest_checkpoint, load_checkpoint, load_ledger};
 use tilt_actors::control::RunControl;
 use tilt_actors::coordinator::{CoordinatorActor, CoordinatorMsg, RunOutcome, RunSpec};
 use tilt_actors::learner::{CheckpointSpec, LearnerArgs, LearnerCore};
@@ -98,6 +99,10 @@ pub struct Training {
     pub sync: bool,
     /// Fires when a producer-only process should stop (worker mode: the learner finished).
     pub stop: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Continue the learner's ledger from the newest checkpoint (worker mode, where the replay
+    /// and its producer ids outlive a learner process). A single-process run's replay and
+    /// producer ids start afresh with each invocation, so its ledger does too.
+    pub resume_ledger: bool,
 }
 
 /// What a training reports (`vrpo.json`, `<variant>/training.json`, the summaries).
@@ -117,6 +122,10 @@ pub struct TrainReport {
     pub stopped_early: bool,
     /// Per-stage latency percentiles, merged across actors (this invocation).
     pub latency: BTreeMap<String, LatencySummary>,
+    /// Every record of this invocation's replay accounted for (README, "Exact accounting");
+    /// None for a producer-only process, or if the replay could not be read at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounting: Option<Accounting>,
 }
 
 /// Run CPU-heavy tensor work without stalling the async executor: on a multi-thread runtime the
@@ -190,6 +199,12 @@ pub async fn train(mut t: Training, progress: &Progress) -> Result<TrainReport> 
     control
         .learner_step
         .store(start, std::sync::atomic::Ordering::Relaxed);
+    if learners {
+        let ledger = initial_ledger(&t)?;
+        if let Ok(mut l) = control.ledger.lock() {
+            *l = ledger;
+        }
+    }
     let ck = CheckpointSpec {
         run_dir: t.dir.clone(),
         every: t.checkpoint_every,
@@ -253,6 +268,7 @@ pub async fn train(mut t: Training, progress: &Progress) -> Result<TrainReport> 
         final_checkpoint: String::new(),
         stopped_early: learners && steps < t.steps,
         latency: control.latency.summary(),
+        accounting: None,
     };
     if !learners {
         if let RunOutcome::LearnerFailed(m) = outcome {
@@ -262,6 +278,7 @@ pub async fn train(mut t: Training, progress: &Progress) -> Result<TrainReport> 
         return Ok(report);
     }
     append_history(&t.dir, start, &control)?;
+    report.accounting = account(&t, &control, progress).await;
     match outcome {
         RunOutcome::Finished { step, checkpoint } => {
             progress.line(&format!(
@@ -277,6 +294,55 @@ pub async fn train(mut t: Training, progress: &Progress) -> Result<TrainReport> 
     }
     write_json(&t.report_file, &report)?;
     Ok(report)
+}
+
+/// The learner's ledger at the start: the newest checkpoint's in worker mode (`resume_ledger`),
+/// else empty; its quota is the replay's uses per record.
+fn initial_ledger(t: &Training) -> Result<Ledger> {
+    let quota = t.replay.uses_per_record();
+    let saved = match latest_checkpoint(&t.dir)? {
+        Some((_, dir)) if t.resume_ledger => load_ledger(&dir)?,
+        _ => None,
+    };
+    Ok(match saved {
+        Some(l) => Ledger { quota, ..l },
+        None => Ledger::new(quota),
+    })
+}
+
+/// Settle the accounting of the replay's records (the learner's ledger against the replay's
+/// census), export it as metrics and say it in one line. An unreadable replay is said, not fatal.
+async fn account(t: &Training, control: &RunControl, progress: &Progress) -> Option<Accounting> {
+    let census = match t.replay.census().await {
+        Ok(c) => c,
+        Err(e) => {
+            progress.line(&format!(
+                "[{}] warning: no record accounting (the replay could not be read: {e})",
+                t.name
+            ));
+            return None;
+        }
+    };
+    let a = {
+        let ledger = control.ledger.lock().ok()?;
+        settle(&ledger, &census)
+    };
+    a.export_metrics();
+    progress.line(&format!(
+        "[{}] records: produced {}, inserted {}, applied {} ({} uses), redelivered {}, deduplicated {}, dropped {:?}, lost {}, in flight {}{}",
+        t.name,
+        a.produced,
+        a.inserted,
+        a.applied,
+        a.applications,
+        a.redelivered,
+        a.deduplicated,
+        a.dropped,
+        a.lost,
+        a.in_flight,
+        if a.balances() { "" } else { " (DOES NOT BALANCE)" }
+    ));
+    Some(a)
 }
 
 /// Loss curves: append this invocation's (step, loss, accuracy) to `dir/history.json`, dropping

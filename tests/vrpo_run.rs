@@ -53,6 +53,19 @@ fn smoke_run_finishes_and_moves_toward_the_tilted_target() {
         s["reward_mean_target"].as_f64().unwrap() > s["reward_mean_ref"].as_f64().unwrap() + 0.5
     );
     assert!(gap > 0.25, "gap_closed = {gap}");
+    // Every record accounted for (memory backend): nothing lost, redelivered or deduplicated;
+    // each learner step used 64 rows; what was not applied is still in the buffer or was refused
+    // when it closed at the end.
+    let a = accounting(&s);
+    assert_eq!(
+        (&a["lost"], &a["redelivered"], &a["deduplicated"]),
+        (&0.into(), &0.into(), &0.into()),
+        "{a}"
+    );
+    assert_eq!(a["applications"], 60 * 64, "{a}");
+    for why in a["dropped"].as_object().unwrap().keys() {
+        assert_eq!(why, "closed_at_stop", "{a}");
+    }
     for c in ["crps", "ce", "top1", "top3"] {
         assert!(s["critic"][c].as_f64().unwrap().is_finite(), "{c}");
     }

@@ -10,7 +10,11 @@ use serde::{Deserialize, Serialize};
 use tilt_kernels::denoiser::{load_weights, save_weights};
 use tilt_kernels::optim::AdamW;
 
+use crate::accounting::Ledger;
 use crate::{ActorError, Result};
+
+/// The learner's ledger inside a checkpoint (what it had applied at that step).
+const LEDGER_FILE: &str = "ledger.json";
 
 /// What `state.json` holds. The RNG state of a run is its seed plus the step (see `tilt_kernels::rng`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +43,7 @@ pub fn write_checkpoint(
     policy: &VarMap,
     opt: &AdamW,
     critic: Option<&Path>,
+    ledger: Option<&Ledger>,
 ) -> Result<PathBuf> {
     let fin = checkpoint_dir(run_dir, state.step);
     let tmp = fin.with_extension("tmp");
@@ -50,6 +55,11 @@ pub fn write_checkpoint(
     opt.save_state(&tmp.join("optimizer.safetensors"))?;
     if let Some(c) = critic.filter(|c| c.exists()) {
         std::fs::copy(c, tmp.join("critic.safetensors")).map_err(|e| err(c, e))?;
+    }
+    if let Some(l) = ledger {
+        let json = serde_json::to_vec(l).map_err(|e| err(&tmp, e))?;
+        let p = tmp.join(LEDGER_FILE);
+        std::fs::write(&p, json).map_err(|e| err(&p, e))?;
     }
     let json = serde_json::to_vec_pretty(state).map_err(|e| err(&tmp, e))?;
     std::fs::write(tmp.join("state.json"), json).map_err(|e| err(&tmp, e))?;
@@ -83,6 +93,18 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<(u64, PathBuf)>> {
         }
     }
     Ok(best)
+}
+
+/// The learner's ledger saved in checkpoint `dir` (None: a checkpoint written without one).
+pub fn load_ledger(dir: &Path) -> Result<Option<Ledger>> {
+    let p = dir.join(LEDGER_FILE);
+    if !p.exists() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(&p).map_err(|e| err(&p, e))?;
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| err(&p, format!("corrupt ledger: {e}")))
 }
 
 /// Load a checkpoint into `policy` and `opt`; every file must be present and well-formed.

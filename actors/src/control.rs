@@ -29,6 +29,8 @@ pub struct RunControl {
     pub history: Mutex<Vec<(u64, f32, f32)>>,
     /// `runtime = "sync"`: production on the learner's demand, no overlap (None: the pipeline).
     pub sync: Option<SyncTurns>,
+    /// What the learner applied, by key (exact accounting; saved with each checkpoint).
+    pub ledger: Mutex<crate::accounting::Ledger>,
 }
 
 /// Turns of the synchronous runtime: a producer makes a unit only when the learner asked for one,
@@ -106,6 +108,7 @@ impl Default for RunControl {
             latency: Default::default(),
             history: Mutex::new(Vec::new()),
             sync: None,
+            ledger: Mutex::new(crate::accounting::Ledger::default()),
         }
     }
 }

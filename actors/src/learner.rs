@@ -14,6 +14,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tilt_kernels::denoiser::Denoiser;
 use tilt_kernels::optim::{average_grads, first_non_finite, AdamW};
 
+use crate::accounting::{reason, Ledger};
 use crate::checkpoint::{write_checkpoint, CheckpointState};
 use crate::control::{LastStats, RunControl};
 use crate::objective::{Objective, StepStats};
@@ -123,6 +124,7 @@ impl LearnerState {
             detail: "lock poisoned".into(),
         })?;
         let spec = &self.args.checkpoint;
+        let ledger = self.ledger()?.clone();
         let state = CheckpointState {
             step: c.step,
             seed: spec.seed,
@@ -134,7 +136,19 @@ impl LearnerState {
             &c.varmap,
             &c.opt,
             spec.critic_file.as_deref(),
+            Some(&ledger),
         )
+    }
+
+    fn ledger(&self) -> Result<std::sync::MutexGuard<'_, Ledger>, ActorError> {
+        self.args
+            .control
+            .ledger
+            .lock()
+            .map_err(|_| ActorError::Actor {
+                role: "learner".into(),
+                detail: "ledger lock poisoned".into(),
+            })
     }
 
     fn step(&self) -> u64 {
@@ -176,7 +190,17 @@ impl LearnerState {
         a.control
             .latency
             .record(Stage::ReplaySample, "learner", 0, ts.elapsed());
+        // Idempotence by (producer, seq): a delivery beyond a record's uses is refused (and
+        // acknowledged, so the replay can retire it).
+        let (records, dups) = self.ledger()?.admit(records);
+        if !dups.is_empty() {
+            a.replay.ack(&dups).await?;
+        }
         if records.len() < a.world {
+            // Too few to give every replica one: acknowledged and counted, not applied.
+            let keys: Vec<(u32, u64)> = records.iter().map(|r| r.key()).collect();
+            self.ledger()?.drop_keys(reason::SHORT_BATCH, &keys);
+            a.replay.ack(&keys).await?;
             return Ok(false);
         }
         let t0 = Instant::now();
@@ -277,7 +301,13 @@ impl LearnerState {
         if let Err(e) = tokio::task::spawn_blocking(move || apply(&core, &g)).await? {
             return self.fail(e).await.map(|_| true);
         }
-        // Applied: acknowledge (the redis backend XACKs and deletes; memory is a no-op).
+        // Applied: into the ledger first (the redis backend may redeliver what an ack did not
+        // reach), then acknowledge (the redis backend XACKs and deletes; memory is a no-op).
+        let (applied, dedup) = {
+            let mut l = self.ledger()?;
+            l.commit(&keys);
+            (l.distinct, l.deduplicated)
+        };
         a.replay.ack(&keys).await?;
         let n = stats.len() as f32;
         let last = LastStats {
@@ -307,6 +337,16 @@ impl LearnerState {
             .set(rs.depth as f64);
         metrics::counter!("tilt_pairs_dropped_total", "role" => "replay", "actor" => "0")
             .absolute(rs.dropped);
+        // Live accounting; the final numbers (produced, lost, drops by reason) are exported
+        // when the run settles its accounting.
+        for (name, v) in [
+            ("tilt_records_applied_total", applied),
+            ("tilt_records_inserted_total", rs.inserted),
+            ("tilt_records_redelivered_total", rs.redelivered),
+            ("tilt_records_deduplicated_total", dedup + rs.deduplicated),
+        ] {
+            metrics::counter!(name, "role" => "learner", "actor" => "0").absolute(v);
+        }
         metrics::gauge!("tilt_learner_step", "role" => "learner", "actor" => "0").set(next as f64);
         metrics::gauge!("tilt_policy_version", "role" => "learner", "actor" => "0")
             .set(next as f64);

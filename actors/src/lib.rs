@@ -1,6 +1,7 @@
 //! tilt-actors: the runtime. ractor actors (rollout, critic, learner, coordinator) that move data
 //! between the replay buffer and the math of `tilt-kernels`; no math lives here.
 
+pub mod accounting;
 pub mod checkpoint;
 pub mod codec;
 pub mod control;

@@ -318,6 +318,7 @@ fn continuation(
         seed: cfg.seed,
         fail_at_step: cfg.fault.learner_fail_at_step,
         nan_at_step: cfg.fault.learner_nan_at_step,
+        resume_ledger: false,
         sync: cfg.runtime == crate::config::RuntimeKind::Sync,
         stop: None,
     })

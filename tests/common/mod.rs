@@ -61,3 +61,35 @@ pub fn json(p: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
         .unwrap()
 }
+
+/// The `accounting` block of a summary, checked for what holds in every run: every produced
+/// record has exactly one fate (produced = applied + dropped + lost + in_flight), no more records
+/// inserted than produced nor applied than inserted, and at least one use per applied record.
+#[allow(dead_code)]
+pub fn accounting(s: &serde_json::Value) -> serde_json::Value {
+    let a = s["accounting"].clone();
+    let n = |k: &str| {
+        a[k].as_u64()
+            .unwrap_or_else(|| panic!("accounting.{k} missing: {s}"))
+    };
+    let dropped: u64 = a["dropped"]
+        .as_object()
+        .unwrap_or_else(|| panic!("accounting.dropped missing: {s}"))
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        n("produced"),
+        n("applied") + dropped + n("lost") + n("in_flight"),
+        "the accounting does not balance: {a}"
+    );
+    assert!(
+        n("inserted") <= n("produced") && n("applied") <= n("inserted"),
+        "{a}"
+    );
+    assert!(n("applications") >= n("applied") && n("applied") > 0, "{a}");
+    for k in ["redelivered", "deduplicated"] {
+        n(k);
+    }
+    a
+}

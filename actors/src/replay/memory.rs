@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::limiter::RateLimiter;
 use super::{Record, ReplayBackend, ReplayBuffer, ReplayConfig, ReplayStats, Sampler};
+use crate::accounting::{reason, stream_base, stream_of, Census, KeySet};
 use crate::{ActorError, Result};
 
 /// The in-process, bounded replay backend.
@@ -79,11 +80,25 @@ struct State {
     dropped: u64,
     closed: bool,
     rng: StdRng,
+    /// Accounting: per producer stream, how many sequence numbers were handed to `insert`.
+    produced: BTreeMap<(u32, u64), u64>,
+    /// Accounting: keys evicted before their first sample (the `dropped` count).
+    dropped_keys: KeySet,
+    /// Accounting: keys refused because the buffer had closed.
+    refused: KeySet,
 }
 
 impl State {
     fn depth(&self) -> usize {
         self.slots.len()
+    }
+
+    /// Accounting: a record with key `key` was handed to `insert`.
+    fn handed(&mut self, key: (u32, u64)) {
+        let s = stream_of(key);
+        let n = key.1 - stream_base(s) + 1;
+        let e = self.produced.entry(s).or_insert(0);
+        *e = (*e).max(n);
     }
 
     fn push(&mut self, rec: Record, capacity: usize) {
@@ -94,9 +109,15 @@ impl State {
             if let Some(slot) = self.remove(oldest) {
                 if slot.times == 0 {
                     self.dropped += 1;
+                    let k = slot.rec.key();
+                    self.dropped_keys
+                        .entry(stream_of(k))
+                        .or_default()
+                        .insert(k.1);
                 }
             }
         }
+        self.handed(rec.key());
         let id = self.next_id;
         self.next_id += 1;
         self.ids.push(id);
@@ -187,6 +208,7 @@ impl State {
             evicted: self.evicted,
             depth: self.depth() as u64,
             dropped: self.dropped,
+            ..ReplayStats::default()
         }
     }
 }
@@ -219,6 +241,9 @@ impl MemoryReplay {
             dropped: 0,
             closed: false,
             rng: StdRng::seed_from_u64(cfg.seed),
+            produced: BTreeMap::new(),
+            dropped_keys: KeySet::new(),
+            refused: KeySet::new(),
         };
         Ok(Self {
             limiter: RateLimiter::new(&cfg),
@@ -269,6 +294,9 @@ impl ReplayBuffer for MemoryReplay {
             {
                 let mut st = self.lock()?;
                 if st.closed {
+                    let k = rec.key();
+                    st.handed(k);
+                    st.refused.entry(stream_of(k)).or_default().insert(k.1);
                     return Err(ActorError::Closed);
                 }
                 if self.limiter.can_insert(st.inserts, st.samples) {
@@ -280,6 +308,25 @@ impl ReplayBuffer for MemoryReplay {
             }
             woken.await;
         }
+    }
+
+    async fn insert_many(&self, records: Vec<Record>) -> Result<()> {
+        let mut rest = records.into_iter();
+        while let Some(rec) = rest.next() {
+            if let Err(e) = self.insert(rec).await {
+                if matches!(e, ActorError::Closed) {
+                    // Accounting: the whole rest of the batch was handed over and refused.
+                    let mut st = self.lock()?;
+                    for r in rest {
+                        let k = r.key();
+                        st.handed(k);
+                        st.refused.entry(stream_of(k)).or_default().insert(k.1);
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     async fn sample(&self, n: usize, timeout: Duration) -> Result<Option<Vec<Record>>> {
@@ -313,6 +360,35 @@ impl ReplayBuffer for MemoryReplay {
 
     async fn ack(&self, _keys: &[(u32, u64)]) -> Result<()> {
         Ok(())
+    }
+
+    fn uses_per_record(&self) -> Option<u32> {
+        (self.cfg.max_times_sampled > 0).then_some(self.cfg.max_times_sampled)
+    }
+
+    async fn census(&self) -> Result<Census> {
+        let st = self.lock()?;
+        let mut present = KeySet::new();
+        for slot in st.slots.values() {
+            let k = slot.rec.key();
+            present.entry(stream_of(k)).or_default().insert(k.1);
+        }
+        let mut dropped = BTreeMap::new();
+        for (why, set) in [
+            (reason::CAPACITY, &st.dropped_keys),
+            (reason::CLOSED, &st.refused),
+        ] {
+            if !set.is_empty() {
+                dropped.insert(why.to_owned(), set.clone());
+            }
+        }
+        Ok(Census {
+            produced: st.produced.clone(),
+            inserted: st.inserts,
+            present,
+            dropped,
+            ..Census::default()
+        })
     }
 
     fn stats(&self) -> ReplayStats {

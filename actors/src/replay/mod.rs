@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::accounting::Census;
 use crate::Result;
 
 pub mod limiter;
@@ -54,6 +55,20 @@ pub trait ReplayBuffer: Send + Sync {
     /// Counters for metrics and reports.
     fn stats(&self) -> ReplayStats;
 
+    /// Uses a record gets before it leaves the buffer (`max_times_sampled`, or the redis
+    /// backend's `U`); None = unlimited (sampling with replacement). A learner refuses a record
+    /// beyond it as a duplicate.
+    fn uses_per_record(&self) -> Option<u32> {
+        None
+    }
+
+    /// What this buffer knows for exact accounting: records handed to it per producer stream,
+    /// inserted, present now, dropped (by reason), redelivered and deduplicated (see
+    /// [`crate::accounting`]). The redis backend reads the run-wide part from Redis.
+    async fn census(&self) -> Result<Census> {
+        Ok(Census::default())
+    }
+
     /// Close: wake every waiter; later inserts fail with Closed.
     fn close(&self);
     /// Remove everything this buffer stored outside the process (Redis keys of the run); a no-op
@@ -77,6 +92,12 @@ pub struct ReplayStats {
     /// Records lost: removed by the capacity remover before being sampled even once
     /// (a subset of `evicted`).
     pub dropped: u64,
+    /// Deliveries of records delivered before (redis: own pending entries read again, entries
+    /// claimed from a dead consumer; this consumer's count).
+    pub redelivered: u64,
+    /// Deliveries thrown away by the key filter (redis: a key applied or held already; this
+    /// consumer's count).
+    pub deduplicated: u64,
 }
 
 /// How records are picked by `sample`.

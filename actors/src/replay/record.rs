@@ -153,6 +153,17 @@ impl Record {
     }
 }
 
+/// The key `(producer, seq)` of an encoded record, read from its header without checking the
+/// rest (for counting what a stream holds); None if the bytes do not start like a record.
+pub fn peek_key(bytes: &[u8]) -> Option<(u32, u64)> {
+    if bytes.len() < MIN_ENCODED || bytes[..4] != MAGIC || bytes[4] != FORMAT_VERSION {
+        return None;
+    }
+    let seq = u64::from_le_bytes(bytes[5..13].try_into().ok()?);
+    let producer = u32::from_le_bytes(bytes[13..17].try_into().ok()?);
+    Some((producer, seq))
+}
+
 fn decode_err(detail: String) -> ActorError {
     ActorError::Replay(format!("record decode: {detail}"))
 }
@@ -390,6 +401,8 @@ mod tests {
             assert_eq!((n1, v1.to_bits()), (n2, v2.to_bits()));
         }
         assert_eq!(back.encode(), bytes);
+        assert_eq!(peek_key(&bytes), Some(r.key()));
+        assert_eq!(peek_key(&bytes[..10]), None);
         assert_eq!(back.scalar("v_a"), Some(0.1));
         assert_eq!(back.scalar("missing"), None);
 

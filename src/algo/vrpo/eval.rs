@@ -316,6 +316,9 @@ pub struct Summary {
     pub peak_rss_mb: Option<f64>,
     /// Per-stage latency percentiles (ms), merged across actors.
     pub latency: std::collections::BTreeMap<String, tilt_actors::telemetry::LatencySummary>,
+    /// Every record of the VRPO stage's replay accounted for (README, "Exact accounting").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounting: Option<tilt_actors::accounting::Accounting>,
 }
 
 /// Held-out accuracy of the two classifiers, and how recognisable the reference's samples are.
@@ -411,6 +414,7 @@ pub fn finish(
         stopped_early: false,
         peak_rss_mb: crate::telemetry::peak_rss_mb(),
         latency: vrpo.latency.clone(),
+        accounting: vrpo.accounting.clone(),
     };
     for (stage, l) in &summary.latency {
         progress.line(&format!(

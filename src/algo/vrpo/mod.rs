@@ -278,6 +278,7 @@ pub fn training(cfg: &Config, s: &Setup, run_dir: &Path, roles: Roles) -> Result
         nan_at_step: cfg.fault.learner_nan_at_step,
         sync: cfg.runtime == crate::config::RuntimeKind::Sync,
         stop: roles.stop,
+        resume_ledger: false,
     })
 }
 

@@ -145,7 +145,10 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                 replay: replay.clone(),
                 stop: None,
             };
-            let mut vrpo = train(training(cfg, &s, run_dir, roles)?, progress).await?;
+            let mut t = training(cfg, &s, run_dir, roles)?;
+            // The replay outlives this process: a restarted learner continues its ledger.
+            t.resume_ledger = true;
+            let mut vrpo = train(t, progress).await?;
             if vrpo.stopped_early {
                 // Paused, not finished: the done mark would stop the producers, so only the step
                 // budget sets it. The producers keep going (held back by the replay's capacity

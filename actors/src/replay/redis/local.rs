@@ -8,6 +8,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::parse::{Delivery, EntryId};
+use crate::accounting::{reason, KeySet};
 use crate::replay::{Record, Sampler};
 
 /// A delivered record this consumer holds (its entry is pending in its name).
@@ -69,34 +70,69 @@ pub(super) struct Local {
     pub(super) applied: RecentKeys,
     /// Applied (or duplicate) entries still to XACK + XDEL.
     pub(super) retire: Vec<EntryId>,
-    /// Deleted-while-pending or unreadable entries still to record as dropped.
-    pub(super) drop: Vec<EntryId>,
+    /// Deleted-while-pending or unreadable entries still to record as dropped, with the reason.
+    pub(super) drop: Vec<(EntryId, &'static str)>,
     /// Re-read this consumer's pending entries before anything new: true at start and after any
     /// read whose reply may have been lost.
     pub(super) reread_own: bool,
     pub(super) last_claim: Option<Instant>,
     pub(super) rng: StdRng,
+    /// Accounting in this process.
+    pub(super) counts: Counts,
+}
+
+/// What one process of a run counts for exact accounting (see [`crate::accounting`]).
+#[derive(Debug, Default)]
+pub(super) struct Counts {
+    /// Deliveries of entries delivered before (own pending re-read, claimed).
+    pub(super) redelivered: u64,
+    /// Deliveries thrown away by the key filter.
+    pub(super) deduplicated: u64,
+    /// Producer streams' high-water marks of records handed to `insert` here, refused ones
+    /// included (the `produced` hash only knows inserted ones).
+    pub(super) handed: std::collections::BTreeMap<(u32, u64), u64>,
+    /// Keys refused because the replay had closed.
+    pub(super) refused: KeySet,
+}
+
+impl Counts {
+    /// Records of `keys` were handed to `insert` and refused: the replay had closed.
+    pub(super) fn refuse(&mut self, keys: impl IntoIterator<Item = (u32, u64)>) {
+        use crate::accounting::{stream_base, stream_of};
+        for k in keys {
+            let s = stream_of(k);
+            let e = self.handed.entry(s).or_insert(0);
+            *e = (*e).max(k.1 - stream_base(s) + 1);
+            self.refused.entry(s).or_default().insert(k.1);
+        }
+    }
 }
 
 impl Local {
     /// Take a delivered entry into the window, or queue it for retirement or as dropped.
-    /// `prior` = hand-outs already counted for it (0 for a first delivery).
-    pub(super) fn admit(&mut self, d: Delivery, prior: u32, uses: u32) {
+    /// `prior` = hand-outs already counted for it (0 for a first delivery); `again` = it may
+    /// have been delivered before (own pending entries, claimed entries).
+    pub(super) fn admit(&mut self, d: Delivery, prior: u32, uses: u32, again: bool) {
         if self.slots.contains_key(&d.id) {
             return;
         }
+        if again {
+            self.counts.redelivered += 1;
+        }
         let Some(bytes) = d.payload else {
-            self.drop.push(d.id);
+            self.drop.push((d.id, reason::DELETED));
             return;
         };
         let Ok(rec) = Record::decode(&bytes) else {
-            self.drop.push(d.id);
+            self.drop.push((d.id, reason::DECODE));
             return;
         };
         let key = rec.key();
         if self.applied.contains(&key) || self.by_key.contains_key(&key) {
             // A redelivery of a record already applied, or a second entry of a key held now:
-            // never hand it out; remove its entry.
+            // never hand it out; remove its entry (its unspent uses count as sampled, see
+            // RETIRE_LUA).
+            self.counts.deduplicated += 1;
             self.retire.push(d.id);
             return;
         }
@@ -220,6 +256,7 @@ mod tests {
             reread_own: false,
             last_claim: None,
             rng: StdRng::seed_from_u64(0),
+            counts: Counts::default(),
         };
         let id = |seq| EntryId { ms: 1, seq };
         let d = |seq: u64, r: Record| Delivery {
@@ -227,11 +264,11 @@ mod tests {
             payload: Some(r.encode()),
         };
         l.applied.insert((0, 1));
-        l.admit(d(1, rec(0, 1)), 0, 2); // already applied
-        l.admit(d(2, rec(0, 2)), 0, 2); // new: held with 2 counted uses
-        l.admit(d(3, rec(0, 2)), 0, 2); // same key as entry 2
-        l.admit(d(2, rec(0, 2)), 0, 2); // entry 2 again (own pending re-read): ignored
-        l.admit(d(4, rec(0, 4)), 2, 2); // claimed with both uses spent: one uncounted use
+        l.admit(d(1, rec(0, 1)), 0, 2, true); // already applied
+        l.admit(d(2, rec(0, 2)), 0, 2, false); // new: held with 2 counted uses
+        l.admit(d(3, rec(0, 2)), 0, 2, false); // same key as entry 2
+        l.admit(d(2, rec(0, 2)), 0, 2, true); // entry 2 again (own pending re-read): ignored
+        l.admit(d(4, rec(0, 4)), 2, 2, true); // claimed with both uses spent: one uncounted use
         l.admit(
             Delivery {
                 id: id(5),
@@ -239,6 +276,7 @@ mod tests {
             },
             0,
             2,
+            true,
         ); // deleted while pending
         l.admit(
             Delivery {
@@ -247,9 +285,16 @@ mod tests {
             },
             0,
             2,
+            false,
         ); // corrupt
         assert_eq!(l.retire, vec![id(1), id(3)]);
-        assert_eq!(l.drop, vec![id(5), id(6)]);
+        assert_eq!(
+            l.drop,
+            vec![(id(5), reason::DELETED), (id(6), reason::DECODE)]
+        );
+        // Redelivered: entries 1, 4 and 5 (entry 2's re-read is one it holds); deduplicated:
+        // entries 1 and 3.
+        assert_eq!((l.counts.redelivered, l.counts.deduplicated), (3, 2));
         assert_eq!(l.slots.len(), 2);
         assert_eq!((l.slots[&id(2)].counted, l.slots[&id(2)].extra), (2, 0));
         assert_eq!((l.slots[&id(4)].counted, l.slots[&id(4)].extra), (0, 1));

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::accounting::Census;
 use crate::replay::limiter::{LuaBounds, RateLimiter};
 use crate::replay::{Record, ReplayBackend, ReplayBuffer, ReplayConfig, ReplayStats};
 use crate::{ActorError, Result};
@@ -30,6 +31,7 @@ macro_rules! step {
     };
 }
 
+mod census;
 mod conn;
 mod flags;
 mod local;
@@ -82,8 +84,9 @@ impl Default for RedisOptions {
 /// **Keys.** Everything of a run lives under `tilt:{RUN}:` (the braces make it one Redis Cluster
 /// hash slot, so scripts may touch all of it): `replay` (the stream; one field `r` = the record's
 /// [`Record::encode`] bytes), `inserts` / `samples` (limiter counters), `evicted` (entries
-/// retired), `dropped` (a set of lost entry ids), `uses` (hand-outs per pending entry), `last`
-/// (each producer's last inserted seq) and short-lived `nonce:*` keys. Learners read through the
+/// retired), `dropped` (a set of lost entry ids) and `dropped_by` (their count by reason), `uses`
+/// (hand-outs per pending entry), `last` (each producer's last inserted seq), `produced` (each
+/// producer stream's high-water mark, for exact accounting) and short-lived `nonce:*` keys. Learners read through the
 /// group `learners`, created at id 0 with MKSTREAM (so records inserted before any learner
 /// connected are delivered), and recreated the same way if Redis loses it.
 ///
@@ -162,6 +165,10 @@ struct Keys {
     dropped: String,
     uses: String,
     last: String,
+    /// Accounting: each producer stream's high-water mark (`<producer>:<generation>` -> count).
+    produced: String,
+    /// Accounting: dropped entries by reason.
+    dropped_by: String,
     /// Prefix of this consumer's nonce keys (unique per connection).
     nonce: String,
     /// SCAN pattern matching every key of the run.
@@ -179,6 +186,8 @@ impl Keys {
             dropped: format!("{p}dropped"),
             uses: format!("{p}uses"),
             last: format!("{p}last"),
+            produced: format!("{p}produced"),
+            dropped_by: format!("{p}dropped_by"),
             nonce: format!("{p}nonce:{consumer}:{salt:016x}:"),
             pattern: format!("{p}*"),
         }
@@ -344,6 +353,7 @@ impl RedisReplay {
             retire: Vec::new(),
             drop: Vec::new(),
             reread_own: true,
+            counts: Default::default(),
             last_claim: None,
             rng: StdRng::seed_from_u64(cfg.seed ^ fnv1a(consumer)),
         };
@@ -463,7 +473,20 @@ impl ReplayBuffer for RedisReplay {
     }
 
     fn stats(&self) -> ReplayStats {
-        self.inner.cached()
+        let mut s = self.inner.cached();
+        if let Ok(l) = self.inner.local() {
+            s.redelivered = l.counts.redelivered;
+            s.deduplicated = l.counts.deduplicated;
+        }
+        s
+    }
+
+    fn uses_per_record(&self) -> Option<u32> {
+        Some(self.inner.uses)
+    }
+
+    async fn census(&self) -> Result<Census> {
+        self.inner.census().await
     }
 
     fn close(&self) {

@@ -53,6 +53,7 @@ impl Inner {
                 evicted: ev.unwrap_or(0),
                 depth,
                 dropped,
+                ..ReplayStats::default()
             }
         });
         Ok(())
@@ -86,7 +87,7 @@ impl Inner {
     pub(super) async fn flush_lists(
         &self,
         retire: &[EntryId],
-        drop: &[EntryId],
+        drop: &[(EntryId, &'static str)],
         wait: Wait,
     ) -> Result<Option<()>> {
         for chunk in retire.chunks(SCRIPT_BATCH) {
@@ -98,7 +99,9 @@ impl Inner {
                     inv.key(&self.keys.stream)
                         .key(&self.keys.uses)
                         .key(&self.keys.evicted)
+                        .key(&self.keys.samples)
                         .arg(GROUP)
+                        .arg(self.uses)
                         .arg(&ids);
                     async move { inv.invoke_async(&mut c).await }
                 })
@@ -106,22 +109,32 @@ impl Inner {
             );
             self.update_cache(|s| s.depth = depth);
         }
-        for chunk in drop.chunks(SCRIPT_BATCH) {
-            let ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
-            let dropped: u64 = step!(
-                self.call("drop", wait, || {
-                    let mut c = self.cmd.clone();
-                    let mut inv = self.scripts.drop.prepare_invoke();
-                    inv.key(&self.keys.stream)
-                        .key(&self.keys.dropped)
-                        .key(&self.keys.uses)
-                        .arg(GROUP)
-                        .arg(&ids);
-                    async move { inv.invoke_async(&mut c).await }
-                })
-                .await
-            );
-            self.update_cache(|s| s.dropped = dropped);
+        let mut reasons: Vec<&'static str> = drop.iter().map(|d| d.1).collect();
+        reasons.sort_unstable();
+        reasons.dedup();
+        for why in reasons {
+            let of_reason: Vec<EntryId> = drop.iter().filter(|d| d.1 == why).map(|d| d.0).collect();
+            for chunk in of_reason.chunks(SCRIPT_BATCH) {
+                let ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
+                let dropped: u64 = step!(
+                    self.call("drop", wait, || {
+                        let mut c = self.cmd.clone();
+                        let mut inv = self.scripts.drop.prepare_invoke();
+                        inv.key(&self.keys.stream)
+                            .key(&self.keys.dropped)
+                            .key(&self.keys.uses)
+                            .key(&self.keys.samples)
+                            .key(&self.keys.dropped_by)
+                            .arg(GROUP)
+                            .arg(self.uses)
+                            .arg(why)
+                            .arg(&ids);
+                        async move { inv.invoke_async(&mut c).await }
+                    })
+                    .await
+                );
+                self.update_cache(|s| s.dropped = dropped);
+            }
         }
         Ok(Some(()))
     }
@@ -272,9 +285,17 @@ impl Inner {
             on_close: OnClose::Fail,
         };
         let mut poll = POLL_MIN;
+        let refused = |e: ActorError| {
+            if matches!(e, ActorError::Closed) {
+                if let Ok(mut l) = self.local() {
+                    l.counts.refuse([rec.key()]);
+                }
+            }
+            e
+        };
         loop {
             if self.is_closed() {
-                return Err(ActorError::Closed);
+                return Err(refused(ActorError::Closed));
             }
             let (status, depth): (String, u64) = step_none(
                 self.call("insert", wait, || {
@@ -284,6 +305,7 @@ impl Inner {
                         .key(&self.keys.inserts)
                         .key(&self.keys.samples)
                         .key(&self.keys.last)
+                        .key(&self.keys.produced)
                         .arg(bytes.as_slice())
                         .arg(&producer)
                         .arg(&seq)
@@ -293,12 +315,13 @@ impl Inner {
                     async move { inv.invoke_async(&mut c).await }
                 })
                 .await,
-            )?;
+            )
+            .map_err(refused)?;
             self.update_cache(|s| s.depth = depth);
             match status.as_str() {
                 "ok" | "dup" => return Ok(()),
                 "full" | "limit" => {
-                    self.pause(poll, wait).await?;
+                    self.pause(poll, wait).await.map_err(refused)?;
                     poll = (poll * 2).min(POLL_MAX);
                 }
                 other => {
@@ -315,6 +338,19 @@ impl Inner {
     /// and the limiter allow (one call, one round trip, when nothing waits); the rest wait as a
     /// single insert would, then continue.
     pub(super) async fn insert_many(&self, recs: &[Record]) -> Result<()> {
+        let mut next = 0;
+        let r = self.insert_many_from(recs, &mut next).await;
+        if matches!(r, Err(ActorError::Closed)) {
+            // Accounting: the records from `next` on were handed over and never inserted.
+            self.local()?
+                .counts
+                .refuse(recs[next.min(recs.len())..].iter().map(Record::key));
+        }
+        r
+    }
+
+    /// [`Inner::insert_many`]'s work; `next` = how many records went in so far.
+    async fn insert_many_from(&self, recs: &[Record], next: &mut usize) -> Result<()> {
         let enc: Vec<(String, String, Vec<u8>)> = recs
             .iter()
             .map(|r| (r.producer.to_string(), r.seq.to_string(), r.encode()))
@@ -323,20 +359,19 @@ impl Inner {
             deadline: None,
             on_close: OnClose::Fail,
         };
-        let mut next = 0;
         // How many records the next call sends: all at first, then what the last reply said
         // there was room for (at least one, so a waiting batch polls like a single insert).
         let mut send = enc.len();
         let mut poll = POLL_MIN;
-        while next < enc.len() {
+        while *next < enc.len() {
             if self.is_closed() {
                 return Err(ActorError::Closed);
             }
-            let mut end = next;
+            let mut end = *next;
             let mut bytes = 0;
             while end < enc.len()
-                && end - next < send.clamp(1, SCRIPT_BATCH)
-                && (end == next || bytes + enc[end].2.len() <= INSERT_MANY_BYTES)
+                && end - *next < send.clamp(1, SCRIPT_BATCH)
+                && (end == *next || bytes + enc[end].2.len() <= INSERT_MANY_BYTES)
             {
                 bytes += enc[end].2.len();
                 end += 1;
@@ -346,7 +381,7 @@ impl Inner {
                 self.keys.nonce,
                 self.nonce_counter.fetch_add(1, Ordering::Relaxed)
             );
-            let left = enc.len() - next;
+            let left = enc.len() - *next;
             let (status, depth, taken, room): (String, u64, usize, usize) = step_none(
                 self.call("insert", wait, || {
                     let mut c = self.cmd.clone();
@@ -356,12 +391,13 @@ impl Inner {
                         .key(&self.keys.samples)
                         .key(&self.keys.last)
                         .key(&nonce)
+                        .key(&self.keys.produced)
                         .arg(self.cfg.capacity)
                         .arg(&self.bounds.spi)
                         .arg(&self.bounds.max_diff)
                         .arg(NONCE_TTL_MS)
                         .arg(left);
-                    for (producer, seq, payload) in &enc[next..end] {
+                    for (producer, seq, payload) in &enc[*next..end] {
                         inv.arg(producer).arg(seq).arg(payload.as_slice());
                     }
                     async move { inv.invoke_async(&mut c).await }
@@ -369,17 +405,17 @@ impl Inner {
                 .await,
             )?;
             self.update_cache(|s| s.depth = depth);
-            if !matches!(status.as_str(), "ok" | "full" | "limit" | "replay") || taken > end - next
+            if !matches!(status.as_str(), "ok" | "full" | "limit" | "replay") || taken > end - *next
             {
                 return Err(ActorError::Replay(format!(
                     "redis at {}: insert script answered {status:?} ({taken} taken of {})",
                     self.addr,
-                    end - next
+                    end - *next
                 )));
             }
-            next += taken;
+            *next += taken;
             send = room;
-            if next < enc.len() && (room == 0 || matches!(status.as_str(), "full" | "limit")) {
+            if *next < enc.len() && (room == 0 || matches!(status.as_str(), "full" | "limit")) {
                 self.pause(poll, wait).await?;
                 poll = (poll * 2).min(POLL_MAX);
             } else if taken > 0 {

@@ -93,7 +93,7 @@ fn parse_entry(v: Value) -> std::result::Result<Option<Delivery>, String> {
     Ok(Some(Delivery { id, payload }))
 }
 
-fn parse_entries(v: Value) -> std::result::Result<Vec<Delivery>, String> {
+pub(super) fn parse_entries(v: Value) -> std::result::Result<Vec<Delivery>, String> {
     let mut out = Vec::new();
     for e in items(v)? {
         if let Some(d) = parse_entry(e)? {

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use super::conn::{OnClose, Wait};
 use super::parse::{parse_autoclaim, parse_read, Delivery, EntryId};
 use super::{Inner, GROUP};
+use crate::accounting::reason;
 use crate::replay::Sampler;
 use crate::{ActorError, Result};
 
@@ -83,7 +84,7 @@ impl Inner {
         let prior = step!(self.prior_uses(&ids, wait).await);
         let mut local = self.local()?;
         for (d, p) in ds.into_iter().zip(prior) {
-            local.admit(d, p, self.uses);
+            local.admit(d, p, self.uses, true);
         }
         Ok(Some(()))
     }
@@ -91,7 +92,7 @@ impl Inner {
     pub(super) fn admit_new(&self, ds: Vec<Delivery>) -> Result<()> {
         let mut local = self.local()?;
         for d in ds {
-            local.admit(d, 0, self.uses);
+            local.admit(d, 0, self.uses, false);
         }
         Ok(())
     }
@@ -140,7 +141,9 @@ impl Inner {
                 let (next, entries, deleted) = parse_autoclaim(v).map_err(|e| {
                     ActorError::Replay(format!("redis at {}: XAUTOCLAIM reply: {e}", self.addr))
                 })?;
-                self.local()?.drop.extend(deleted);
+                self.local()?
+                    .drop
+                    .extend(deleted.into_iter().map(|id| (id, reason::DELETED)));
                 step!(self.admit_redelivered(entries, wait).await);
                 if next == EntryId::ZERO || self.local()?.slots.len() >= self.cfg.capacity {
                     break;

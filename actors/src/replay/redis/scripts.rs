@@ -5,10 +5,27 @@ use redis::Script;
 
 use crate::replay::limiter;
 
+/// Accounting (prepended to the insert scripts): raise producer stream `producer`:`generation`'s
+/// high-water mark in the hash `key` to `seq`'s count above the stream's base
+/// (`seq - generation * 2^40 + 1`), in the same script as the XADD, so it is exact even when a
+/// producer dies right after inserting, and written again by the next insert after Redis comes
+/// back empty. Sequence numbers stay below 2^53, so Lua's doubles hold them exactly.
+const MARK_LUA: &str = r"
+local function mark_produced(key, producer, seq)
+  local s = tonumber(seq)
+  local gen = math.floor(s / 1099511627776)
+  local field = producer .. ':' .. string.format('%d', gen)
+  local n = s - gen * 1099511627776 + 1
+  local cur = tonumber(redis.call('HGET', key, field) or '0')
+  if n > cur then redis.call('HSET', key, field, string.format('%d', n)) end
+end
+";
+
 /// Insert one record unless the stream is full, the ratio limiter forbids it, or it repeats the
 /// producer's last inserted key (a retry of an insert whose reply was lost). Runs after
-/// [`limiter::LUA`]. KEYS: stream, inserts, samples, last-seq hash. ARGV: payload, producer, seq,
-/// capacity, then [`limiter::LuaBounds`]' spi and max_diff. Returns {status, stream length}.
+/// [`limiter::LUA`] and [`MARK_LUA`]. KEYS: stream, inserts, samples, last-seq hash, produced
+/// hash. ARGV: payload, producer, seq, capacity, then [`limiter::LuaBounds`]' spi and max_diff.
+/// Returns {status, stream length}.
 const INSERT_LUA: &str = r"
 if redis.call('HGET', KEYS[4], ARGV[2]) == ARGV[3] then
   return {'dup', redis.call('XLEN', KEYS[1])}
@@ -24,6 +41,7 @@ end
 redis.call('XADD', KEYS[1], '*', 'r', ARGV[1])
 redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
+mark_produced(KEYS[5], ARGV[2], ARGV[3])
 return {'ok', len + 1}
 ";
 
@@ -32,7 +50,8 @@ return {'ok', len + 1}
 /// limiter refuses. The limiter is asked once for the whole batch (`insert_room`, the shared
 /// formula for k records at once). Runs after [`limiter::LUA`]. A nonce key makes a retry after
 /// a lost reply a no-op that answers how many records the first run took.
-/// KEYS: stream, inserts, samples, last-seq hash, nonce. ARGV: capacity, [`limiter::LuaBounds`]'
+/// Also runs after [`MARK_LUA`].
+/// KEYS: stream, inserts, samples, last-seq hash, nonce, produced hash. ARGV: capacity, [`limiter::LuaBounds`]'
 /// spi and max_diff, nonce ttl (ms), records the caller still has (sent or not), then one
 /// (producer, seq, payload) triple per record sent.
 /// Returns {status, stream length, records taken (inserted or skipped), room for more now}:
@@ -57,6 +76,7 @@ for i = 6, #ARGV, 3 do
     if added >= allowed then status = 'limit' break end
     redis.call('XADD', KEYS[1], '*', 'r', ARGV[i + 2])
     redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
+    mark_produced(KEYS[6], ARGV[i], ARGV[i + 1])
     len = len + 1
     added = added + 1
   end
@@ -89,29 +109,50 @@ redis.call('SET', KEYS[4], '1', 'PX', ARGV[5])
 return {1, ins, smp + m}
 ";
 
-/// Retire applied entries: XACK + XDEL together, so an entry is never left acknowledged but
-/// present, nor deleted but pending. KEYS: stream, uses hash, evicted. ARGV: group, ids.
+/// Retire applied (or duplicate) entries: XACK + XDEL together, so an entry is never left
+/// acknowledged but present, nor deleted but pending. An entry deleted now that got fewer than
+/// `U` counted hand-outs (a duplicate thrown away by the key filter gets none) has the rest
+/// counted as sampled: the limiter's budget `inserts * U - samples` is the uses left in the
+/// stream, and uses that will never be handed out must leave it, or enough duplicates stall
+/// inserts (waiting for samples) and samples (nothing left to sample) for good.
+/// KEYS: stream, uses hash, evicted, samples. ARGV: group, U, ids.
 /// Returns {entries deleted now, stream length}.
 const RETIRE_LUA: &str = r"
-local n = 0
-for i = 2, #ARGV do
+local n, unused, uses = 0, 0, tonumber(ARGV[2])
+for i = 3, #ARGV do
+  local spent = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-  n = n + redis.call('XDEL', KEYS[1], ARGV[i])
+  local d = redis.call('XDEL', KEYS[1], ARGV[i])
   redis.call('HDEL', KEYS[2], ARGV[i])
+  if d == 1 then
+    n = n + 1
+    if spent < uses then unused = unused + uses - spent end
+  end
 end
 if n > 0 then redis.call('INCRBY', KEYS[3], n) end
+if unused > 0 then redis.call('INCRBY', KEYS[4], unused) end
 return {n, redis.call('XLEN', KEYS[1])}
 ";
 
-/// Record entries as dropped (deleted while pending, or unreadable) and clear them out.
-/// KEYS: stream, dropped set, uses hash. ARGV: group, ids. Returns the number dropped so far.
+/// Record entries as dropped (deleted while pending, or unreadable) for one reason and clear them
+/// out. The first time an entry is recorded, its reason is counted and its unspent counted uses
+/// are counted as sampled (as in [`RETIRE_LUA`]: they will never be handed out).
+/// KEYS: stream, dropped set, uses hash, samples, dropped-by-reason hash. ARGV: group, U,
+/// reason, ids. Returns the number dropped so far.
 const DROP_LUA: &str = r"
-for i = 2, #ARGV do
+local n, unused, uses = 0, 0, tonumber(ARGV[2])
+for i = 4, #ARGV do
+  local spent = tonumber(redis.call('HGET', KEYS[3], ARGV[i]) or '0')
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
   redis.call('XDEL', KEYS[1], ARGV[i])
   redis.call('HDEL', KEYS[3], ARGV[i])
-  redis.call('SADD', KEYS[2], ARGV[i])
+  if redis.call('SADD', KEYS[2], ARGV[i]) == 1 then
+    n = n + 1
+    if spent < uses then unused = unused + uses - spent end
+  end
 end
+if unused > 0 then redis.call('INCRBY', KEYS[4], unused) end
+if n > 0 then redis.call('HINCRBY', KEYS[5], ARGV[3], n) end
 return redis.call('SCARD', KEYS[2])
 ";
 
@@ -143,8 +184,8 @@ impl Scripts {
     pub(super) fn new() -> Self {
         Self {
             // The limiter's decisions come from its one definition, transcribed in limiter::LUA.
-            insert: Script::new(&format!("{}{INSERT_LUA}", limiter::LUA)),
-            insert_many: Script::new(&format!("{}{INSERT_MANY_LUA}", limiter::LUA)),
+            insert: Script::new(&format!("{}{MARK_LUA}{INSERT_LUA}", limiter::LUA)),
+            insert_many: Script::new(&format!("{}{MARK_LUA}{INSERT_MANY_LUA}", limiter::LUA)),
             reserve: Script::new(&format!("{}{RESERVE_LUA}", limiter::LUA)),
             retire: Script::new(RETIRE_LUA),
             drop: Script::new(DROP_LUA),

@@ -3,6 +3,7 @@
 //! `actors/tests/replay_conformance.rs`.
 
 use super::*;
+use crate::accounting::{settle, Ledger};
 use crate::replay::testutil::redis_server::Persistence;
 use crate::replay::testutil::{
     fails_naming_the_address_not_the_password, rec, run_id, spawn_producer, wait_until,
@@ -389,6 +390,7 @@ async fn insert_many_script_is_safe_to_retry_and_stops_at_capacity() -> TestResu
             .key(&inner.keys.samples)
             .key(&inner.keys.last)
             .key(format!("{}{nonce}", inner.keys.nonce))
+            .key(&inner.keys.produced)
             .arg(inner.cfg.capacity)
             .arg(&inner.bounds.spi)
             .arg(&inner.bounds.max_diff)
@@ -411,5 +413,151 @@ async fn insert_many_script_is_safe_to_retry_and_stops_at_capacity() -> TestResu
     assert_eq!(call("b", &more, 4).await?, ("full".to_owned(), 5, 3, 0));
     assert_eq!(inserted(&rb).await, 5);
     rb.purge().await?;
+    Ok(())
+}
+
+/// A learner with a ledger (as the learner actor does it): sample, refuse keys beyond their uses,
+/// apply (commit), ack; until `total` distinct keys are applied.
+async fn learn_with_ledger(
+    rb: &RedisReplay,
+    ledger: &mut Ledger,
+    total: u64,
+    batch: usize,
+) -> Result<()> {
+    let end = Instant::now() + LONG;
+    while Instant::now() < end {
+        if ledger.applied_count() >= total {
+            return Ok(());
+        }
+        let Some(recs) = rb.sample(batch, Duration::from_millis(100)).await? else {
+            continue;
+        };
+        let (keep, dups) = ledger.admit(recs);
+        let keys: Vec<(u32, u64)> = keep.iter().map(Record::key).collect();
+        ledger.commit(&keys);
+        rb.ack(&keys).await?;
+        rb.ack(&dups).await?;
+    }
+    Err(ActorError::Replay("learner ran out of time".to_owned()))
+}
+
+#[tokio::test]
+async fn redelivered_and_duplicate_records_are_counted_and_applied_once() -> TestResult {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    // U = 1 (spi 1), error_buffer 4: inserts may run at most 5 records ahead of samples.
+    // Consumer A takes the first 4 records and dies before acking (redelivery: B claims them
+    // with XAUTOCLAIM after 300 ms idle). The producer inserts seqs 4..40 and, after every third,
+    // the record before it again: a second entry of one key (12 of them), which the key filter
+    // throws away. Before the fix a thrown-away entry was inserted but never sampled, so after 5
+    // of them the limiter stopped inserts (waiting for samples) and samples (nothing left) for
+    // good; now its unspent use counts as sampled.
+    let run = run_id("acct");
+    let opts = RedisOptions {
+        claim_idle: Duration::from_millis(300),
+        ..RedisOptions::default()
+    };
+    let c = cfg(64, 1, 1.0, 4.0, Sampler::Fifo);
+    let prod = Arc::new(RedisReplay::connect_with(&url, &run, "p", c.clone(), opts.clone()).await?);
+    for s in 0..4 {
+        prod.insert(rec(0, s)).await?;
+    }
+    let a = RedisReplay::connect_with(&url, &run, "a", c.clone(), opts.clone()).await?;
+    let taken = timeout(LONG, a.sample(4, LONG)).await??.unwrap_or_default();
+    assert_eq!(taken.len(), 4);
+    drop(a);
+    let p = prod.clone();
+    let producer = tokio::spawn(async move {
+        let mut dups = 0u64;
+        for s in 4..40 {
+            p.insert(rec(0, s)).await?;
+            if s % 3 == 0 {
+                p.insert(rec(0, s - 1)).await?;
+                dups += 1;
+            }
+        }
+        Ok::<u64, ActorError>(dups)
+    });
+    let b = RedisReplay::connect_with(&url, &run, "b", c, opts).await?;
+    let mut ledger = Ledger::new(b.uses_per_record());
+    timeout(LONG, learn_with_ledger(&b, &mut ledger, 40, 4)).await??;
+    let dups = timeout(LONG, producer).await???;
+    assert_eq!(dups, 12);
+    // Let B see (and throw away) every entry left: the stream ends empty.
+    assert!(
+        wait_until(LONG, || async {
+            let _ = b.sample(1, Duration::from_millis(20)).await;
+            b.fetch_stats().await.is_ok_and(|s| s.depth == 0)
+        })
+        .await
+    );
+    // Nothing applied twice: 40 keys, 40 uses, no delivery refused by the ledger.
+    assert_eq!(
+        (
+            ledger.applied_count(),
+            ledger.applications,
+            ledger.deduplicated
+        ),
+        (40, 40, 0)
+    );
+    let st = b.fetch_stats().await?;
+    // 52 entries inserted and, with the duplicates' unspent uses, 52 counted as sampled.
+    assert_eq!((st.inserted, st.sampled, st.dropped), (52, 52, 0));
+    let acct = settle(&ledger, &b.census().await?);
+    assert_eq!(
+        (
+            acct.produced,
+            acct.inserted,
+            acct.applied,
+            acct.applications
+        ),
+        (40, 40, 40, 40)
+    );
+    assert_eq!(
+        (
+            acct.redelivered,
+            acct.deduplicated,
+            acct.lost,
+            acct.in_flight
+        ),
+        (4, 12, 0, 0)
+    );
+    assert!(acct.dropped.is_empty() && acct.balances(), "{acct:?}");
+    prod.purge().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn records_of_a_redis_that_comes_back_empty_are_counted_lost() -> TestResult {
+    // Producer 2 inserts seqs 0..20; the learner applies 10 (FIFO, U = 1: its window holds only
+    // what it hands out); Redis restarts without persistence, losing seqs 10..20; the producer
+    // inserts 20..30, which the learner applies. The sequence gaps say 10 lost, and every produced
+    // record is applied or lost.
+    let mut redis = RedisServer::start_with(Persistence::None);
+    let url = redis.url();
+    let run = run_id("lost");
+    let c = cfg(64, 1, 1.0, 64.0, Sampler::Fifo);
+    let prod = RedisReplay::connect(&url, &run, "p", c.clone()).await?;
+    let learner = RedisReplay::connect(&url, &run, "l", c).await?;
+    for s in 0..20 {
+        prod.insert(rec(2, s)).await?;
+    }
+    let mut ledger = Ledger::new(learner.uses_per_record());
+    timeout(LONG, learn_with_ledger(&learner, &mut ledger, 10, 5)).await??;
+    redis.restart();
+    for s in 20..30 {
+        timeout(LONG, prod.insert(rec(2, s))).await??;
+    }
+    timeout(LONG, learn_with_ledger(&learner, &mut ledger, 20, 5)).await??;
+    let acct = settle(&ledger, &learner.census().await?);
+    assert_eq!(
+        (acct.produced, acct.applied, acct.lost, acct.in_flight),
+        (30, 20, 10, 0),
+        "{acct:?}"
+    );
+    assert!(acct.balances(), "{acct:?}");
+    for s in 10..20 {
+        assert!(!ledger.is_applied((2, s)));
+    }
     Ok(())
 }
