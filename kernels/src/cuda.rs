@@ -87,8 +87,14 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
 #[cfg(feature = "cuda")]
 pub fn cuda_device_count() -> Result<usize> {
     use candle_core::cuda_backend::cudarc::driver::result;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUresult;
     let unavailable = |e: result::DriverError| {
-        KernelError::CudaUnavailable(format!("the CUDA driver failed to start: {e:?}"))
+        let hint = if e.0 == CUresult::CUDA_ERROR_STUB_LIBRARY {
+            " (libcuda.so.1 is the link stub of scripts/cuda-toolchain.sh, not a driver)"
+        } else {
+            ""
+        };
+        KernelError::CudaUnavailable(format!("the CUDA driver failed to start: {:?}{hint}", e.0))
     };
     result::init().map_err(unavailable)?;
     let n = result::device::get_count().map_err(unavailable)?;

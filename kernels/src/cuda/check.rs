@@ -8,8 +8,9 @@ use candle_core::{Device, Tensor, Var};
 use serde::Serialize;
 
 use super::log_ratio::segment_log_ratio_plain;
+use super::value::value_lse_plain;
 use super::{segment_log_ratio, value_lse};
-use crate::critic::{value_from_cdf, CdfGrid};
+use crate::critic::CdfGrid;
 use crate::rng::{randn, rng_for};
 use crate::Result;
 
@@ -25,8 +26,9 @@ pub struct Comparison {
     pub case: String,
     /// `value`, `gradient` or `repeat` (a second run on the device, which must agree bitwise).
     pub quantity: &'static str,
-    /// `cpu-reference` (the op's CPU implementation, f64 sums) or `candle` (the plain candle
-    /// computation the op replaces, on the same device).
+    /// `cpu-reference` (the op's CPU implementation, f64 sums), `candle` (the plain candle
+    /// computation the op replaces, on the same device), `candle-on-cpu` (the caller of the op,
+    /// run on the CPU where it takes the plain candle path) or `itself`.
     pub against: &'static str,
     pub max_rel_err: f64,
     pub tolerance: f64,
@@ -177,10 +179,77 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Comparison>> {
             &f,
             &w,
             |x| value_lse(x, &grid, lambda, eps),
-            |x| value_from_cdf(x, &grid, lambda, eps),
+            |x| value_lse_plain(x, &grid, lambda, eps),
         )?;
     }
+    if !dev.is_cpu() {
+        wiring(dev, &mut out)?;
+    }
     Ok(out)
+}
+
+/// eps(x, n) = tanh(a x) + n / 1000 with a learnable a [1, D]: a small residual for the wiring.
+struct Probe(Var);
+
+impl crate::denoiser::Denoiser for Probe {
+    fn eps(&self, x: &Tensor, n: &Tensor, _cond: Option<&Tensor>) -> Result<Tensor> {
+        let t = (n.unsqueeze(1)? / 1000.0)?;
+        Ok(x.broadcast_mul(&self.0)?.tanh()?.broadcast_add(&t)?)
+    }
+}
+
+/// The callers on `dev` (which route CUDA tensors to the fused ops) against the same callers on
+/// the CPU (plain candle): `path_log_ratio_residual_rows` (values and the gradient in the
+/// residual's parameter) and `value_from_cdf` (values).
+fn wiring(dev: &Device, out: &mut Vec<Comparison>) -> Result<()> {
+    use crate::logprob::path_log_ratio_residual_rows;
+    use crate::schedule::{SamplingGrid, VpSchedule};
+    let cpu = Device::Cpu;
+    let (b, len, d, k) = (300, 10, 2, 100);
+    let grid = SamplingGrid::new(&VpSchedule::ddpm_default(), k, 1.0)?;
+    let mut rng = rng_for(11, 2, 0);
+    let states: Vec<Tensor> = (0..=len)
+        .map(|_| randn(&mut rng, (b, d), &cpu))
+        .collect::<Result<_>>()?;
+    let noises: Vec<Tensor> = (0..len)
+        .map(|_| randn(&mut rng, (b, d), &cpu))
+        .collect::<Result<_>>()?;
+    let ks: Vec<usize> = (0..b).map(|i| len + (i * 37) % (k - len + 1)).collect();
+    let a = randn(&mut rng, (1, d), &cpu)?;
+    let w = randn(&mut rng, b, &cpu)?;
+    let run = |on: &Device| -> Result<(Tensor, Tensor)> {
+        let probe = Probe(Var::from_tensor(&a.to_device(on)?)?);
+        let to = |v: &[Tensor]| -> Result<Vec<Tensor>> {
+            v.iter().map(|t| Ok(t.to_device(on)?)).collect()
+        };
+        let r =
+            path_log_ratio_residual_rows(&probe, &grid, &to(&states)?, &to(&noises)?, &ks, None)?;
+        let grads = (&r * w.to_device(on)?)?.sum_all()?.backward()?;
+        let g = grads.get(probe.0.as_tensor()).cloned().ok_or_else(|| {
+            crate::KernelError::shape("compare_on", "no gradient reached the residual")
+        })?;
+        Ok((r, g))
+    };
+    let ((rd, gd), (rc, gc)) = (run(dev)?, run(&cpu)?);
+    let case = format!("rows {b}, steps {len}, dims {d}, residual tanh(a x) + n/1000");
+    let mut r = Recorder {
+        op: "path_log_ratio_residual_rows",
+        case: &case,
+        out,
+    };
+    r.push("value", "candle-on-cpu", max_rel(&rd, &rc)?, TOLERANCE);
+    r.push("gradient", "candle-on-cpu", max_rel(&gd, &gc)?, TOLERANCE);
+    let grid = CdfGrid::new((0..50).map(|k| k as f64 / 50.0).collect())?;
+    let f = candle_nn::ops::sigmoid(&randn(&mut rng, (b, 50), &cpu)?.cumsum(1)?)?;
+    let vd = crate::critic::value_from_cdf(&f.to_device(dev)?, &grid, 2.0, 1e-6)?;
+    let vc = crate::critic::value_from_cdf(&f, &grid, 2.0, 1e-6)?;
+    let mut r = Recorder {
+        op: "value_from_cdf",
+        case: "rows 300, bins 50, lambda 2",
+        out,
+    };
+    r.push("value", "candle-on-cpu", max_rel(&vd, &vc)?, TOLERANCE);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -199,6 +268,12 @@ mod tests {
         // 6 cases x (value, gradient, repeat) against candle on the CPU.
         assert_eq!(r.len(), 18);
         assert_all_pass(&r);
+        // The callers' comparison runs only on a GPU (on the CPU both sides take the same path);
+        // here it at least runs through on shapes it will see there.
+        let mut w = Vec::new();
+        wiring(&Device::Cpu, &mut w).unwrap();
+        assert_eq!(w.len(), 3);
+        assert_all_pass(&w);
     }
 
     #[test]
@@ -212,8 +287,9 @@ mod tests {
             }
         };
         let r = compare_on(&dev).unwrap();
-        // 6 cases x (value and gradient against candle and the CPU reference, repeat).
-        assert_eq!(r.len(), 30);
+        // 6 cases x (value and gradient against candle and the CPU reference, repeat), and the
+        // two callers (3 comparisons).
+        assert_eq!(r.len(), 33);
         assert_all_pass(&r);
     }
 }

@@ -45,6 +45,27 @@ pub fn value_lse(f: &Tensor, grid: &CdfGrid, lambda: f64, eps: f64) -> Result<Te
     Ok(f.apply_op2(&lc, ValueLse { eps: eps as f32 })?)
 }
 
+/// `critic::value_from_cdf`'s plain candle computation, op for op (that function sends CUDA
+/// tensors to [`value_lse`], so `compare_on` needs this copy as the candle oracle on a GPU; a test
+/// checks the two agree bitwise on the CPU).
+pub(crate) fn value_lse_plain(f: &Tensor, grid: &CdfGrid, lambda: f64, eps: f64) -> Result<Tensor> {
+    let m = grid.len();
+    let d = if m == 1 {
+        f.clone()
+    } else {
+        let rest = (f.narrow(1, 1, m - 1)? - f.narrow(1, 0, m - 1)?)?;
+        Tensor::cat(&[&f.narrow(1, 0, 1)?, &rest], 1)?
+    };
+    let w = d.relu()?.affine(1.0, eps)?;
+    let log_z = w.sum_keepdim(1)?.log()?;
+    let lc: Vec<f64> = grid.c.iter().map(|c| lambda * c).collect();
+    let lc = Tensor::from_vec(lc, (1, m), f.device())?.to_dtype(f.dtype())?;
+    let a = w.log()?.broadcast_add(&lc)?;
+    let a_max = a.max_keepdim(1)?;
+    let lse = (a.broadcast_sub(&a_max)?.exp()?.sum_keepdim(1)?.log()? + a_max)?;
+    Ok((lse - log_z)?.squeeze(1)?)
+}
+
 /// log-sum-exp of the row's a_m = log w_m + lc_m and its Z = sum_m w_m, in f64.
 fn row_sums(row: &[f32], lc: &[f32], eps: f32) -> (f64, f64) {
     let w = |m: usize| {
@@ -286,6 +307,17 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert!(v.iter().all(|x| (x - 1.0).abs() < 1e-6), "{v:?}");
+    }
+
+    #[test]
+    fn the_candle_oracle_is_value_from_cdf() {
+        let grid = CdfGrid::new((0..40).map(|k| k as f64 / 40.0).collect()).unwrap();
+        let f = cdf_rows(3, 20, 40);
+        for (lambda, eps) in [(3.0, 1e-6), (-70.0, 0.0)] {
+            let a = value_lse_plain(&f, &grid, lambda, eps).unwrap();
+            let b = value_from_cdf(&f, &grid, lambda, eps).unwrap();
+            assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        }
     }
 
     #[test]
