@@ -7,6 +7,7 @@ pub mod alloc;
 pub mod build;
 pub mod config;
 pub mod files;
+pub mod gpu_check;
 pub mod plots;
 pub mod progress;
 pub mod report;

@@ -60,6 +60,24 @@ enum Cmd {
     },
     /// Re-render the plots of a run and print its summary (or its progress so far).
     Report { run_dir: PathBuf },
+    /// Compare tilt's CUDA kernels with their CPU reference and measure learner steps/s, CPU vs
+    /// GPU (needs the `cuda` build and a GPU; scripts/gpu-check.sh runs it).
+    GpuCheck {
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        /// The JSON report.
+        #[arg(long, default_value = "gpu-check.json")]
+        out: PathBuf,
+        /// Learner batch sizes (pairs per step).
+        #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096")]
+        batches: Vec<usize>,
+        /// Seconds of timed steps per device and batch size.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Skip the CPU measurements.
+        #[arg(long)]
+        no_cpu: bool,
+    },
     /// Validate a config and print it fully resolved.
     CheckConfig {
         config: PathBuf,
@@ -81,6 +99,19 @@ async fn main_inner(cli: Cli) -> Result<()> {
             let cfg = Config::load(&config, &sets)?;
             let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&run_id));
             tilt::worker::run_worker(&cfg, role, &id, &run_id, &out).await?;
+        }
+        Cmd::GpuCheck {
+            device,
+            out,
+            batches,
+            seconds,
+            no_cpu,
+        } => {
+            // Tensor work off the async executor.
+            tokio::task::spawn_blocking(move || {
+                tilt::gpu_check::gpu_check(&device, &out, &batches, seconds, !no_cpu)
+            })
+            .await??
         }
         Cmd::Report { run_dir } => tilt::report::report(&run_dir)?,
         Cmd::CheckConfig { config, sets } => {

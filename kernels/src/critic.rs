@@ -657,6 +657,10 @@ pub fn value_from_cdf(f: &Tensor, grid: &CdfGrid, lambda: f64, eps: f64) -> Resu
             "must be finite",
         ));
     }
+    if f.device().is_cuda() {
+        // tilt's fused kernel (kernels/cuda/value.cu): the same function, one pass per row.
+        return crate::cuda::value_lse(f, grid, lambda, eps);
+    }
     let w = raw_masses(f, eps)?; // [B, M]
     let log_z = w.sum_keepdim(1)?.log()?; // [B, 1], normaliser of pi
     let lc: Vec<f64> = grid.c.iter().map(|c| lambda * c).collect();

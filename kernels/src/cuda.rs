@@ -1,8 +1,21 @@
-//! GPU entry points. The `cuda` feature compiles a probe for a CUDA driver; without it every call
-//! returns `KernelError::NotCompiledWithCuda`, so callers need no `cfg` of their own.
+//! GPU entry points: device names from config, the CUDA device behind them, and tilt's own fused
+//! ops with a CUDA kernel each (`cuda/*.cu`, compiled to PTX by build.rs) and a CPU reference.
 //!
-//! PLACEHOLDER: tilt has no fused CUDA kernels yet; all math runs through candle on the CPU.
-//! `device()` is the one switch point when they land.
+//! Without the `cuda` feature the API is the same: `device("cuda")` returns
+//! `KernelError::NotCompiledWithCuda`, and the fused ops run their CPU reference on CPU tensors,
+//! so callers need no `cfg` of their own.
+
+mod bench;
+mod check;
+#[cfg(feature = "cuda")]
+mod launch;
+mod log_ratio;
+mod value;
+
+pub use bench::{learner_step_rate, StepRate};
+pub use check::{compare_on, Comparison};
+pub use log_ratio::{segment_log_ratio, segment_log_ratio_cpu};
+pub use value::{value_lse, value_lse_cpu};
 
 use candle_core::Device;
 
@@ -43,19 +56,55 @@ fn cuda_device(_ordinal: usize) -> Result<Device> {
     Err(KernelError::NotCompiledWithCuda)
 }
 
+/// One candle device per ordinal for the whole process: candle refuses to mix tensors of two
+/// `Device::new_cuda(0)` calls (each is its own device id), and roles hand tensors to each other.
 #[cfg(feature = "cuda")]
-fn cuda_device(_ordinal: usize) -> Result<Device> {
-    // cudarc with dynamic loading panics when libcuda is missing: probe inside catch_unwind.
-    let probe = std::panic::catch_unwind(|| cudarc::driver::result::init().is_ok());
-    match probe {
-        Ok(true) => Err(KernelError::CudaUnavailable(
-            "a CUDA driver was found, but candle's CUDA backend is not enabled in this build"
-                .into(),
-        )),
-        _ => Err(KernelError::CudaUnavailable(
-            "no CUDA driver (libcuda) on this machine".into(),
-        )),
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static DEVICES: OnceLock<Mutex<HashMap<usize, Device>>> = OnceLock::new();
+    let mut devices = DEVICES
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(d) = devices.get(&ordinal) {
+        return Ok(d.clone());
     }
+    let count = cuda_device_count()?;
+    if ordinal >= count {
+        return Err(KernelError::CudaUnavailable(format!(
+            "cuda:{ordinal} requested, but this machine has {count} CUDA device(s)"
+        )));
+    }
+    let d = Device::new_cuda(ordinal)
+        .map_err(|e| KernelError::CudaUnavailable(format!("cuda:{ordinal}: {e}")))?;
+    devices.insert(ordinal, d.clone());
+    Ok(d)
+}
+
+/// The number of CUDA devices the driver sees (an error names the driver's reason, e.g.
+/// CUDA_ERROR_STUB_LIBRARY when the link stub of scripts/cuda-toolchain.sh stands in for it).
+#[cfg(feature = "cuda")]
+pub fn cuda_device_count() -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUresult;
+    let unavailable = |e: result::DriverError| {
+        let hint = if e.0 == CUresult::CUDA_ERROR_STUB_LIBRARY {
+            " (libcuda.so.1 is the link stub of scripts/cuda-toolchain.sh, not a driver)"
+        } else {
+            ""
+        };
+        KernelError::CudaUnavailable(format!("the CUDA driver failed to start: {:?}{hint}", e.0))
+    };
+    result::init().map_err(unavailable)?;
+    let n = result::device::get_count().map_err(unavailable)?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// The number of CUDA devices: always an error without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_device_count() -> Result<usize> {
+    Err(KernelError::NotCompiledWithCuda)
 }
 
 #[cfg(test)]
@@ -65,11 +114,17 @@ mod tests {
     #[test]
     fn cpu_is_available_and_cuda_fails_with_a_typed_error() {
         assert!(matches!(device("cpu"), Ok(Device::Cpu)));
-        let e = device("cuda").unwrap_err();
-        assert!(matches!(
-            e,
-            KernelError::NotCompiledWithCuda | KernelError::CudaUnavailable(_)
-        ));
+        // Without the feature: always the typed error. With it: a CUDA device where a driver and
+        // a GPU are present, else CudaUnavailable with the driver's reason.
+        let got = device("cuda");
+        #[cfg(not(feature = "cuda"))]
+        assert!(matches!(got, Err(KernelError::NotCompiledWithCuda)));
+        #[cfg(feature = "cuda")]
+        match got {
+            Ok(d) => assert!(d.is_cuda()),
+            Err(KernelError::CudaUnavailable(why)) => assert!(!why.is_empty()),
+            Err(e) => panic!("unexpected error {e}"),
+        }
         assert!(matches!(device("tpu"), Err(KernelError::Param { .. })));
         assert!(matches!(device("cuda:x"), Err(KernelError::Param { .. })));
     }

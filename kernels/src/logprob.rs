@@ -271,6 +271,10 @@ pub fn path_log_ratio_residual_rows(
     let scale = Tensor::from_vec(scale, bshape, dev)?;
     let cond_rep = repeat_cond(cond, len)?;
     let res = residual.eps(&stacked, &ns, cond_rep.as_ref())?;
+    if dev.is_cuda() {
+        // tilt's fused kernel (kernels/cuda/log_ratio.cu): the same sum in one pass each way.
+        return crate::cuda::segment_log_ratio(&res, &Tensor::cat(noises, 0)?, &scale, len);
+    }
     // u = dmu / sigma = (c_eps / sigma) * residual.
     let u = res.broadcast_mul(&scale)?.flatten_from(1)?;
     let z = Tensor::cat(noises, 0)?.flatten_from(1)?;

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine (no Rust, no network needed), from the repo root with the
+# carried dist/gpu/tilt (scripts/build-gpu-binary.sh):
+#   1. finds the CUDA 13 libraries of the machine's python3 wheels (nvidia/cu13/lib), else a
+#      system CUDA, and checks the binary resolves every library it needs;
+#   2. `tilt gpu-check`: tilt's CUDA kernels against their CPU reference and the candle
+#      computation they replace (values, gradients, bitwise repeat: the same comparisons as the
+#      ignored test cuda_ops_match_the_cpu_reference), then learner steps/s at the quickstart's
+#      shape, CPU vs GPU, batch 64..4096, with the share of step time in tilt's own kernel;
+#   3. the smoke config end to end with every role on the GPU (`--set device=cuda`).
+# Writes gpu-check.json, gpu-check.log and smoke.log to OUT_DIR (default $OUT, else gpu-check/)
+# and prints the tables. Exits 1 if the device, a comparison or the smoke run fails.
+# Usage: scripts/gpu-check.sh [OUT_DIR]   (env: TILT_BIN, default dist/gpu/tilt; BATCHES,
+# default 64,256,1024,4096; SECONDS_PER, default 2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+say() { echo "gpu-check: $*" >&2; }
+bin=${TILT_BIN:-dist/gpu/tilt}
+out=${1:-${OUT:-gpu-check}}
+mkdir -p "$out"
+[ -x "$bin" ] || { say "no executable $bin: build it with scripts/build-gpu-binary.sh and carry dist/gpu"; exit 1; }
+
+libdirs=$(python3 - <<'PY' 2>/dev/null || true
+import os
+dirs = []
+try:
+    import nvidia
+    for p in nvidia.__path__:
+        for d in [os.path.join(p, "cu13", "lib")] + [os.path.join(p, q, "lib") for q in sorted(os.listdir(p))]:
+            if os.path.isdir(d) and d not in dirs:
+                dirs.append(d)
+except ImportError:
+    pass
+print(":".join(dirs))
+PY
+)
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && libdirs="${libdirs:+$libdirs:}$d"
+done
+export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+missing=$(ldd "$bin" | grep 'not found' || true)
+[ -z "$missing" ] || { say "the binary cannot find: $missing"; exit 1; }
+ldd "$bin" | grep -E 'libcuda|cublas|curand|nvrtc|cudart' >&2 || true
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2 || true
+[ -f dist/gpu/BUILD.txt ] && cat dist/gpu/BUILD.txt >&2
+
+status=0
+set +e
+"$bin" gpu-check --out "$out/gpu-check.json" --batches "${BATCHES:-64,256,1024,4096}" \
+  --seconds "${SECONDS_PER:-2}" 2>&1 | tee "$out/gpu-check.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+say "smoke run with every role on cuda (configs/smoke.toml --set device=cuda)"
+run_dir=$(mktemp -d)/smoke
+start=$(date +%s)
+"$bin" run configs/smoke.toml --out "$run_dir" --set device=cuda --set metrics.listen= \
+  >"$out/smoke.log" 2>&1
+smoke=$?
+set -e
+tail -n 15 "$out/smoke.log"
+if [ "$smoke" -eq 0 ]; then
+  say "smoke run on cuda: ok in $(( $(date +%s) - start )) s"
+else
+  say "smoke run on cuda: FAILED (exit $smoke; $out/smoke.log)"
+  status=1
+fi
+exit "$status"
