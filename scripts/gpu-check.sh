@@ -37,10 +37,18 @@ PY
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -d "$d" ] && libdirs="${libdirs:+$libdirs:}$d"
 done
-export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+if [ -n "$libdirs" ]; then
+  export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+say "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 missing=$(ldd "$bin" | grep 'not found' || true)
-[ -z "$missing" ] || { say "the binary cannot find: $missing"; exit 1; }
+if [ -n "$missing" ]; then
+  say "$bin cannot find these libraries:"
+  echo "$missing" >&2
+  say "it needs the NVIDIA driver (libcuda.so.1) and the CUDA 13 wheels nvidia-cublas, nvidia-curand"
+  say "for python3 (or their directories on LD_LIBRARY_PATH)"
+  exit 1
+fi
 ldd "$bin" | grep -E 'libcuda|cublas|curand|nvrtc|cudart' >&2 || true
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2 || true
 [ -f dist/gpu/BUILD.txt ] && cat dist/gpu/BUILD.txt >&2
