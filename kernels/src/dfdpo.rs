@@ -157,6 +157,47 @@ pub fn pretrain_denoiser(
     Ok(last)
 }
 
+/// A Diffusion-DPO pair batch noised the way the loss needs: each pair shares one timestep
+/// (uniform on 1..=N) and one noise; winners and losers stacked as [x_w; x_l] with their indices.
+pub(crate) struct NoisedPair {
+    pub b: usize,
+    /// [B, ...] the shared noise.
+    pub eps: Tensor,
+    /// [2B, ...] noised winners, then losers.
+    pub both: Tensor,
+    /// [2B] f32 training indices.
+    pub n_t: Tensor,
+}
+
+/// Noise (winners, losers) [B, ...] for the Diffusion-DPO loss (see [`NoisedPair`]); `op` names
+/// the caller in a shape error.
+pub(crate) fn noised_pair(
+    op: &'static str,
+    schedule: &VpSchedule,
+    winners: &Tensor,
+    losers: &Tensor,
+    rng: &mut StdRng,
+) -> Result<NoisedPair> {
+    if winners.shape() != losers.shape() {
+        return Err(KernelError::shape(
+            op,
+            format!("winners {:?} vs losers {:?}", winners.dims(), losers.dims()),
+        ));
+    }
+    let b = winners.dim(0)?;
+    let ns = sample_timesteps(schedule, b, rng);
+    let eps = randn(rng, winners.shape(), winners.device())?;
+    let xw = schedule.q_sample(winners, &ns, &eps)?;
+    let xl = schedule.q_sample(losers, &ns, &eps)?;
+    let ns2: Vec<usize> = ns.iter().chain(&ns).copied().collect();
+    Ok(NoisedPair {
+        b,
+        eps,
+        both: Tensor::cat(&[&xw, &xl], 0)?,
+        n_t: as_tensor(&ns2, winners)?,
+    })
+}
+
 /// What a DF-DPO step reports.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DfDpoStats {
@@ -180,20 +221,8 @@ pub fn dfdpo_grads(
     lambda_sft: f64,
     rng: &mut StdRng,
 ) -> Result<(Vec<Option<Tensor>>, DfDpoStats)> {
-    if winners.shape() != losers.shape() {
-        return Err(KernelError::shape(
-            "dfdpo_grads",
-            format!("winners {:?} vs losers {:?}", winners.dims(), losers.dims()),
-        ));
-    }
-    let b = winners.dim(0)?;
-    let ns = sample_timesteps(schedule, b, rng);
-    let eps = randn(rng, winners.shape(), winners.device())?;
-    let xw = schedule.q_sample(winners, &ns, &eps)?;
-    let xl = schedule.q_sample(losers, &ns, &eps)?;
-    let both = Tensor::cat(&[&xw, &xl], 0)?;
-    let ns2: Vec<usize> = ns.iter().chain(&ns).copied().collect();
-    let n_t = as_tensor(&ns2, winners)?;
+    let NoisedPair { b, eps, both, n_t } =
+        noised_pair("dfdpo_grads", schedule, winners, losers, rng)?;
     let pt = policy.eps(&both, &n_t, None)?;
     let pr = reference.eps(&both, &n_t, None)?.detach();
     let out = diffusion_dpo_loss(

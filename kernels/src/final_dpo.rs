@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor, Var};
 use rand::rngs::StdRng;
 
 use crate::denoiser::Denoiser;
-use crate::dfdpo::{sample_timesteps, DfDpoStats};
+use crate::dfdpo::{noised_pair, DfDpoStats, NoisedPair};
 use crate::logprob::sample_chain;
 use crate::losses::diffusion_dpo_loss;
 use crate::optim::grads_in_order;
@@ -98,23 +98,8 @@ pub fn final_dpo_grads(
     beta: f64,
     rng: &mut StdRng,
 ) -> Result<(Vec<Option<Tensor>>, DfDpoStats)> {
-    if winners.shape() != losers.shape() {
-        return Err(KernelError::shape(
-            "final_dpo_grads",
-            format!("winners {:?} vs losers {:?}", winners.dims(), losers.dims()),
-        ));
-    }
-    let b = winners.dim(0)?;
-    let ns = sample_timesteps(schedule, b, rng);
-    let eps = randn(rng, winners.shape(), winners.device())?;
-    let xw = schedule.q_sample(winners, &ns, &eps)?;
-    let xl = schedule.q_sample(losers, &ns, &eps)?;
-    let both = Tensor::cat(&[&xw, &xl], 0)?;
-    let n_t = Tensor::from_vec(
-        ns.iter().chain(&ns).map(|&n| n as f32).collect::<Vec<_>>(),
-        2 * b,
-        winners.device(),
-    )?;
+    let NoisedPair { b, eps, both, n_t } =
+        noised_pair("final_dpo_grads", schedule, winners, losers, rng)?;
     let cond2 = match cond {
         None => None,
         Some(c) => Some(Tensor::cat(&[c, c], 0)?),
