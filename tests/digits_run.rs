@@ -177,3 +177,55 @@ fn digits_run_on_the_redis_backend() {
     assert!(s["policy"]["judge_acc"].as_f64().unwrap().is_finite());
     assert_eq!(redis.keys("tilt:*"), Vec::<String>::new());
 }
+
+#[test]
+fn digits_as_three_worker_processes() {
+    // The image config in worker mode: pretrained models and critic from a first run (the
+    // workers read them by path), then rollout, critic and learner as processes meeting through
+    // a Redis of the test's own (scripts/cluster-local.sh). Class-conditional records cross both
+    // streams, every stage finishes, and the record accounting balances.
+    let d = scratch("digits-workers");
+    let base = d.join("base");
+    let o = run(&base, &["stages=[\"pretrain\",\"critic\"]"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let redis = common::redis_server::RedisServer::start();
+    let run_id = format!("ci-digits-{}", std::process::id());
+    let from = base.to_str().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster-local.sh");
+    let o = std::process::Command::new("bash")
+        .arg(script)
+        .args(["configs/digits-smoke.toml", &run_id])
+        .args(["--set", &format!("pretrain.from={from}")])
+        .args(["--set", &format!("critic.from={from}")])
+        .args(["--set", "replay.backend=redis"])
+        .env("TILT_BIN", env!("CARGO_BIN_EXE_tilt"))
+        .env("TILT_REDIS_URL", redis.url())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", err(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let summary = std::path::PathBuf::from(stdout.lines().last().expect("summary path").trim());
+    let s = json(&summary);
+    assert_eq!(s["steps"], 40);
+    assert!(
+        s["policy"]["judge_acc"].as_f64().unwrap().is_finite(),
+        "{s}"
+    );
+    let a = &s["accounting"];
+    let n = |k: &str| a[k].as_u64().unwrap();
+    let dropped: u64 = a["dropped"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(n("applied") > 0, "{a}");
+    assert_eq!(
+        n("produced"),
+        n("applied") + dropped + n("lost") + n("in_flight"),
+        "{a}"
+    );
+    assert_eq!(redis.keys("tilt:*"), Vec::<String>::new());
+    std::fs::remove_dir_all(summary.parent().unwrap()).ok();
+}
