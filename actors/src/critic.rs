@@ -11,7 +11,6 @@ use tilt_kernels::schedule::SamplingGrid;
 use tilt_kernels::vrpo::{score_pair, SegmentPair};
 
 use crate::codec::pair_records;
-use crate::control::RunControl;
 use crate::source::{ActorSource, SourceArgs};
 use crate::telemetry::Stage;
 use crate::ActorError;
@@ -89,7 +88,7 @@ impl Actor for CriticActor {
         st: &mut CriticState,
     ) -> Result<(), ActorProcessingErr> {
         let a = st.args.clone();
-        let (src, control, replay) = (&a.source, &a.ctx.control, &a.ctx.replay);
+        let (src, control) = (&a.source, &a.ctx.control);
         if src.panic_after_units > 0 && st.units == src.panic_after_units && a.generation == 0 {
             panic!(
                 "critic {}: injected fault after {} units (fault.critic_panic_after)",
@@ -132,24 +131,15 @@ impl Actor for CriticActor {
             .record(Stage::CriticScore, "critic", a.id, t0.elapsed());
         st.next_seq = records.1;
         st.units += 1;
-        let n = records.0.len() as u64;
-        // The unit in one call (one round trip on the redis backend); waits while the rate
-        // limiter forbids inserts; a closed replay ends this actor. Its latency is the unit's.
-        let t1 = std::time::Instant::now();
-        let res = replay.insert_many(records.0).await;
-        control
-            .latency
-            .record(Stage::ReplayInsert, "critic", a.id, t1.elapsed());
-        if let Err(e) = res {
-            if matches!(e, ActorError::Closed) {
-                myself.stop(Some("replay closed".into()));
-                return Ok(());
-            }
-            return Err(e.into());
+        // A closed replay ends this actor.
+        if !a
+            .ctx
+            .insert_unit(CriticSource::ROLE, a.id, records.0)
+            .await?
+        {
+            myself.stop(Some("replay closed".into()));
+            return Ok(());
         }
-        RunControl::add(&control.pairs_inserted, n);
-        control.unit_inserted();
-        metrics::counter!("tilt_pairs_inserted_total", "role" => "critic", "actor" => a.id.to_string()).increment(n);
         myself.cast(CriticMsg::Score)?;
         Ok(())
     }

@@ -97,7 +97,7 @@ impl Actor for DistortionActor {
         st: &mut DistortionState,
     ) -> Result<(), ActorProcessingErr> {
         let a = st.args.clone();
-        let (src, control, replay) = (&a.source, &a.ctx.control, &a.ctx.replay);
+        let (src, control) = (&a.source, &a.ctx.control);
         if control.stopping() {
             myself.stop(Some("run stopping".into()));
             return Ok(());
@@ -171,24 +171,16 @@ impl Actor for DistortionActor {
         st.next_seq = records.1;
         st.units += 1;
         let k = records.0.len() as u64;
-        // The unit in one call (one round trip on the redis backend); its latency is the unit's.
-        let t1 = std::time::Instant::now();
-        let res = replay.insert_many(records.0).await;
-        control
-            .latency
-            .record(Stage::ReplayInsert, "distortion", a.id, t1.elapsed());
-        match res {
-            Ok(()) => {}
-            Err(ActorError::Closed) => {
-                myself.stop(Some("replay closed".into()));
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
+        if !a
+            .ctx
+            .insert_unit(DistortionSource::ROLE, a.id, records.0)
+            .await?
+        {
+            myself.stop(Some("replay closed".into()));
+            return Ok(());
         }
         RunControl::add(&control.pairs_produced, k);
-        RunControl::add(&control.pairs_inserted, k);
-        control.unit_inserted();
-        metrics::counter!("tilt_pairs_produced_total", "role" => "distortion", "actor" => a.id.to_string()).increment(k);
+        metrics::counter!("tilt_pairs_produced_total", "role" => DistortionSource::ROLE, "actor" => a.id.to_string()).increment(k);
         myself.cast(DistortionMsg::Produce)?;
         Ok(())
     }

@@ -10,7 +10,9 @@ use async_trait::async_trait;
 use ractor::{Actor, ActorCell, SpawnErr};
 
 use crate::control::RunControl;
-use crate::replay::ReplayBuffer;
+use crate::replay::{Record, ReplayBuffer};
+use crate::telemetry::Stage;
+use crate::ActorError;
 
 /// What every source's actors share with the rest of the run.
 #[derive(Clone)]
@@ -19,6 +21,36 @@ pub struct SourceContext {
     pub seed: u64,
     pub replay: Arc<dyn ReplayBuffer>,
     pub control: Arc<RunControl>,
+}
+
+impl SourceContext {
+    /// Insert one unit of records of actor `id` of `role` in one call (one round trip on the
+    /// Redis backend; waits while the rate limiter forbids inserts), record its latency as the
+    /// unit's, and count the records as inserted. `Ok(false)`: the replay has closed, the actor
+    /// should stop.
+    pub async fn insert_unit(
+        &self,
+        role: &'static str,
+        id: u32,
+        records: Vec<Record>,
+    ) -> crate::Result<bool> {
+        let n = records.len() as u64;
+        let t = std::time::Instant::now();
+        let res = self.replay.insert_many(records).await;
+        self.control
+            .latency
+            .record(Stage::ReplayInsert, role, id, t.elapsed());
+        match res {
+            Ok(()) => {}
+            Err(ActorError::Closed) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        RunControl::add(&self.control.pairs_inserted, n);
+        self.control.unit_inserted();
+        metrics::counter!("tilt_pairs_inserted_total", "role" => role, "actor" => id.to_string())
+            .increment(n);
+        Ok(true)
+    }
 }
 
 /// A kind of producer actor.

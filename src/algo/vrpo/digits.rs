@@ -574,6 +574,7 @@ pub fn save_grid(
     classes: usize,
     weights: Option<&[f64]>,
 ) -> Result<()> {
+    // PNG pixels are written on the host: one read-back of the samples, whatever their device.
     let x = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     let mut images = Vec::new();
     for c in 0..classes as u32 {
