@@ -66,7 +66,66 @@ pub fn start_metrics(listen: &str) -> Result<Option<SocketAddr>> {
         "tilt_stage_latency_seconds",
         "Latency of one unit of work per stage"
     );
+    metrics::describe_gauge!(
+        "tilt_learner_step_budget",
+        "Step budget of the current training (the learner is done at tilt_learner_step = this)"
+    );
+    metrics::describe_counter!(
+        "tilt_learner_non_finite_total",
+        "Non-finite losses or gradients met by the learner (each stops the run), by kind"
+    );
+    metrics::describe_counter!(
+        "tilt_actor_restarts_total",
+        "Producer actors restarted by the coordinator in this process, by role"
+    );
+    metrics::describe_gauge!(
+        "tilt_process_restarts",
+        "Worker mode: starts of this worker name before this process (0 on a first start)"
+    );
+    for (name, help) in [
+        (
+            "tilt_records_produced_total",
+            "Records handed to the replay by producers",
+        ),
+        (
+            "tilt_records_inserted_total",
+            "Records accepted by the replay",
+        ),
+        (
+            "tilt_records_applied_total",
+            "Distinct records applied by the learner",
+        ),
+        (
+            "tilt_records_redelivered_total",
+            "Deliveries of a record delivered before",
+        ),
+        (
+            "tilt_records_deduplicated_total",
+            "Deliveries thrown away, the record used up",
+        ),
+        (
+            "tilt_records_lost_total",
+            "Sequence gaps: produced, neither applied, dropped nor in flight",
+        ),
+        (
+            "tilt_records_dropped_total",
+            "Records counted out before use, by reason",
+        ),
+    ] {
+        metrics::describe_counter!(name, help);
+    }
+    metrics::describe_gauge!(
+        "tilt_records_in_flight",
+        "Records still in the replay at the end of the training, never applied"
+    );
     Ok(Some(addr))
+}
+
+/// Worker mode: this process is start number `previous + 1` of worker `name` (`<role>-<id>`);
+/// a value that climbs across the worker's processes is a worker being restarted.
+pub fn process_started(role: &str, name: &str, previous: u64) {
+    metrics::gauge!("tilt_process_restarts", "role" => role.to_owned(), "worker" => name.to_owned())
+        .set(previous as f64);
 }
 
 /// The process's peak resident set so far, in MiB (`VmHWM` of /proc/self/status); None where

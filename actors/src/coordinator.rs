@@ -230,6 +230,7 @@ impl Actor for CoordinatorActor {
                             st.describe(next)
                         );
                         RunControl::add(&st.spec.control.restarts, 1);
+                        crate::telemetry::actor_restarted(st.spec.sources[source].role());
                         st.spawn_source(&myself, source, id, generation + 1).await?;
                     }
                     _ => {}

@@ -264,12 +264,15 @@ impl LearnerState {
         // good weights are checkpointed (`fail`), never a NaN state.
         let loss_sum: f32 = stats.iter().map(|s| s.loss).sum();
         if !loss_sum.is_finite() {
+            metrics::gauge!("tilt_loss", "role" => "learner", "actor" => "0").set(loss_sum as f64);
+            crate::telemetry::learner_non_finite("loss");
             return self
                 .fail(format!("non-finite loss ({loss_sum}) at step {next}"))
                 .await
                 .map(|_| true);
         }
         if let Some(bad) = first_non_finite(&avg)? {
+            crate::telemetry::learner_non_finite("gradient");
             return self
                 .fail(format!(
                     "non-finite gradient (variable #{bad} in the optimiser's order) at step {next}"
@@ -371,6 +374,10 @@ impl Actor for LearnerActor {
         _myself: ActorRef<Self::Msg>,
         args: LearnerArgs,
     ) -> Result<LearnerState, ActorProcessingErr> {
+        if args.rank == 0 {
+            let step = args.core.lock().map(|c| c.step).unwrap_or(0);
+            crate::telemetry::learner_started(step, args.total_steps);
+        }
         Ok(LearnerState {
             args,
             peers: vec![],

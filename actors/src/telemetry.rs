@@ -1,7 +1,8 @@
 //! Per-stage latency: every actor records how long each unit of work took, into an hdrhistogram per
 //! (stage, role, actor) and into the `metrics` facade (`tilt_stage_latency_seconds`, exported by the
 //! Prometheus endpoint when one is installed). At the end of a run the histograms of all actors of a
-//! stage are merged into p50/p90/p99/max.
+//! stage are merged into p50/p90/p99/max. The few metrics that mark events (learner start,
+//! non-finite values, actor restarts) are set here too, so their names live in one place.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -105,6 +106,26 @@ impl Latencies {
             })
             .collect()
     }
+}
+
+/// The learner leader started (or resumed) at `step` of a training of `budget` steps: both go
+/// to the endpoint at once, so a learner that never completes a step is visible as stalled
+/// (`tilt_learner_step` below `tilt_learner_step_budget` and not moving).
+pub fn learner_started(step: u64, budget: u64) {
+    metrics::gauge!("tilt_learner_step", "role" => "learner", "actor" => "0").set(step as f64);
+    metrics::gauge!("tilt_learner_step_budget", "role" => "learner", "actor" => "0")
+        .set(budget as f64);
+}
+
+/// The learner met a non-finite `kind` ("loss" or "gradient") and stops the run.
+pub fn learner_non_finite(kind: &'static str) {
+    metrics::counter!("tilt_learner_non_finite_total", "role" => "learner", "actor" => "0", "kind" => kind)
+        .increment(1);
+}
+
+/// The coordinator restarted a failed producer actor of `role`.
+pub fn actor_restarted(role: &'static str) {
+    metrics::counter!("tilt_actor_restarts_total", "role" => role).increment(1);
 }
 
 #[cfg(test)]
