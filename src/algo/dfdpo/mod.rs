@@ -619,6 +619,7 @@ fn training_curves(run_dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Sample clips from every model from the same noise (a paired comparison), measure them against
 /// the real clips, save the filmstrips' clips and draw them, and write `summary.json`.
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
     cfg: &Config,
     sh: &Shared,
