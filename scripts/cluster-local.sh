@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the quickstart experiment as three processes (rollout, critic, learner) that meet only
-# through Redis and a shared run directory. The Redis is TILT_REDIS_URL when set (it must answer;
+# Run an experiment as worker processes that meet only through Redis and a shared run directory:
+# VRPO (the quickstart by default) as rollout, critic and learner; DF-DPO (a config with
+# algorithm = "dfdpo") as distortion and learner. The Redis is TILT_REDIS_URL when set (it must answer;
 # the workers read the same variable), else 127.0.0.1:6379, started here if none answers.
 # Usage: [TILT_REDIS_URL=redis://host:port/db] scripts/cluster-local.sh [CONFIG] [RUN_ID] [--set key=value ...]
 # The last line printed is the path of the run's summary.json.
@@ -29,8 +30,12 @@ fi
 [ -x "$bin" ] || cargo build --release >&2
 
 mkdir -p "$out"
+roles="critic rollout learner"
+if grep -Eq '^algorithm *= *"dfdpo"' "$config" || printf '%s\n' "$@" | grep -Eq '^algorithm="?dfdpo"?$'; then
+  roles="distortion learner"
+fi
 pids=()
-for role in critic rollout learner; do
+for role in $roles; do
   "$bin" worker --role "$role" --config "$config" --run-id "$run_id" --out "$out" "$@" \
     >"$out/worker-$role.out" 2>"$out/worker-$role.err" &
   pids+=($!)

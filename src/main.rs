@@ -39,7 +39,8 @@ enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
-    /// Run one role (rollout, critic or learner) of a multi-process run that meets through Redis.
+    /// Run one role of a multi-process run that meets through Redis (VRPO: rollout, critic,
+    /// learner; DF-DPO: distortion, learner).
     Worker {
         #[arg(long, value_enum)]
         role: tilt::algo::WorkerRole,

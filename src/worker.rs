@@ -100,7 +100,7 @@ pub async fn run_worker(
         use std::io::Write;
         f.write_all(cfg.to_toml()?.as_bytes())?;
     }
-    let role_name = format!("{role:?}").to_lowercase();
+    let role_name = role.name();
     let name = format!("{role_name}-{id}");
     let url = redis_url(cfg);
     let start = register_start(&url, run_id, &name).await?;

@@ -350,6 +350,22 @@ impl Accounting {
         self.produced == self.applied + self.dropped_total() + self.lost + self.in_flight
     }
 
+    /// Add the accounting of another replay (the separate streams of one run's trainings, e.g.
+    /// DF-DPO's continuations): every count adds, drops by reason.
+    pub fn add(&mut self, o: &Accounting) {
+        self.produced += o.produced;
+        self.inserted += o.inserted;
+        self.applied += o.applied;
+        self.applications += o.applications;
+        self.redelivered += o.redelivered;
+        self.deduplicated += o.deduplicated;
+        for (why, n) in &o.dropped {
+            *self.dropped.entry(why.clone()).or_insert(0) += n;
+        }
+        self.lost += o.lost;
+        self.in_flight += o.in_flight;
+    }
+
     /// Export as Prometheus counters `tilt_records_<what>_total` (dropped by `reason`) and the
     /// gauge `tilt_records_in_flight`.
     pub fn export_metrics(&self) {
@@ -426,6 +442,54 @@ pub fn settle(ledger: &Ledger, census: &Census) -> Accounting {
 mod tests {
     use super::*;
     use crate::replay::testutil::rec;
+
+    #[test]
+    fn accountings_add_count_by_count_and_keep_the_balance() {
+        let a = Accounting {
+            produced: 10,
+            inserted: 9,
+            applied: 6,
+            applications: 24,
+            redelivered: 1,
+            deduplicated: 2,
+            dropped: [("capacity".to_owned(), 2)].into(),
+            lost: 1,
+            in_flight: 1,
+        };
+        let b = Accounting {
+            produced: 5,
+            inserted: 5,
+            applied: 3,
+            applications: 12,
+            redelivered: 0,
+            deduplicated: 1,
+            dropped: [("capacity".to_owned(), 1), ("decode".to_owned(), 1)].into(),
+            lost: 0,
+            in_flight: 0,
+        };
+        assert!(a.balances() && b.balances());
+        let mut s = a.clone();
+        s.add(&b);
+        assert_eq!(
+            (s.produced, s.inserted, s.applied, s.applications),
+            (15, 14, 9, 36)
+        );
+        assert_eq!(
+            (s.redelivered, s.deduplicated, s.lost, s.in_flight),
+            (1, 3, 1, 1)
+        );
+        assert_eq!(
+            s.dropped,
+            [("capacity".to_owned(), 3), ("decode".to_owned(), 1)].into()
+        );
+        assert!(s.balances());
+        // A broken part breaks the sum's balance.
+        s.add(&Accounting {
+            produced: 1,
+            ..Accounting::default()
+        });
+        assert!(!s.balances());
+    }
 
     #[test]
     fn range_set_merges_neighbours() {

@@ -14,12 +14,26 @@ use crate::progress::Progress;
 pub mod dfdpo;
 pub mod vrpo;
 
-/// The role of a worker process (`tilt worker --role ...`).
+/// The role of a worker process (`tilt worker --role ...`). VRPO runs rollout, critic and
+/// learner workers; DF-DPO runs distortion and learner workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WorkerRole {
     Rollout,
     Critic,
+    Distortion,
     Learner,
+}
+
+impl WorkerRole {
+    /// The role's name as `--role` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerRole::Rollout => "rollout",
+            WorkerRole::Critic => "critic",
+            WorkerRole::Distortion => "distortion",
+            WorkerRole::Learner => "learner",
+        }
+    }
 }
 
 /// What every stage of a run sees.
@@ -56,4 +70,17 @@ pub fn for_kind(kind: AlgorithmKind) -> Box<dyn Algorithm> {
 /// `cfg.stages` lists `stage`.
 pub fn has_stage(cfg: &Config, stage: &str) -> bool {
     cfg.stages.iter().any(|s| s == stage)
+}
+
+/// A run id unique to this invocation: it namespaces the Redis keys (removed at the end).
+pub(crate) fn invocation_id(cfg: &Config) -> String {
+    format!(
+        "{}-{}-{}",
+        cfg.name,
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    )
 }

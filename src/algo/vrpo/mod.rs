@@ -325,19 +325,6 @@ pub fn ensure_critic(
     off_executor(|| stage_critic(cfg, s, run_dir)).map(Some)
 }
 
-/// A run id unique to this invocation: it namespaces the Redis keys (removed at the end).
-fn invocation_id(cfg: &Config) -> String {
-    format!(
-        "{}-{}-{}",
-        cfg.name,
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0)
-    )
-}
-
 #[async_trait]
 impl Algorithm for Vrpo {
     fn stages(&self) -> &'static [&'static str] {
@@ -353,7 +340,7 @@ impl Algorithm for Vrpo {
         let s = setup(cfg, run_dir)?;
         // Connect the replay first: a Redis that is down fails the run before any work is done.
         let replay = if has_stage(cfg, "vrpo") {
-            Some(build::replay(cfg, &invocation_id(cfg), "learner-0").await?)
+            Some(build::replay(cfg, &super::invocation_id(cfg), "learner-0").await?)
         } else {
             None
         };

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tilt_actors::codec::{record_segment_pair, segment_pair_record};
 use tilt_actors::replay::redis::{mark_run_done, watch_run_done, RedisReplay};
 use tilt_actors::replay::{ReplayBackend, ReplayBuffer, ReplayConfig, Sampler};
@@ -49,6 +49,9 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
     let s = setup(cfg, run_dir)?;
     let seg_id = format!("{run_id}-segments");
     match role {
+        WorkerRole::Distortion => bail!(
+            "--role distortion is DF-DPO's producer (algorithm = \"dfdpo\"); VRPO's roles are rollout, critic and learner"
+        ),
         WorkerRole::Rollout => {
             let segments: Arc<dyn ReplayBuffer> = Arc::new(
                 RedisReplay::connect(&url, &seg_id, &consumer, segments_config(cfg)).await?,

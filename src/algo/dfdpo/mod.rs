@@ -5,6 +5,8 @@
 //! `eval`: sample clips from every model from the same noise and measure the arrow of time,
 //! smoothness, sharpness and noise against the real clips.
 
+pub mod worker;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,11 +16,13 @@ use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
+use tilt_actors::accounting::Accounting;
 use tilt_actors::checkpoint::{latest_checkpoint, load_checkpoint};
 use tilt_actors::codec::records_to_clip_pairs;
 use tilt_actors::distortion::DistortionSource;
 use tilt_actors::objective::{Objective, StepStats};
-use tilt_actors::replay::{MemoryReplay, Record};
+use tilt_actors::replay::{Record, ReplayBuffer};
+use tilt_actors::source::PairSource;
 use tilt_kernels::clip_gates::BlobGate;
 use tilt_kernels::denoiser::{load_weights, save_weights, Denoiser};
 use tilt_kernels::dfdpo::{denoise_grads, dfdpo_grads, pretrain_denoiser, DataScale};
@@ -265,16 +269,39 @@ struct Shared {
     device: Device,
 }
 
+/// The producer of a continuation: distortion actors making (real, edited) pairs from the real
+/// clips with the continuation's curriculum. SFT sees the same pairs (it uses only the real
+/// clip); its distortions are the default curriculum's.
+fn distortion_source(
+    cfg: &Config,
+    clips: &Arc<Tensor>,
+    curriculum: &Option<Curriculum>,
+) -> Arc<dyn PairSource> {
+    Arc::new(DistortionSource {
+        actors: cfg.distortion.actors,
+        clips: clips.clone(),
+        curriculum: Arc::new(
+            curriculum
+                .clone()
+                .unwrap_or_else(|| cfg.dfdpo.curriculum.clone()),
+        ),
+        per_unit: cfg.distortion.per_unit,
+        panic_after_units: cfg.fault.rollout_panic_after,
+    })
+}
+
 /// One continuation from the reference (SFT, DF-DPO, an ablation) as a `Training`: distortion
-/// actors -> replay -> the shared learners. SFT sees the same pairs (it uses only the real clip);
-/// its distortions are the default curriculum's.
+/// actors -> `replay` -> the shared learners (worker mode drops the producers: they are other
+/// processes).
 fn continuation(
     cfg: &Config,
     sh: &Shared,
     name: &str,
     curriculum: Option<Curriculum>,
     dir: &Path,
+    replay: Arc<dyn ReplayBuffer>,
 ) -> Result<Training> {
+    let sources = vec![distortion_source(cfg, &sh.clips, &curriculum)];
     let objective: Arc<dyn Objective> = match &curriculum {
         None => Arc::new(SftObjective {
             schedule: sh.schedule.clone(),
@@ -296,7 +323,7 @@ fn continuation(
     Ok(Training {
         name: name.to_string(),
         dir: dir.to_path_buf(),
-        report_file: dir.join("training.json"),
+        report_file: report_file(dir),
         steps: cfg.dfdpo.steps,
         batch: cfg.dfdpo.batch,
         replicas: cfg.learner.actors,
@@ -304,14 +331,8 @@ fn continuation(
         // The policy starts as a copy of the reference (equal bit for bit at step 0).
         init: Some(sh.reference_file.clone()),
         objective,
-        sources: vec![Arc::new(DistortionSource {
-            actors: cfg.distortion.actors,
-            clips: sh.clips.clone(),
-            curriculum: Arc::new(curriculum.unwrap_or_else(|| cfg.dfdpo.curriculum.clone())),
-            per_unit: cfg.distortion.per_unit,
-            panic_after_units: cfg.fault.rollout_panic_after,
-        })],
-        replay: Arc::new(MemoryReplay::new(cfg.replay.clone())?),
+        sources,
+        replay,
         checkpoint_every: cfg.learner.checkpoint_every,
         at_steps: vec![],
         extra_file: None,
@@ -322,6 +343,57 @@ fn continuation(
         sync: cfg.runtime == crate::config::RuntimeKind::Sync,
         stop: None,
     })
+}
+
+/// Where a continuation in `dir` records its report (written once it reached its budget).
+fn report_file(dir: &Path) -> PathBuf {
+    dir.join("training.json")
+}
+
+/// What the continuations and the evaluation start from: the real clips, their data scale and
+/// the reference (pretrained here when the "pretrain" stage is listed and the run directory has
+/// no `reference.safetensors` yet).
+fn prepare(cfg: &Config, run_dir: &Path, progress: &Progress) -> Result<(Shared, ClipSpec)> {
+    let device = build::device(cfg, "learner.device", &cfg.learner.device)?;
+    let schedule = build::schedule(cfg)?;
+    let spec = clip_spec(cfg)?;
+    let clips = real_clips(cfg, &spec)?;
+    progress.line(&format!(
+        "[data] {} real clips {:?}",
+        clips.dim(0)?,
+        clips.dims()
+    ));
+    let reference_file = run_dir.join("reference.safetensors");
+    let scale = data_scale(cfg, &clips, run_dir, progress)?;
+    if has_stage(cfg, "pretrain") && !reference_file.exists() {
+        // Tensor work off the async executor's worker (the metrics endpoint keeps serving).
+        off_executor(|| {
+            pretrain(
+                cfg,
+                &schedule,
+                &clips,
+                scale,
+                &reference_file,
+                &device,
+                progress,
+            )
+        })?;
+    }
+    if !reference_file.exists() {
+        bail!(
+            "{}: no reference model; list the \"pretrain\" stage",
+            reference_file.display()
+        );
+    }
+    let sh = Shared {
+        reference: load_model(cfg, &reference_file, &device)?,
+        reference_file,
+        schedule,
+        clips: Arc::new(clips),
+        scale,
+        device,
+    };
+    Ok((sh, spec))
 }
 
 /// One model's evaluation: the clip measurements and the gates (does it make the data's objects).
@@ -372,6 +444,13 @@ pub struct DfDpoSummary {
     /// The gate's thresholds, fitted on the real clips.
     pub gate: BlobGate,
     pub training: BTreeMap<String, TrainReport>,
+    /// Actor restarts of every continuation, plus (worker mode) the run's process restarts and
+    /// the actor restarts inside its producer processes.
+    pub restarts: u64,
+    /// The continuations' record accounting added up (each continuation's own is in
+    /// `training.<name>.accounting`); None when a continuation has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounting: Option<Accounting>,
     pub eval_clips: usize,
     /// Peak resident set of the run's process (MiB).
     pub peak_rss_mb: Option<f64>,
@@ -418,49 +497,20 @@ impl Algorithm for DfDpo {
     async fn execute(&self, run: &RunCtx<'_>) -> Result<Option<serde_json::Value>> {
         let (cfg, run_dir, progress) = (run.cfg, run.run_dir, run.progress);
         let t0 = Instant::now();
-        let device = build::device(cfg, "learner.device", &cfg.learner.device)?;
-        let schedule = build::schedule(cfg)?;
-        let spec = clip_spec(cfg)?;
-        let clips = real_clips(cfg, &spec)?;
-        progress.line(&format!(
-            "[data] {} real clips {:?}",
-            clips.dim(0)?,
-            clips.dims()
-        ));
-        let reference_file = run_dir.join("reference.safetensors");
-        let scale = data_scale(cfg, &clips, run_dir, progress)?;
-        if has_stage(cfg, "pretrain") && !reference_file.exists() {
-            // Tensor work off the async executor's worker (the metrics endpoint keeps serving).
-            off_executor(|| {
-                pretrain(
-                    cfg,
-                    &schedule,
-                    &clips,
-                    scale,
-                    &reference_file,
-                    &device,
-                    progress,
-                )
-            })?;
-        }
-        if !reference_file.exists() {
-            bail!(
-                "{}: no reference model; list the \"pretrain\" stage",
-                reference_file.display()
-            );
-        }
-        let sh = Shared {
-            reference: load_model(cfg, &reference_file, &device)?,
-            reference_file,
-            schedule,
-            clips: Arc::new(clips),
-            scale,
-            device,
-        };
+        let (sh, spec) = prepare(cfg, run_dir, progress)?;
+        // The continuations' streams (Redis backend) are namespaced by this invocation.
+        let invocation = super::invocation_id(cfg);
         let mut training = BTreeMap::new();
         for (name, cur) in variants(cfg)? {
-            let t = continuation(cfg, &sh, name, cur, &run_dir.join(name))?;
-            let rep = train(t, progress).await?;
+            let replay = build::replay(cfg, &format!("{invocation}-{name}"), "learner-0").await?;
+            let t = continuation(cfg, &sh, name, cur, &run_dir.join(name), replay.clone())?;
+            let rep = train(t, progress).await;
+            if let Err(e) = replay.purge().await {
+                progress.line(&format!(
+                    "tilt: warning: could not remove the run's Redis keys: {e}"
+                ));
+            }
+            let rep = rep?;
             if rep.stopped_early {
                 progress.line(&format!(
                     "tilt: {name} stopped at step {} of {}; continue with `tilt resume {}`",
@@ -475,14 +525,13 @@ impl Algorithm for DfDpo {
         if !has_stage(cfg, "eval") {
             return Ok(None);
         }
-        let summary = off_executor(|| evaluate(cfg, &sh, &spec, run_dir, training, t0, progress))?;
+        let summary =
+            off_executor(|| evaluate(cfg, &sh, &spec, run_dir, training, 0, t0, progress))?;
         Ok(Some(serde_json::to_value(summary)?))
     }
 
-    async fn worker(&self, _run: &RunCtx<'_>, role: WorkerRole, _run_id: &str) -> Result<()> {
-        bail!(
-            "algorithm = \"dfdpo\" has no worker mode yet (role {role:?}): run it in one process with `tilt run`"
-        )
+    async fn worker(&self, run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Result<()> {
+        worker::run_worker(run, role, run_id).await
     }
 
     fn render(&self, run_dir: &Path) -> Result<Vec<PathBuf>> {
@@ -570,12 +619,14 @@ fn training_curves(run_dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Sample clips from every model from the same noise (a paired comparison), measure them against
 /// the real clips, save the filmstrips' clips and draw them, and write `summary.json`.
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
     cfg: &Config,
     sh: &Shared,
     spec: &ClipSpec,
     run_dir: &Path,
     training: BTreeMap<String, TrainReport>,
+    process_restarts: u64,
     t0: Instant,
     progress: &Progress,
 ) -> Result<DfDpoSummary> {
@@ -647,6 +698,14 @@ fn evaluate(
     }
     progress.line(&real.line("real clips"));
     DfDpo.render(run_dir)?;
+    let restarts = process_restarts + training.values().map(|t| t.restarts).sum::<u64>();
+    let accounting = training.values().map(|t| t.accounting.clone()).try_fold(
+        Accounting::default(),
+        |mut sum, a| {
+            sum.add(&a?);
+            Some(sum)
+        },
+    );
     let summary = DfDpoSummary {
         name: cfg.name.clone(),
         algorithm: "dfdpo".into(),
@@ -658,6 +717,8 @@ fn evaluate(
         eval,
         ablation,
         training,
+        restarts,
+        accounting,
         gate,
         eval_clips: n,
         peak_rss_mb: crate::telemetry::peak_rss_mb(),
