@@ -131,6 +131,18 @@ pub struct Ledger {
     /// Distinct keys applied (the size of `applied`, kept for the per-step metrics).
     #[serde(default)]
     pub distinct: u64,
+    /// The replay's redelivered and deduplicated counts of the learner processes before this one,
+    /// up to the checkpoint this ledger was loaded from (a replay counts per consumer, i.e. per
+    /// process; see [`Ledger::for_checkpoint`]). Constant while a process runs.
+    #[serde(default)]
+    pub earlier: EarlierCounts,
+}
+
+/// See [`Ledger::earlier`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlierCounts {
+    pub redelivered: u64,
+    pub deduplicated: u64,
 }
 
 /// A [`KeySet`] as a list of (producer, generation, ranges) (JSON object keys must be strings).
@@ -269,6 +281,16 @@ impl Ledger {
         for &k in keys {
             add_key(set, k);
         }
+    }
+
+    /// The ledger to save in a checkpoint: this one, with this process's replay counts
+    /// (`redelivered`, `deduplicated`, from the replay's stats) added to the earlier processes',
+    /// so a learner started again from the checkpoint reports the run's counts.
+    pub fn for_checkpoint(&self, redelivered: u64, deduplicated: u64) -> Ledger {
+        let mut l = self.clone();
+        l.earlier.redelivered += redelivered;
+        l.earlier.deduplicated += deduplicated;
+        l
     }
 
     /// Distinct keys applied.
@@ -430,8 +452,8 @@ pub fn settle(ledger: &Ledger, census: &Census) -> Accounting {
         inserted: census.inserted,
         applied,
         applications: ledger.applications,
-        redelivered: census.redelivered,
-        deduplicated: census.deduplicated + ledger.deduplicated,
+        redelivered: census.redelivered + ledger.earlier.redelivered,
+        deduplicated: census.deduplicated + ledger.deduplicated + ledger.earlier.deduplicated,
         dropped,
         lost: gaps.saturating_sub(unkeyed),
         in_flight,
@@ -581,5 +603,54 @@ mod tests {
         let b = settle(&l, &c);
         assert_eq!((b.produced, b.lost), (25, 14));
         assert!(b.balances());
+    }
+
+    #[test]
+    fn replay_counts_of_earlier_processes_carry_through_checkpoints() {
+        // Process 1 saw 3 redeliveries and 1 duplicate by the replay's filter, and its ledger
+        // refused 2 deliveries itself; its checkpoint carries the replay's counts.
+        let mut l = Ledger::new(Some(1));
+        l.commit(&[(0, 0)]);
+        l.admit(vec![
+            crate::replay::testutil::rec(0, 0),
+            crate::replay::testutil::rec(0, 0),
+        ]);
+        assert_eq!(l.deduplicated, 2);
+        let saved = l.for_checkpoint(3, 1);
+        assert_eq!(
+            l.earlier,
+            EarlierCounts::default(),
+            "the live ledger is unchanged"
+        );
+        let back: Ledger = serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+        assert_eq!(
+            back.earlier,
+            EarlierCounts {
+                redelivered: 3,
+                deduplicated: 1
+            }
+        );
+        // Process 2 (started from that checkpoint) saw 2 redeliveries and 4 duplicates itself.
+        let c = Census {
+            redelivered: 2,
+            deduplicated: 4,
+            ..Census::default()
+        };
+        let a = settle(&back, &c);
+        assert_eq!((a.redelivered, a.deduplicated), (3 + 2, 1 + 4 + 2));
+        // Its next checkpoint adds its own counts once.
+        let again = back.for_checkpoint(2, 4);
+        assert_eq!(
+            again.earlier,
+            EarlierCounts {
+                redelivered: 5,
+                deduplicated: 5
+            }
+        );
+        // A ledger saved before this field existed reads as no earlier counts.
+        let mut v: serde_json::Value = serde_json::to_value(&l).unwrap();
+        v.as_object_mut().unwrap().remove("earlier");
+        let old: Ledger = serde_json::from_value(v).unwrap();
+        assert_eq!(old.earlier, EarlierCounts::default());
     }
 }

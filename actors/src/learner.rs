@@ -124,7 +124,11 @@ impl LearnerState {
             detail: "lock poisoned".into(),
         })?;
         let spec = &self.args.checkpoint;
-        let ledger = self.ledger()?.clone();
+        // The replay counts per process: the checkpoint carries this process's on.
+        let replay = self.args.replay.stats();
+        let ledger = self
+            .ledger()?
+            .for_checkpoint(replay.redelivered, replay.deduplicated);
         let state = CheckpointState {
             step: c.step,
             seed: spec.seed,
