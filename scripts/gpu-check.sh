@@ -7,7 +7,8 @@
 #      computation they replace (values, gradients, bitwise repeat: the same comparisons as the
 #      ignored test cuda_ops_match_the_cpu_reference), then learner steps/s at the quickstart's
 #      shape, CPU vs GPU, batch 64..4096, with the share of step time in tilt's own kernel;
-#   3. the smoke config end to end with every role on the GPU (`--set device=cuda`).
+#   3. the smoke config end to end with every role on the GPU (`--set device=cuda`), then with
+#      two data-parallel learner replicas on ["cuda:0","cuda:0"] and on ["cuda:0","cpu"].
 # Writes gpu-check.json, gpu-check.log and smoke.log to OUT_DIR (default $OUT, else gpu-check/)
 # and prints the tables. Exits 1 if the device, a comparison or the smoke run fails.
 # Usage: scripts/gpu-check.sh [OUT_DIR]   (env: TILT_BIN, default dist/gpu/tilt; BATCHES,
@@ -73,4 +74,18 @@ else
   say "smoke run on cuda: FAILED (exit $smoke; $out/smoke.log)"
   status=1
 fi
+# Data-parallel replicas across devices (`learner.devices`): two replicas on the GPU, then one on
+# the GPU and one on the CPU (gradients averaged on cuda:0 and copied back to each replica).
+for devs in '["cuda:0","cuda:0"]' '["cuda:0","cpu"]'; do
+  tag=$(echo "$devs" | tr -dc 'a-z0-9,' | tr ',' '-')
+  say "smoke run with learner.devices = $devs"
+  set +e
+  "$bin" run configs/smoke.toml --out "$(mktemp -d)/dp" --set device=cuda --set metrics.listen= \
+    --set "learner.devices=$devs" >"$out/smoke-dp-$tag.log" 2>&1
+  rc=$?
+  set -e
+  tail -n 4 "$out/smoke-dp-$tag.log"
+  if [ "$rc" -eq 0 ]; then say "learner.devices = $devs: ok"; else
+    say "learner.devices = $devs: FAILED (exit $rc; $out/smoke-dp-$tag.log)"; status=1; fi
+done
 exit "$status"

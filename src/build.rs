@@ -41,7 +41,23 @@ pub fn check_devices(cfg: &Config) -> Result<()> {
     device(cfg, "rollout.device", &cfg.rollout.device)?;
     device(cfg, "critic.device", &cfg.critic.device)?;
     device(cfg, "learner.device", &cfg.learner.device)?;
+    learner_devices(cfg)?;
     Ok(())
+}
+
+/// The device of each learner replica: `learner.devices` (one replica each), else
+/// `learner.actors` replicas on `learner.device`. Fails with the key of the device that is missing.
+pub fn learner_devices(cfg: &Config) -> Result<Vec<Device>> {
+    if cfg.learner.devices.is_empty() {
+        let d = device(cfg, "learner.device", &cfg.learner.device)?;
+        return Ok(vec![d; cfg.learner.actors]);
+    }
+    cfg.learner
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| device(cfg, &format!("learner.devices[{i}]"), d))
+        .collect()
 }
 
 /// The training-grid noise schedule.

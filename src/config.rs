@@ -343,6 +343,11 @@ pub struct LearnerConfig {
     pub actors: usize,
     /// Device of the learner replicas (and of evaluation); "" = the top-level `device`.
     pub device: String,
+    /// One device per data-parallel replica (e.g. `["cuda:0", "cuda:1"]`); empty = `actors`
+    /// replicas on `device`. When set it gives the number of replicas (`actors` must then be 1,
+    /// its default, or equal). Gradients are averaged on the first replica's device and every
+    /// replica applies the same step. `device` stays the device of the evaluation.
+    pub devices: Vec<String>,
     /// Checkpoint every this many steps (0 = only at the end and at eval points).
     pub checkpoint_every: u64,
 }
@@ -690,6 +695,7 @@ impl Default for LearnerConfig {
         Self {
             actors: 1,
             device: String::new(),
+            devices: Vec::new(),
             checkpoint_every: 500,
         }
     }
@@ -737,6 +743,29 @@ impl Config {
             if !(d.is_empty() && key != "device") {
                 tilt_kernels::cuda::parse_device(d).map_err(|e| anyhow!("{key} = {d:?}: {e}"))?;
             }
+        }
+        for (i, d) in self.learner.devices.iter().enumerate() {
+            tilt_kernels::cuda::parse_device(d)
+                .map_err(|e| anyhow!("learner.devices[{i}] = {d:?}: {e}"))?;
+        }
+        // The Diffusion-DPO objectives (DF-DPO, vrpo.method = "final_dpo") hold one frozen
+        // reference on learner.device; their replicas must compute there too.
+        let with_reference =
+            self.algorithm == AlgorithmKind::Dfdpo || self.vrpo.method == VrpoMethod::FinalDpo;
+        let home = self.device_of(&self.learner.device);
+        if let Some(d) = self.learner.devices.iter().find(|d| d.as_str() != home) {
+            if with_reference {
+                bail!(
+                    "learner.devices: {d:?} differs from learner.device ({home:?}); the Diffusion-DPO objectives (algorithm = \"dfdpo\", vrpo.method = \"final_dpo\") keep their frozen reference on learner.device, so every replica must run there"
+                );
+            }
+        }
+        let n_dev = self.learner.devices.len();
+        if n_dev > 0 && self.learner.actors != 1 && self.learner.actors != n_dev {
+            bail!(
+                "learner.devices lists {n_dev} devices but learner.actors = {}: one replica runs per device (drop learner.actors or make it {n_dev})",
+                self.learner.actors
+            );
         }
         for (k, v) in [
             ("learner.actors", self.learner.actors),
@@ -788,6 +817,15 @@ impl Config {
         match self.algorithm {
             AlgorithmKind::Vrpo => self.validate_vrpo(),
             AlgorithmKind::Dfdpo => self.validate_dfdpo(),
+        }
+    }
+
+    /// Learner replicas: one per `learner.devices` entry, else `learner.actors`.
+    pub fn learner_replicas(&self) -> usize {
+        if self.learner.devices.is_empty() {
+            self.learner.actors
+        } else {
+            self.learner.devices.len()
         }
     }
 

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::Device;
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use tilt_actors::accounting::{settle, Accounting, Ledger};
@@ -58,11 +59,15 @@ impl Trainable {
             let v0 = src
                 .get(name)
                 .ok_or_else(|| anyhow!("replica variable {name} missing in replica 0"))?;
-            var.set(v0.as_tensor())?;
+            // Replicas on other devices (`learner.devices`) get a copy on theirs.
+            var.set(&v0.as_tensor().to_device(var.device())?)?;
         }
         Ok(())
     }
 }
+
+/// Builds one learner replica (model and optimiser) on a device.
+pub type BuildReplica = Box<dyn Fn(&Device) -> Result<Trainable> + Send + Sync>;
 
 /// One training through the actors, as an algorithm describes it.
 pub struct Training {
@@ -76,10 +81,10 @@ pub struct Training {
     pub steps: u64,
     /// Pairs per replica per step.
     pub batch: usize,
-    /// Learner replicas in this process (0: a producer-only process).
-    pub replicas: usize,
-    /// Builds one replica's model and optimiser.
-    pub build: Box<dyn Fn() -> Result<Trainable> + Send + Sync>,
+    /// One device per learner replica in this process (none: a producer-only process).
+    pub devices: Vec<Device>,
+    /// Builds one replica's model and optimiser on a device.
+    pub build: BuildReplica,
     /// Weights every replica starts from when there is no checkpoint yet (None: as built).
     pub init: Option<PathBuf>,
     pub objective: Arc<dyn Objective>,
@@ -142,11 +147,11 @@ pub fn off_executor<T>(f: impl FnOnce() -> T) -> T {
 /// Build the replicas: all equal, resumed from the newest checkpoint in `t.dir` when there is
 /// one, else from `t.init`, else replica 0's fresh weights. Returns the replicas and the step.
 fn replicas(t: &Training) -> Result<(Vec<Trainable>, u64)> {
-    let mut out: Vec<Trainable> = Vec::with_capacity(t.replicas);
+    let mut out: Vec<Trainable> = Vec::with_capacity(t.devices.len());
     let latest = latest_checkpoint(&t.dir)?;
     let mut start = 0;
-    for rank in 0..t.replicas {
-        let mut r = (t.build)()?;
+    for (rank, device) in t.devices.iter().enumerate() {
+        let mut r = (t.build)(device)?;
         if let Some(init) = &t.init {
             load_weights(&mut r.varmap, init)
                 .with_context(|| format!("initial weights {}", init.display()))?;
@@ -176,7 +181,7 @@ pub async fn train(mut t: Training, progress: &Progress) -> Result<TrainReport> 
     std::fs::create_dir_all(&t.dir)
         .with_context(|| format!("cannot create {}", t.dir.display()))?;
     let (cores, start) = replicas(&t)?;
-    let learners = t.replicas > 0;
+    let learners = !t.devices.is_empty();
     if learners && start >= t.steps {
         progress.line(&format!(
             "[{}] already trained ({start} steps >= {})",

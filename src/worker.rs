@@ -121,7 +121,7 @@ pub async fn run_worker(
         run_dir.display()
     );
     let progress = open_progress(cfg, run_dir, &format!("progress-{role_name}.log"), &first)?;
-    crate::telemetry::process_started(&role_name, &name, start.previous);
+    crate::telemetry::process_started(role_name, &name, start.previous);
     let worker = WorkerCtx {
         run_id: run_id.to_owned(),
         name,

@@ -113,7 +113,6 @@ async fn train(world: usize, batch: usize, name: &str) -> Vec<Vec<(String, Vec<f
                 grid: s.grid.clone(),
                 labels: cfg.vrpo.labels,
                 beta: 1.0,
-                device: Device::Cpu,
             }),
             batch,
             total_steps: STEPS,

@@ -16,6 +16,21 @@ fn run(out: &std::path::Path, sets: &[&str]) -> std::process::Output {
 }
 
 #[test]
+fn learner_devices_run_one_replica_per_listed_device() {
+    // Two data-parallel replicas named by device (both the CPU here; scripts/gpu-check.sh runs
+    // ["cuda:0","cuda:0"] and ["cuda:0","cpu"] on a GPU): every step trains on 64 pairs per
+    // replica, and the run finishes with the same quality checks as one replica.
+    let d = scratch("learner-devices");
+    let out = d.join("run");
+    let o = run(&out, &["learner.devices=[\"cpu\", \"cpu\"]"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let s = json(&out.join("summary.json"));
+    let a = &s["accounting"];
+    assert_eq!(a["applications"], 60 * 64 * 2, "{a}");
+    assert!(s["gap_closed"].as_f64().unwrap().is_finite(), "{s}");
+}
+
+#[test]
 fn smoke_run_finishes_and_moves_toward_the_tilted_target() {
     let d = scratch("smoke-run");
     let out = d.join("run");

@@ -3,11 +3,11 @@
 //! statistics. The learner is the same for every algorithm; each algorithm implements this trait
 //! in its own file (`src/algo/<name>.rs`), calling its math in `tilt-kernels`.
 
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use tilt_kernels::denoiser::Denoiser;
 
 use crate::replay::Record;
-use crate::Result;
+use crate::{ActorError, Result};
 
 /// What one gradient evaluation reports, whatever the loss.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -33,4 +33,16 @@ pub trait Objective: Send + Sync {
         step: u64,
         replica: usize,
     ) -> Result<(Vec<Option<Tensor>>, StepStats)>;
+}
+
+/// The device of a replica's model (its first variable's): where an objective puts the batch it
+/// decodes, so replicas on different devices (`learner.devices`) each compute where their
+/// weights are.
+pub fn model_device(vars: &[(String, Var)]) -> Result<Device> {
+    vars.first()
+        .map(|(_, v)| v.device().clone())
+        .ok_or_else(|| ActorError::Actor {
+            role: "learner".into(),
+            detail: "the model has no trainable variables".into(),
+        })
 }

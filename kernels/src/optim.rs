@@ -150,6 +150,15 @@ impl AdamW {
                 ),
             ));
         }
+        // A replica's gradients may come averaged on another device (`learner.devices`): each
+        // moves to its variable's device (no copy when it is there already).
+        let moved = self
+            .vars
+            .iter()
+            .zip(grads)
+            .map(|((_, var), g)| g.as_ref().map(|g| g.to_device(var.device())).transpose())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let grads = &moved[..];
         // Check every gradient before touching any state, so a bad one leaves the optimiser whole.
         let mut sq_sum = 0f64;
         for ((name, var), g) in self.vars.iter().zip(grads) {
@@ -386,7 +395,8 @@ pub fn grads_in_order(vars: &[(String, Var)], grads: &GradStore) -> Vec<Option<T
 /// `None` in one replica counts as a zero gradient for that replica when another replica has
 /// `Some` (the sum is still divided by the number of replicas); a position that is `None`
 /// everywhere stays `None`. All replicas must have the same length and, per position, the same
-/// shapes, otherwise a shape error.
+/// shapes, otherwise a shape error. Replicas on different devices are averaged on the device of
+/// the first replica that has the gradient.
 pub fn average_grads(replicas: &[Vec<Option<Tensor>>]) -> Result<Vec<Option<Tensor>>> {
     let Some(first) = replicas.first() else {
         return Err(KernelError::param(
@@ -424,7 +434,9 @@ pub fn average_grads(replicas: &[Vec<Option<Tensor>>]) -> Result<Vec<Option<Tens
                                 ),
                             ));
                         }
-                        (acc + g)?
+                        // Replicas on other devices (`learner.devices`) are summed on the
+                        // device of the first replica that has this gradient.
+                        (&acc + g.to_device(acc.device())?)?
                     }
                 });
             }

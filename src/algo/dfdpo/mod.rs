@@ -20,7 +20,7 @@ use tilt_actors::accounting::Accounting;
 use tilt_actors::checkpoint::{latest_checkpoint, load_checkpoint};
 use tilt_actors::codec::records_to_clip_pairs;
 use tilt_actors::distortion::DistortionSource;
-use tilt_actors::objective::{Objective, StepStats};
+use tilt_actors::objective::{model_device, Objective, StepStats};
 use tilt_actors::replay::{Record, ReplayBuffer};
 use tilt_actors::source::PairSource;
 use tilt_kernels::clip_gates::BlobGate;
@@ -53,7 +53,6 @@ pub struct DfDpoObjective {
     pub seed: u64,
     /// Data space -> the space the denoisers diffuse in (applied to winners and losers).
     pub scale: DataScale,
-    pub device: Device,
 }
 
 impl Objective for DfDpoObjective {
@@ -65,7 +64,7 @@ impl Objective for DfDpoObjective {
         step: u64,
         replica: usize,
     ) -> tilt_actors::Result<(Vec<Option<Tensor>>, StepStats)> {
-        let (w, l) = records_to_clip_pairs(records, &self.device)?;
+        let (w, l) = records_to_clip_pairs(records, &model_device(vars)?)?;
         let (w, l) = (self.scale.to_model(&w)?, self.scale.to_model(&l)?);
         let mut rng = rng_for(self.seed, 5_000 + replica as u64, step);
         let (g, s) = dfdpo_grads(
@@ -96,7 +95,6 @@ pub struct SftObjective {
     pub seed: u64,
     /// Data space -> the space the denoiser diffuses in.
     pub scale: DataScale,
-    pub device: Device,
 }
 
 impl Objective for SftObjective {
@@ -108,7 +106,7 @@ impl Objective for SftObjective {
         step: u64,
         replica: usize,
     ) -> tilt_actors::Result<(Vec<Option<Tensor>>, StepStats)> {
-        let (w, _) = records_to_clip_pairs(records, &self.device)?;
+        let (w, _) = records_to_clip_pairs(records, &model_device(vars)?)?;
         let w = self.scale.to_model(&w)?;
         let mut rng = rng_for(self.seed, 6_000 + replica as u64, step);
         let (g, loss) = denoise_grads(model, vars, &self.schedule, &w, None, &mut rng)?;
@@ -307,7 +305,6 @@ fn continuation(
             schedule: sh.schedule.clone(),
             seed: cfg.seed,
             scale: sh.scale,
-            device: sh.device.clone(),
         }),
         Some(_) => Arc::new(DfDpoObjective {
             reference: sh.reference.clone(),
@@ -316,18 +313,17 @@ fn continuation(
             lambda_sft: cfg.dfdpo.lambda_sft,
             seed: cfg.seed,
             scale: sh.scale,
-            device: sh.device.clone(),
         }),
     };
-    let (video, lr, device) = (cfg.video.clone(), cfg.dfdpo.lr, sh.device.clone());
+    let (video, lr) = (cfg.video.clone(), cfg.dfdpo.lr);
     Ok(Training {
         name: name.to_string(),
         dir: dir.to_path_buf(),
         report_file: report_file(dir),
         steps: cfg.dfdpo.steps,
         batch: cfg.dfdpo.batch,
-        replicas: cfg.learner.actors,
-        build: Box::new(move || build::video_model(&video, lr, &device)),
+        devices: build::learner_devices(cfg)?,
+        build: Box::new(move |device| build::video_model(&video, lr, device)),
         // The policy starts as a copy of the reference (equal bit for bit at step 0).
         init: Some(sh.reference_file.clone()),
         objective,

@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use tilt_actors::codec::records_to_final_pairs;
-use tilt_actors::objective::{Objective, StepStats};
+use tilt_actors::objective::{model_device, Objective, StepStats};
 use tilt_actors::replay::Record;
 use tilt_kernels::denoiser::Denoiser;
 use tilt_kernels::final_dpo::final_dpo_grads;
@@ -20,7 +20,6 @@ pub struct FinalDpoObjective {
     pub schedule: VpSchedule,
     pub beta: f64,
     pub seed: u64,
-    pub device: Device,
 }
 
 impl Objective for FinalDpoObjective {
@@ -32,7 +31,7 @@ impl Objective for FinalDpoObjective {
         step: u64,
         replica: usize,
     ) -> tilt_actors::Result<(Vec<Option<Tensor>>, StepStats)> {
-        let (w, l, cond) = records_to_final_pairs(records, &self.device)?;
+        let (w, l, cond) = records_to_final_pairs(records, &model_device(vars)?)?;
         let mut rng = rng_for(self.seed, 6_000 + replica as u64, step);
         let (g, s) = final_dpo_grads(
             model,

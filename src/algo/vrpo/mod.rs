@@ -18,7 +18,7 @@ use candle_core::{Device, Tensor, Var};
 use tilt_actors::codec::records_to_batch;
 use tilt_actors::critic::CriticSource;
 use tilt_actors::final_pairs::FinalPairSource;
-use tilt_actors::objective::{Objective, StepStats};
+use tilt_actors::objective::{model_device, Objective, StepStats};
 use tilt_actors::replay::{Record, ReplayBuffer};
 use tilt_actors::rollout::RolloutSource;
 use tilt_actors::source::PairSource;
@@ -119,7 +119,6 @@ pub struct VrpoObjective {
     pub grid: Arc<SamplingGrid>,
     pub labels: VrpoLabels,
     pub beta: f64,
-    pub device: Device,
 }
 
 impl Objective for VrpoObjective {
@@ -131,7 +130,7 @@ impl Objective for VrpoObjective {
         _step: u64,
         _replica: usize,
     ) -> tilt_actors::Result<(Vec<Option<Tensor>>, StepStats)> {
-        let batch = records_to_batch(records, &self.device)?;
+        let batch = records_to_batch(records, &model_device(vars)?)?;
         let (g, s) = vrpo_grads(model, vars, &self.grid, &batch, self.labels, self.beta)?;
         Ok((
             g,
@@ -232,14 +231,12 @@ fn objective(cfg: &Config, s: &Setup) -> Arc<dyn Objective> {
             grid: s.grid.clone(),
             labels: cfg.vrpo.labels,
             beta: cfg.vrpo.beta,
-            device: s.learner_device.clone(),
         }),
         VrpoMethod::FinalDpo => Arc::new(final_dpo::FinalDpoObjective {
             reference: s.data.reference.clone(),
             schedule: s.schedule.clone(),
             beta: cfg.vrpo.beta,
             seed: cfg.seed,
-            device: s.learner_device.clone(),
         }),
     }
 }
@@ -247,25 +244,21 @@ fn objective(cfg: &Config, s: &Setup) -> Arc<dyn Objective> {
 /// Stage 2 as a `Training` for the shared learners.
 pub fn training(cfg: &Config, s: &Setup, run_dir: &Path, roles: Roles) -> Result<Training> {
     let sources = sources(cfg, s, run_dir, &roles)?;
-    let (policy, dim, classes, opt, device) = (
-        cfg.policy.clone(),
-        s.dim(),
-        s.data.classes,
-        adamw(cfg),
-        s.learner_device.clone(),
-    );
+    let (policy, dim, classes, opt) = (cfg.policy.clone(), s.dim(), s.data.classes, adamw(cfg));
     Ok(Training {
         name: "vrpo".into(),
         dir: run_dir.to_path_buf(),
         report_file: run_dir.join("vrpo.json"),
         steps: cfg.vrpo.steps,
         batch: cfg.vrpo.batch,
-        replicas: if roles.learners {
-            cfg.learner.actors
+        devices: if roles.learners {
+            build::learner_devices(cfg)?
         } else {
-            0
+            vec![]
         },
-        build: Box::new(move || build::mlp_policy(&policy, dim, classes, opt.clone(), &device)),
+        build: Box::new(move |device| {
+            build::mlp_policy(&policy, dim, classes, opt.clone(), device)
+        }),
         init: None,
         objective: objective(cfg, s),
         sources,
