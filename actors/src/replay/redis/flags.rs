@@ -324,6 +324,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn flag_calls_and_the_replay_work_over_tls_with_an_acl_user() -> TestResult {
+        // A redis-server that speaks only TLS, wants a client certificate and knows one user:
+        // every flag call and a replay connect over rediss:// with the CA and the client's
+        // certificate; without the CA the handshake fails, and no error shows the password.
+        use crate::replay::testutil::redis_server::TlsRedisServer;
+        use crate::replay::redis::{RedisReplay, RedisTls};
+        use crate::replay::{ReplayBackend, ReplayConfig};
+        let server = TlsRedisServer::start("flags", "flag-pass-31", true);
+        let tls = RedisTls {
+            ca: Some(server.tls.ca.clone()),
+            cert: Some(server.tls.client_cert.clone()),
+            key: Some(server.tls.client_key.clone()),
+        };
+        let target = RedisTarget::new(server.url(), tls.clone());
+        let run = run_id("tls");
+        assert_eq!(register_start(&target, &run, "critic-0").await?.ordinal, 0);
+        assert_eq!(register_start(&target, &run, "critic-0").await?.previous, 1);
+        count_actor_restarts(&target, &run, "rollout", 1).await?;
+        assert_eq!(run_restarts(&target, &run).await?.total(), 2);
+        let watch = watch_run_done(&target, run.clone());
+        mark_run_done(&target, &run).await?;
+        timeout(LONG, watch).await??;
+        assert_eq!(server.cli(&["GET", &done_key(&run)]).trim(), "1");
+
+        let cfg = ReplayConfig {
+            backend: ReplayBackend::Redis,
+            capacity: 16,
+            min_size: 1,
+            samples_per_insert: 0.0,
+            ..ReplayConfig::default()
+        };
+        let rb = RedisReplay::connect(&target, &run, "c0", cfg.clone()).await?;
+        assert_eq!(rb.fetch_stats().await?.inserted, 0);
+        rb.purge().await?;
+
+        let no_ca = RedisTarget::new(
+            server.url(),
+            RedisTls {
+                ca: None,
+                ..tls.clone()
+            },
+        );
+        let e = register_start(&no_ca, &run, "x").await.unwrap_err().to_string();
+        assert!(e.contains("UnknownIssuer") && e.contains("replay.tls_ca"), "{e}");
+        let e = RedisReplay::connect(&no_ca, &run, "c1", cfg)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("UnknownIssuer"), "{e}");
+        let wrong = RedisTarget::new(server.url_as("flags", "wrong-pass-77"), tls);
+        let e = mark_run_done(&wrong, &run).await.unwrap_err().to_string();
+        assert!(e.contains("cannot connect"), "{e}");
+        assert!(!e.contains("wrong-pass-77") && !e.contains("flag-pass-31"), "{e}");
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn flag_calls_name_the_address_not_the_password() -> TestResult {
         fails_naming_the_address_not_the_password(|url| async move {
             register_start(&url, "r", "critic-0").await
