@@ -1104,6 +1104,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn redis_and_metrics_default_to_loopback() {
+        let c = Config::default();
+        assert_eq!(RedisTarget::from(&c.replay.url).remote_addr(), None);
+        let listen: std::net::SocketAddr = c.metrics.listen.parse().unwrap();
+        assert!(listen.ip().is_loopback(), "{listen}");
+    }
+
+    #[test]
+    fn tls_files_are_checked_on_the_redis_backend_only() {
+        // The TLS keys round-trip through the saved config; a missing CA file is an error only
+        // where it would be used.
+        let sets = |ca: &str, backend: &str| {
+            vec![
+                format!("replay.backend={backend}"),
+                format!("replay.tls_ca={ca}"),
+                "replay.url=rediss://u:pw@127.0.0.1:6380/0".to_owned(),
+            ]
+        };
+        let ok = Config::from_toml_str("", "x", &sets("Cargo.toml", "redis")).unwrap();
+        assert_eq!(ok.replay.tls_ca, Some(PathBuf::from("Cargo.toml")));
+        let saved = ok.to_toml().unwrap();
+        assert!(saved.contains("tls_ca = \"Cargo.toml\""), "{saved}");
+        assert!(saved.contains("rediss://u:***@127.0.0.1:6380/0"), "{saved}");
+        Config::from_toml_str("", "x", &sets("/nonexistent/ca.pem", "memory")).unwrap();
+        let e = Config::from_toml_str("", "x", &sets("/nonexistent/ca.pem", "redis"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("x: replay.tls_ca = \"/nonexistent/ca.pem\": cannot read"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn defaults_validate_and_round_trip() {
         let c = Config::default();
         c.validate().unwrap();

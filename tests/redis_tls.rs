@@ -214,3 +214,31 @@ fn bad_credentials_and_wrong_tls_settings_are_one_clear_line_each() {
         PASSWORD,
     );
 }
+
+#[test]
+fn a_redis_beyond_this_machine_is_stated_at_start() {
+    // TEST-NET-1 (RFC 5737): nothing answers there, so the run fails to connect, after the log
+    // has said where Redis is and that the URL is not encrypted.
+    let d = scratch("redis-tls-remote");
+    let out = d.join("run");
+    let o = run(&mut tilt_clean(&[
+        "run",
+        "configs/smoke.toml",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "replay.backend=redis",
+        "--set",
+        "replay.url=redis://:remote-pass-2b@192.0.2.1:6379/0",
+    ]));
+    let e = err(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    let note = "tilt: note: Redis is beyond this machine (192.0.2.1:6379, plain TCP, not encrypted";
+    assert!(e.contains(note), "{e}");
+    let log = std::fs::read_to_string(out.join("progress.log")).unwrap();
+    assert!(log.contains(note), "{log}");
+    assert!(
+        !e.contains("remote-pass-2b") && !log.contains("remote-pass-2b"),
+        "{e}"
+    );
+}

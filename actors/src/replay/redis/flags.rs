@@ -328,8 +328,8 @@ mod tests {
         // A redis-server that speaks only TLS, wants a client certificate and knows one user:
         // every flag call and a replay connect over rediss:// with the CA and the client's
         // certificate; without the CA the handshake fails, and no error shows the password.
-        use crate::replay::testutil::redis_server::TlsRedisServer;
         use crate::replay::redis::{RedisReplay, RedisTls};
+        use crate::replay::testutil::redis_server::TlsRedisServer;
         use crate::replay::{ReplayBackend, ReplayConfig};
         let server = TlsRedisServer::start("flags", "flag-pass-31", true);
         let tls = RedisTls {
@@ -366,8 +366,14 @@ mod tests {
                 ..tls.clone()
             },
         );
-        let e = register_start(&no_ca, &run, "x").await.unwrap_err().to_string();
-        assert!(e.contains("UnknownIssuer") && e.contains("replay.tls_ca"), "{e}");
+        let e = register_start(&no_ca, &run, "x")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("UnknownIssuer") && e.contains("replay.tls_ca"),
+            "{e}"
+        );
         let e = RedisReplay::connect(&no_ca, &run, "c1", cfg)
             .await
             .err()
@@ -377,7 +383,10 @@ mod tests {
         let wrong = RedisTarget::new(server.url_as("flags", "wrong-pass-77"), tls);
         let e = mark_run_done(&wrong, &run).await.unwrap_err().to_string();
         assert!(e.contains("cannot connect"), "{e}");
-        assert!(!e.contains("wrong-pass-77") && !e.contains("flag-pass-31"), "{e}");
+        assert!(
+            !e.contains("wrong-pass-77") && !e.contains("flag-pass-31"),
+            "{e}"
+        );
         Ok(())
     }
 
