@@ -225,8 +225,9 @@ impl RedisTarget {
     }
 
     /// The redis-rs client: the URL parsed and, for `rediss://` with TLS files, the files read
-    /// (again at each call, so a renewed certificate is picked up by the next connection). The
-    /// error is one line naming the redacted URL or the config key, never the password or key.
+    /// (at each call: each flag call reads them afresh; a replay reads them once, when it
+    /// connects, and its reconnections reuse them). The error is one line naming the redacted
+    /// URL or the config key, never the password or the key.
     pub(super) fn client(&self) -> Result<Client, String> {
         let secrets = self.secrets();
         let bad_url = |e: redis::RedisError| {
