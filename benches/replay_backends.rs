@@ -23,6 +23,7 @@ fn cfg(backend: ReplayBackend, capacity: usize) -> ReplayConfig {
         max_times_sampled: 0,
         seed: 0,
         url: std::env::var("TILT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into()),
+        ..ReplayConfig::default()
     }
 }
 

@@ -277,14 +277,14 @@ pub fn video_model(v: &VideoDataConfig, lr: f64, device: &Device) -> Result<Trai
 }
 
 /// The replay of a run: in-process, or Redis namespaced by `run_id` (consumer name `consumer`).
-/// TILT_REDIS_URL overrides `replay.url`.
+/// TILT_REDIS_URL overrides `replay.url` (see [`Config::redis_target`]).
 pub async fn replay(cfg: &Config, run_id: &str, consumer: &str) -> Result<Arc<dyn ReplayBuffer>> {
     Ok(match cfg.replay.backend {
         ReplayBackend::Redis => {
-            let url = redis_url(cfg);
+            let redis = cfg.redis_target();
             Arc::new(
                 tilt_actors::replay::redis::RedisReplay::connect(
-                    &url,
+                    &redis,
                     run_id,
                     consumer,
                     cfg.replay.clone(),
@@ -294,9 +294,4 @@ pub async fn replay(cfg: &Config, run_id: &str, consumer: &str) -> Result<Arc<dy
         }
         ReplayBackend::Memory => Arc::new(MemoryReplay::new(cfg.replay.clone())?),
     })
-}
-
-/// The Redis URL: TILT_REDIS_URL, else `replay.url`.
-pub fn redis_url(cfg: &Config) -> String {
-    std::env::var("TILT_REDIS_URL").unwrap_or_else(|_| cfg.replay.url.clone())
 }

@@ -2,10 +2,11 @@
 //! that names the offending key. `--set a.b=value` edits the TOML tree before it is typed, so every
 //! key can be overridden and a misspelt one fails exactly like a misspelt key in the file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use tilt_actors::replay::redis::{RedisTarget, RedisTls};
 use tilt_actors::replay::ReplayConfig;
 use tilt_kernels::critic::CriticLossWeights;
 use tilt_kernels::losses::VrpoLabels;
@@ -800,6 +801,7 @@ impl Config {
             );
         }
         self.replay.validate().map_err(|e| anyhow!("{e}"))?;
+        self.validate_redis_tls()?;
         if self.runtime == RuntimeKind::Sync {
             if self.replay.backend != tilt_actors::replay::ReplayBackend::Memory {
                 bail!("runtime = \"sync\": needs replay.backend = \"memory\" (one process, no overlap)");
@@ -827,6 +829,57 @@ impl Config {
         } else {
             self.learner.devices.len()
         }
+    }
+
+    /// The run's Redis: TILT_REDIS_URL, else `replay.url`; its TLS files from TILT_REDIS_CA,
+    /// TILT_REDIS_CERT and TILT_REDIS_KEY, else `replay.tls_ca`, `tls_cert` and `tls_key`.
+    pub fn redis_target(&self) -> RedisTarget {
+        let r = &self.replay;
+        RedisTarget::new(
+            std::env::var("TILT_REDIS_URL").unwrap_or_else(|_| r.url.clone()),
+            RedisTls {
+                ca: env_path("TILT_REDIS_CA").or_else(|| r.tls_ca.clone()),
+                cert: env_path("TILT_REDIS_CERT").or_else(|| r.tls_cert.clone()),
+                key: env_path("TILT_REDIS_KEY").or_else(|| r.tls_key.clone()),
+            },
+        )
+    }
+
+    /// On the redis backend, the TLS files [`redis_target`](Self::redis_target) names must be
+    /// readable, and a client certificate needs its key. Errors name the key (or the variable
+    /// that set it) and the file, except the private key's file.
+    fn validate_redis_tls(&self) -> Result<()> {
+        if self.replay.backend != tilt_actors::replay::ReplayBackend::Redis {
+            return Ok(());
+        }
+        let r = &self.replay;
+        let sources = [
+            ("replay.tls_ca", "TILT_REDIS_CA", &r.tls_ca, true),
+            ("replay.tls_cert", "TILT_REDIS_CERT", &r.tls_cert, true),
+            ("replay.tls_key", "TILT_REDIS_KEY", &r.tls_key, false),
+        ];
+        let mut set = [false; 3];
+        for (i, (key, var, value, named)) in sources.into_iter().enumerate() {
+            let (name, path) = match (env_path(var), value) {
+                (Some(p), _) => (var, p),
+                (None, Some(p)) => (key, p.clone()),
+                (None, None) => continue,
+            };
+            set[i] = true;
+            if let Err(e) = std::fs::File::open(&path) {
+                if named {
+                    bail!(
+                        "{name} = {:?}: cannot read: {e}",
+                        path.display().to_string()
+                    );
+                }
+                bail!("{name}: cannot read the file it names: {e}");
+            }
+        }
+        if set[1] != set[2] {
+            bail!("replay.tls_cert and replay.tls_key: mutual TLS needs both (or neither)");
+        }
+        Ok(())
     }
 
     /// The device a role computes on: its own `<role>.device`, else the top-level `device`.
@@ -1044,6 +1097,13 @@ impl Config {
     }
 }
 
+/// A path from environment variable `var`, if set and not empty.
+fn env_path(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
 /// Apply one `a.b.c=value` to the TOML tree. The value is parsed as TOML (numbers, booleans,
 /// arrays, quoted strings); anything else is taken as a bare string.
 pub fn apply_set(tree: &mut toml::Value, set: &str) -> Result<()> {
@@ -1080,6 +1140,40 @@ pub fn apply_set(tree: &mut toml::Value, set: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_and_metrics_default_to_loopback() {
+        let c = Config::default();
+        assert_eq!(RedisTarget::from(&c.replay.url).remote_addr(), None);
+        let listen: std::net::SocketAddr = c.metrics.listen.parse().unwrap();
+        assert!(listen.ip().is_loopback(), "{listen}");
+    }
+
+    #[test]
+    fn tls_files_are_checked_on_the_redis_backend_only() {
+        // The TLS keys round-trip through the saved config; a missing CA file is an error only
+        // where it would be used.
+        let sets = |ca: &str, backend: &str| {
+            vec![
+                format!("replay.backend={backend}"),
+                format!("replay.tls_ca={ca}"),
+                "replay.url=rediss://u:pw@127.0.0.1:6380/0".to_owned(),
+            ]
+        };
+        let ok = Config::from_toml_str("", "x", &sets("Cargo.toml", "redis")).unwrap();
+        assert_eq!(ok.replay.tls_ca, Some(PathBuf::from("Cargo.toml")));
+        let saved = ok.to_toml().unwrap();
+        assert!(saved.contains("tls_ca = \"Cargo.toml\""), "{saved}");
+        assert!(saved.contains("rediss://u:***@127.0.0.1:6380/0"), "{saved}");
+        Config::from_toml_str("", "x", &sets("/nonexistent/ca.pem", "memory")).unwrap();
+        let e = Config::from_toml_str("", "x", &sets("/nonexistent/ca.pem", "redis"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("x: replay.tls_ca = \"/nonexistent/ca.pem\": cannot read"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn defaults_validate_and_round_trip() {

@@ -43,6 +43,16 @@ pub fn open_progress(
         interactive: std::io::stderr().is_terminal(),
     };
     progress.line(first);
+    if cfg.replay.backend == tilt_actors::replay::ReplayBackend::Redis {
+        let redis = cfg.redis_target();
+        if let Some(addr) = redis.remote_addr() {
+            // The default is loopback; anything else is a choice the log states.
+            progress.line(&format!(
+                "tilt: note: Redis is beyond this machine ({addr}, {}; replay.url or TILT_REDIS_URL)",
+                if redis.is_tls() { "TLS" } else { "plain TCP, not encrypted" }
+            ));
+        }
+    }
     if let Some(addr) = crate::telemetry::start_metrics(&cfg.metrics.listen)? {
         progress.line(&format!("tilt: metrics at http://{addr}/metrics"));
         if !addr.ip().is_loopback() {

@@ -11,13 +11,12 @@ use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use ractor::{ActorCell, SpawnErr};
 use tilt_actors::replay::redis::{
-    count_actor_restarts, redact, register_start, run_restarts, RunRestarts, WorkerStart,
+    count_actor_restarts, register_start, run_restarts, RedisTarget, RunRestarts, WorkerStart,
 };
 use tilt_actors::replay::{Record, ReplayBackend, ReplayBuffer, ReplayStats};
 use tilt_actors::source::{PairSource, SourceContext};
 
 use crate::algo::{for_kind, RunCtx, WorkerRole};
-use crate::build::redis_url;
 use crate::config::Config;
 use crate::run::open_progress;
 
@@ -30,8 +29,8 @@ pub struct WorkerCtx {
     pub run_id: String,
     /// `<role>-<id>`: a start under a name that started before is a restart.
     pub name: String,
-    /// The run's Redis (TILT_REDIS_URL or `replay.url`).
-    pub url: String,
+    /// The run's Redis (TILT_REDIS_URL or `replay.url`, and its TLS files).
+    pub url: RedisTarget,
     pub start: WorkerStart,
 }
 
@@ -102,7 +101,7 @@ pub async fn run_worker(
     }
     let role_name = role.name();
     let name = format!("{role_name}-{id}");
-    let url = redis_url(cfg);
+    let url = cfg.redis_target();
     let start = register_start(&url, run_id, &name).await?;
     if start.ordinal >= 1 << (32 - PRODUCER_BITS) {
         bail!(
@@ -117,7 +116,7 @@ pub async fn run_worker(
         } else {
             format!("restart {}", start.previous)
         },
-        redact(&url),
+        url.redacted(),
         run_dir.display()
     );
     let progress = open_progress(cfg, run_dir, &format!("progress-{role_name}.log"), &first)?;

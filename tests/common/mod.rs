@@ -16,13 +16,16 @@ pub fn scratch(name: &str) -> PathBuf {
     p
 }
 
-/// `tilt` with arguments, run from the repository root, never inheriting TILT_REDIS_URL (a test
-/// names its Redis itself).
+/// `tilt` with arguments, run from the repository root, never inheriting TILT_REDIS_URL or the
+/// TLS variables (a test names its Redis itself).
 pub fn tilt_cmd(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tilt"));
     c.args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("TILT_REDIS_URL");
+        .env_remove("TILT_REDIS_URL")
+        .env_remove("TILT_REDIS_CA")
+        .env_remove("TILT_REDIS_CERT")
+        .env_remove("TILT_REDIS_KEY");
     c
 }
 

@@ -3,6 +3,7 @@
 //! (`memory` in-process, `redis` across processes), the record format in `record`, and the rate
 //! limiter both backends apply in `limiter`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -147,6 +148,19 @@ pub struct ReplayConfig {
     /// Redis URL for `backend = "redis"` (`redis://[:password@]host:port/db`). The environment
     /// variable TILT_REDIS_URL overrides it; the password never appears in logs or saved configs.
     pub url: String,
+    /// For a `rediss://` URL: the CA certificate (PEM) that signed the Redis server's
+    /// certificate, e.g. a private CA's; unset: the system's trusted roots. TILT_REDIS_CA
+    /// overrides it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// For mutual TLS: this client's certificate (PEM), with `tls_key`. TILT_REDIS_CERT
+    /// overrides it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// For mutual TLS: the private key (PEM) of `tls_cert`. Its content never appears in
+    /// messages; errors name the key, not the file. TILT_REDIS_KEY overrides it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ReplayConfig {
@@ -161,6 +175,9 @@ impl Default for ReplayConfig {
             max_times_sampled: 0,
             seed: 0,
             url: "redis://127.0.0.1:6379/".to_owned(),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }

@@ -29,7 +29,6 @@ use super::{
     variants,
 };
 use crate::algo::{has_stage, RunCtx, WorkerRole};
-use crate::build::redis_url;
 use crate::config::Config;
 use crate::files::read_json;
 use crate::progress::Progress;
@@ -69,7 +68,7 @@ fn finished(cfg: &Config, run_dir: &Path, name: &str) -> bool {
 async fn distortion(run: &RunCtx<'_>, worker: &WorkerCtx, run_id: &str) -> Result<()> {
     let (cfg, run_dir, progress) = (run.cfg, run.run_dir, run.progress);
     let consumer = format!("distortion-{}", std::process::id());
-    let url = redis_url(cfg);
+    let url = cfg.redis_target();
     let spec = clip_spec(cfg)?;
     let clips = Arc::new(real_clips(cfg, &spec)?);
     progress.line(&format!(
@@ -194,7 +193,7 @@ async fn learner(run: &RunCtx<'_>, worker: &WorkerCtx, run_id: &str) -> Result<(
     let (cfg, run_dir, progress) = (run.cfg, run.run_dir, run.progress);
     let t0 = Instant::now();
     let consumer = format!("learner-{}", std::process::id());
-    let url = redis_url(cfg);
+    let url = cfg.redis_target();
     let (sh, spec) = prepare(cfg, run_dir, progress)?;
     let mut training = BTreeMap::new();
     for (name, curriculum) in variants(cfg)? {

@@ -16,7 +16,6 @@ use tilt_actors::replay::{ReplayBackend, ReplayBuffer, ReplayConfig, Sampler};
 
 use super::{ensure_critic, eval, setup, training, Roles};
 use crate::algo::{RunCtx, WorkerRole};
-use crate::build::redis_url;
 use crate::config::Config;
 use crate::files::read_json;
 use crate::train::{off_executor, train};
@@ -32,7 +31,7 @@ fn segments_config(cfg: &Config) -> ReplayConfig {
         sampler: Sampler::Fifo,
         max_times_sampled: 0,
         seed: cfg.seed,
-        url: cfg.replay.url.clone(),
+        ..cfg.replay.clone()
     }
 }
 
@@ -45,7 +44,7 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
         .context("VRPO's worker roles run under `tilt worker`")?;
     let name = format!("{role:?}").to_lowercase();
     let consumer = format!("{name}-{}", std::process::id());
-    let url = redis_url(cfg);
+    let url = cfg.redis_target();
     let s = setup(cfg, run_dir)?;
     let seg_id = format!("{run_id}-segments");
     match role {

@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use redis::{AsyncConnectionConfig, Client, RedisError};
+use redis::{AsyncConnectionConfig, RedisError};
 use tokio::sync::oneshot;
 
 use super::conn::CONNECT_TIMEOUT;
-use super::url::{password_ranges, redact, scrub};
+use super::url::{scrub, RedisTarget};
 use crate::{ActorError, Result};
 
 /// How long a done mark outlives the call that set it.
@@ -76,47 +76,43 @@ impl RunRestarts {
     }
 }
 
-/// A connection for one flag call on the Redis at `url`, and a function that turns a Redis error
-/// of call `what` into one line naming the address, never the password.
+/// A connection for one flag call on `redis`, and a function that turns a Redis error of call
+/// `what` into one line naming the address, never the password.
 async fn flag_connection(
-    url: &str,
+    redis: RedisTarget,
     what: String,
 ) -> Result<(
     redis::aio::MultiplexedConnection,
     impl Fn(&str, RedisError) -> ActorError,
 )> {
-    let mut secrets: Vec<String> = password_ranges(url)
-        .into_iter()
-        .map(|(a, b)| url[a..b].to_owned())
-        .collect();
-    let address = redact(url);
-    let client = Client::open(url);
-    if let Ok(c) = &client {
-        secrets.extend(
-            c.get_connection_info()
-                .redis_settings()
-                .password()
-                .map(str::to_owned),
-        );
-    }
+    let secrets = redis.secrets();
+    let address = redis.redacted();
+    let client = redis
+        .client()
+        .map_err(|e| ActorError::Replay(format!("{what}: {e}")))?;
     let fail = move |step: &str, e: RedisError| {
         ActorError::Replay(format!(
             "redis {address}: {what}: {step}: {}",
             scrub(e.to_string(), &secrets)
         ))
     };
-    let client = client.map_err(|e| fail("bad url", e))?;
     let c = client
         .get_multiplexed_async_connection_with_config(&connection_config())
         .await
-        .map_err(|e| fail("cannot connect", e))?;
+        .map_err(|e| {
+            let hint = redis.connect_hint(&e);
+            match fail("cannot connect", e) {
+                ActorError::Replay(m) => ActorError::Replay(m + hint),
+                other => other,
+            }
+        })?;
     Ok((c, fail))
 }
 
-/// Mark run `run_id` done (`SET tilt:<run-id>:done 1 EX 3600`) on the Redis at `url`. Errors name
+/// Mark run `run_id` done (`SET tilt:<run-id>:done 1 EX 3600`) on `redis`. Errors name
 /// the address, never the password.
-pub async fn mark_run_done(url: &str, run_id: &str) -> Result<()> {
-    let (mut c, fail) = flag_connection(url, format!("mark run {run_id} done")).await?;
+pub async fn mark_run_done(redis: impl Into<RedisTarget>, run_id: &str) -> Result<()> {
+    let (mut c, fail) = flag_connection(redis.into(), format!("mark run {run_id} done")).await?;
     redis::cmd("SET")
         .arg(done_key(run_id))
         .arg("1")
@@ -129,9 +125,16 @@ pub async fn mark_run_done(url: &str, run_id: &str) -> Result<()> {
 
 /// Register a start of worker `worker` (a role and an id, e.g. `critic-0`) of run `run_id`: one
 /// atomic `HINCRBY` of its field and of [`ALL_STARTS`] in [`starts_key`].
-pub async fn register_start(url: &str, run_id: &str, worker: &str) -> Result<WorkerStart> {
-    let (mut c, fail) =
-        flag_connection(url, format!("register worker {worker} of run {run_id}")).await?;
+pub async fn register_start(
+    redis: impl Into<RedisTarget>,
+    run_id: &str,
+    worker: &str,
+) -> Result<WorkerStart> {
+    let (mut c, fail) = flag_connection(
+        redis.into(),
+        format!("register worker {worker} of run {run_id}"),
+    )
+    .await?;
     let key = starts_key(run_id);
     let (mine, all): (u64, u64) = redis::pipe()
         .atomic()
@@ -154,9 +157,17 @@ pub async fn register_start(url: &str, run_id: &str, worker: &str) -> Result<Wor
 
 /// Count `n` actor restarts of role `role` inside a worker process of run `run_id`
 /// (`HINCRBY` in [`restarts_key`]).
-pub async fn count_actor_restarts(url: &str, run_id: &str, role: &str, n: u64) -> Result<()> {
-    let (mut c, fail) =
-        flag_connection(url, format!("count a {role} restart of run {run_id}")).await?;
+pub async fn count_actor_restarts(
+    redis: impl Into<RedisTarget>,
+    run_id: &str,
+    role: &str,
+    n: u64,
+) -> Result<()> {
+    let (mut c, fail) = flag_connection(
+        redis.into(),
+        format!("count a {role} restart of run {run_id}"),
+    )
+    .await?;
     redis::cmd("HINCRBY")
         .arg(restarts_key(run_id))
         .arg(role)
@@ -168,8 +179,9 @@ pub async fn count_actor_restarts(url: &str, run_id: &str, role: &str, n: u64) -
 
 /// The restarts of run `run_id` recorded so far by its workers: each worker name's starts
 /// beyond the first, and the actor restarts inside worker processes.
-pub async fn run_restarts(url: &str, run_id: &str) -> Result<RunRestarts> {
-    let (mut c, fail) = flag_connection(url, format!("read the restarts of run {run_id}")).await?;
+pub async fn run_restarts(redis: impl Into<RedisTarget>, run_id: &str) -> Result<RunRestarts> {
+    let (mut c, fail) =
+        flag_connection(redis.into(), format!("read the restarts of run {run_id}")).await?;
     let (starts, actors): (BTreeMap<String, u64>, BTreeMap<String, u64>) = redis::pipe()
         .cmd("HGETALL")
         .arg(starts_key(run_id))
@@ -189,18 +201,19 @@ pub async fn run_restarts(url: &str, run_id: &str) -> Result<RunRestarts> {
     })
 }
 
-/// Resolves once run `run_id` is marked done on the Redis at `url`, looking every [`DONE_POLL`]
+/// Resolves once run `run_id` is marked done on `redis`, looking every [`DONE_POLL`]
 /// (the watch starts at once, on the current tokio runtime).
 ///
 /// While Redis is unreachable it keeps trying. It resolves only on the mark: the sender is never
 /// dropped without sending while the receiver lives, so a receiver error cannot be mistaken for
 /// the mark (a URL that does not parse is never marked; connecting the replay reports it). The
 /// watch ends when the receiver is dropped.
-pub fn watch_run_done(url: String, run_id: String) -> oneshot::Receiver<()> {
+pub fn watch_run_done(redis: impl Into<RedisTarget>, run_id: String) -> oneshot::Receiver<()> {
+    let redis: RedisTarget = redis.into();
     let (mut tx, rx) = oneshot::channel();
     tokio::spawn(async move {
         let marked = tokio::select! {
-            () = wait_for_mark(&url, &run_id) => true,
+            () = wait_for_mark(&redis, &run_id) => true,
             () = tx.closed() => false,
         };
         if marked {
@@ -211,9 +224,9 @@ pub fn watch_run_done(url: String, run_id: String) -> oneshot::Receiver<()> {
 }
 
 /// Poll the done mark until it is there, on one connection made again after any error.
-async fn wait_for_mark(url: &str, run_id: &str) {
+async fn wait_for_mark(redis: &RedisTarget, run_id: &str) {
     let key = done_key(run_id);
-    let Ok(client) = Client::open(url) else {
+    let Ok(client) = redis.client() else {
         return std::future::pending().await;
     };
     let mut conn = None;
@@ -264,7 +277,7 @@ mod tests {
         timeout(LONG, early).await??;
         timeout(LONG, watch_run_done(url.clone(), run.clone())).await??;
 
-        let client = Client::open(url.as_str())?;
+        let client = redis::Client::open(url.as_str())?;
         let mut c = client.get_multiplexed_async_connection().await?;
         let (value, ttl): (Option<String>, i64) = redis::pipe()
             .cmd("GET")
@@ -306,6 +319,73 @@ mod tests {
         assert_eq!(
             run_restarts(&url, &run_id("other")).await?,
             RunRestarts::default()
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn flag_calls_and_the_replay_work_over_tls_with_an_acl_user() -> TestResult {
+        // A redis-server that speaks only TLS, wants a client certificate and knows one user:
+        // every flag call and a replay connect over rediss:// with the CA and the client's
+        // certificate; without the CA the handshake fails, and no error shows the password.
+        use crate::replay::redis::{RedisReplay, RedisTls};
+        use crate::replay::testutil::redis_server::TlsRedisServer;
+        use crate::replay::{ReplayBackend, ReplayConfig};
+        let server = TlsRedisServer::start("flags", "flag-pass-31", true);
+        let tls = RedisTls {
+            ca: Some(server.tls.ca.clone()),
+            cert: Some(server.tls.client_cert.clone()),
+            key: Some(server.tls.client_key.clone()),
+        };
+        let target = RedisTarget::new(server.url(), tls.clone());
+        let run = run_id("tls");
+        assert_eq!(register_start(&target, &run, "critic-0").await?.ordinal, 0);
+        assert_eq!(register_start(&target, &run, "critic-0").await?.previous, 1);
+        count_actor_restarts(&target, &run, "rollout", 1).await?;
+        assert_eq!(run_restarts(&target, &run).await?.total(), 2);
+        let watch = watch_run_done(&target, run.clone());
+        mark_run_done(&target, &run).await?;
+        timeout(LONG, watch).await??;
+        assert_eq!(server.cli(&["GET", &done_key(&run)]).trim(), "1");
+
+        let cfg = ReplayConfig {
+            backend: ReplayBackend::Redis,
+            capacity: 16,
+            min_size: 1,
+            samples_per_insert: 0.0,
+            ..ReplayConfig::default()
+        };
+        let rb = RedisReplay::connect(&target, &run, "c0", cfg.clone()).await?;
+        assert_eq!(rb.fetch_stats().await?.inserted, 0);
+        rb.purge().await?;
+
+        let no_ca = RedisTarget::new(
+            server.url(),
+            RedisTls {
+                ca: None,
+                ..tls.clone()
+            },
+        );
+        let e = register_start(&no_ca, &run, "x")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("UnknownIssuer") && e.contains("replay.tls_ca"),
+            "{e}"
+        );
+        let e = RedisReplay::connect(&no_ca, &run, "c1", cfg)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("UnknownIssuer"), "{e}");
+        let wrong = RedisTarget::new(server.url_as("flags", "wrong-pass-77"), tls);
+        let e = mark_run_done(&wrong, &run).await.unwrap_err().to_string();
+        assert!(e.contains("cannot connect"), "{e}");
+        assert!(
+            !e.contains("wrong-pass-77") && !e.contains("flag-pass-31"),
+            "{e}"
         );
         Ok(())
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis::aio::ConnectionManager;
-use redis::{AsyncConnectionConfig, Client, RedisError};
+use redis::{AsyncConnectionConfig, RedisError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -45,14 +45,14 @@ pub use flags::{
     count_actor_restarts, done_key, mark_run_done, register_start, restarts_key, run_restarts,
     starts_key, watch_run_done, RunRestarts, WorkerStart, ALL_STARTS, DONE_POLL, DONE_TTL,
 };
-pub use url::redact;
+pub use url::{redact, RedisTarget, RedisTls};
 
 use conn::{
     background, manager_config, OnClose, Wait, BLOCKING_TIMEOUT, COMMAND_TIMEOUT, CONNECT_TIMEOUT,
 };
 use local::{Local, RecentKeys};
 use scripts::Scripts;
-use url::{password_ranges, scrub};
+use url::scrub;
 
 /// Consumer group every learner of a run reads through.
 const GROUP: &str = "learners";
@@ -273,21 +273,22 @@ fn fnv1a(s: &str) -> u64 {
 }
 
 impl RedisReplay {
-    /// Connect to the Redis at `url` (`redis://[:password@]host:port[/db]`) for run `run_id`,
-    /// reading as `consumer` (unique per learner process), with default [`RedisOptions`].
-    /// A Redis that cannot be reached gives one error naming its address (never the password).
+    /// Connect to the Redis `redis` (a URL, `redis://[[user]:password@]host:port[/db]`, or
+    /// `rediss://...` for TLS, or a [`RedisTarget`] with TLS files) for run `run_id`, reading as
+    /// `consumer` (unique per learner process), with default [`RedisOptions`]. A Redis that
+    /// cannot be reached gives one error naming its address (never the password).
     pub async fn connect(
-        url: &str,
+        redis: impl Into<RedisTarget>,
         run_id: &str,
         consumer: &str,
         cfg: ReplayConfig,
     ) -> Result<Self> {
-        Self::connect_with(url, run_id, consumer, cfg, RedisOptions::default()).await
+        Self::connect_with(redis, run_id, consumer, cfg, RedisOptions::default()).await
     }
 
     /// [`RedisReplay::connect`] with explicit failure-handling options.
     pub async fn connect_with(
-        url: &str,
+        redis: impl Into<RedisTarget>,
         run_id: &str,
         consumer: &str,
         cfg: ReplayConfig,
@@ -302,24 +303,17 @@ impl RedisReplay {
                 opts.claim_idle
             )));
         }
-        let mut secrets: Vec<String> = password_ranges(url)
-            .into_iter()
-            .map(|(a, b)| url[a..b].to_owned())
-            .collect();
-        let client = Client::open(url).map_err(|e| {
-            ActorError::Replay(format!(
-                "replay redis url {}: {}",
-                redact(url),
-                scrub(e.to_string(), &secrets)
-            ))
-        })?;
-        let info = client.get_connection_info();
-        let addr = info.addr().to_string();
-        secrets.extend(info.redis_settings().password().map(str::to_owned));
+        let redis: RedisTarget = redis.into();
+        let secrets = redis.secrets();
+        let client = redis
+            .client()
+            .map_err(|e| ActorError::Replay(format!("replay {e}")))?;
+        let addr = client.get_connection_info().addr().to_string();
         let connect_err = |e: RedisError| {
             ActorError::Replay(format!(
-                "redis at {addr}: cannot connect: {}",
-                scrub(e.to_string(), &secrets)
+                "redis at {addr}: cannot connect: {}{}",
+                scrub(e.to_string(), &secrets),
+                redis.connect_hint(&e)
             ))
         };
         // One direct attempt first: a Redis that is down gives one clear error now, instead of
