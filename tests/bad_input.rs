@@ -79,7 +79,9 @@ fn copy_dir(from: &Path, to: &Path) {
 /// Resume a copy of `run` whose file `rel` was damaged by `damage`; the error must be one line
 /// naming the file, exit code 1.
 fn refused_on_resume(run: &Path, work: &Path, rel: &str, damage: fn(&Path), sets: &[&str]) {
-    let copy = work.join(rel.replace('/', "_"));
+    static CASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let copy = work.join(format!("{n}-{}", rel.replace('/', "_")));
     copy_dir(run, &copy);
     damage(&copy.join(rel));
     let mut args = vec!["resume", copy.to_str().unwrap()];
@@ -111,6 +113,32 @@ fn garbage(p: &Path) {
     std::fs::write(p, b"\x00\x01 this is not what tilt wrote \xff").unwrap();
 }
 
+/// Every tensor of a safetensors file rewritten as f64 (names and shapes kept).
+fn as_f64(p: &Path) {
+    use candle_core::{DType, Device};
+    let t = candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let t: std::collections::HashMap<_, _> = t
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::F64).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&t, p).unwrap();
+}
+
+/// Every tensor of a safetensors file one row longer (names and dtype kept).
+fn one_row_more(p: &Path) {
+    use candle_core::{Device, Tensor};
+    let t = candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let t: std::collections::HashMap<_, _> = t
+        .into_iter()
+        .map(|(k, v)| {
+            let mut dims = v.dims().to_vec();
+            dims[0] += 1;
+            (k, Tensor::zeros(dims, v.dtype(), &Device::Cpu).unwrap())
+        })
+        .collect();
+    candle_core::safetensors::save(&t, p).unwrap();
+}
+
 #[test]
 fn corrupted_vrpo_run_files_are_refused_on_resume() {
     let d = scratch("bad-input-vrpo");
@@ -135,6 +163,9 @@ fn corrupted_vrpo_run_files_are_refused_on_resume() {
         (format!("{ck}/optimizer.safetensors"), garbage),
         (format!("{ck}/state.json"), garbage),
         ("critic.safetensors".to_string(), truncate),
+        // Well-formed files of the wrong dtype or shape: refused, never converted or padded.
+        (format!("{ck}/policy.safetensors"), as_f64),
+        ("critic.safetensors".to_string(), one_row_more),
     ] {
         refused_on_resume(&run, &d, &rel, damage, &more);
     }

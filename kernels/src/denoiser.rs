@@ -108,7 +108,14 @@ pub fn load_weights(varmap: &mut VarMap, path: &Path) -> Result<()> {
                 var.shape().dims()
             )));
         }
-        var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+        if t.dtype() != var.dtype() {
+            return Err(err(format!(
+                "tensor {name} is {:?}, the model expects {:?}",
+                t.dtype(),
+                var.dtype()
+            )));
+        }
+        var.set(&t.to_device(var.device())?)?;
     }
     Ok(())
 }

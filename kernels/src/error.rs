@@ -17,6 +17,15 @@ pub enum KernelError {
     },
     #[error("checkpoint {path}: {detail}")]
     Checkpoint { path: String, detail: String },
+    #[error(
+        "reward {reward} returned {value} for sample {index} of {n}: every reward must be finite"
+    )]
+    NonFiniteReward {
+        reward: String,
+        value: f32,
+        index: usize,
+        n: usize,
+    },
     #[error("CUDA support was not compiled in: rebuild with `--features cuda`")]
     NotCompiledWithCuda,
     #[error("CUDA is unavailable: {0}")]

@@ -60,7 +60,7 @@ pub fn make_final_pairs(
         Some(c) => Some(Tensor::cat(&[c, c], 0)?),
     };
     let x0 = sample_chain(reference, grid, &x, grid.len(), 0, cond2.as_ref(), rng)?;
-    let r = reward.reward(&x0, cond2.as_ref())?.to_vec1::<f32>()?;
+    let r = crate::reward::checked_rewards(reward, &x0, cond2.as_ref())?;
     let (mut w_idx, mut l_idx, mut r_w, mut r_l) = (vec![], vec![], vec![], vec![]);
     for i in 0..batch {
         let (a, b) = (i, batch + i);

@@ -14,6 +14,29 @@ pub trait Reward: Send + Sync {
     fn name(&self) -> String;
 }
 
+/// `reward` of every sample as host values, refusing a non-finite one: a NaN or infinite reward
+/// (a user's reward, or a built-in one on bad input) would otherwise poison the critic's labels,
+/// the preference pairs and the evaluation silently. The error names the reward and the sample.
+pub fn checked_rewards(
+    reward: &dyn Reward,
+    x0: &Tensor,
+    cond: Option<&Tensor>,
+) -> Result<Vec<f32>> {
+    let r = reward
+        .reward(x0, cond)?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
+    if let Some((index, &value)) = r.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(KernelError::NonFiniteReward {
+            reward: reward.name(),
+            value,
+            index,
+            n: r.len(),
+        });
+    }
+    Ok(r)
+}
+
 /// r(x) = a.x + b.
 #[derive(Debug, Clone)]
 pub struct LinearReward {
@@ -75,6 +98,48 @@ impl Reward for QuadraticReward {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// A user's reward that goes wrong on some inputs.
+    struct NanAbove(f32);
+
+    impl Reward for NanAbove {
+        fn reward(&self, x0: &Tensor, _cond: Option<&Tensor>) -> Result<Tensor> {
+            let v: Vec<f32> = x0
+                .to_vec2::<f32>()?
+                .iter()
+                .map(|r| if r[0] > self.0 { f32::NAN } else { r[0] })
+                .collect();
+            Ok(Tensor::new(v, x0.device())?)
+        }
+        fn name(&self) -> String {
+            "nan_above".into()
+        }
+    }
+
+    #[test]
+    fn a_non_finite_reward_is_refused_naming_the_reward_and_the_sample() {
+        let x = Tensor::new(&[[0f32, 0.0], [1.0, 0.0], [3.0, 0.0]], &Device::Cpu).unwrap();
+        assert_eq!(
+            checked_rewards(&NanAbove(5.0), &x, None).unwrap(),
+            vec![0.0, 1.0, 3.0]
+        );
+        let e = checked_rewards(&NanAbove(2.0), &x, None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "reward nan_above returned NaN for sample 2 of 3: every reward must be finite"
+        );
+        let inf = LinearReward {
+            a: vec![f64::INFINITY, 0.0],
+            b: 0.0,
+        };
+        let e = checked_rewards(&inf, &x, None).unwrap_err().to_string();
+        assert!(
+            e.contains("returned NaN for sample 0") || e.contains("returned inf for sample 1"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn hand_values() {

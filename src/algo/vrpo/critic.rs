@@ -16,6 +16,7 @@ use tilt_kernels::critic_train::{
 };
 use tilt_kernels::denoiser::{load_weights, save_weights};
 use tilt_kernels::optim::named_vars;
+use tilt_kernels::reward::checked_rewards;
 use tilt_kernels::rng::rng_for;
 use tilt_kernels::vrpo::draw_classes;
 
@@ -73,10 +74,7 @@ pub fn stage_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<CriticRep
         &mut rng,
         &s.critic_device,
     )?;
-    let y = s
-        .reward
-        .reward(&states[0], cond.as_ref())?
-        .to_vec1::<f32>()?; // [n]
+    let y = checked_rewards(s.reward.as_ref(), &states[0], cond.as_ref())?; // [n]
     let fixed = (cfg.critic.grid.len() == 2).then(|| (cfg.critic.grid[0], cfg.critic.grid[1]));
     let (lo, hi) = reward_grid_range(&y, fixed);
     let grid = CdfGrid::uniform(lo, hi, cfg.critic.bins)?;

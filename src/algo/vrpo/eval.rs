@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tilt_actors::checkpoint::{checkpoint_dir, latest_checkpoint, load_checkpoint};
 use tilt_kernels::denoiser::ResidualPolicy;
 use tilt_kernels::logprob::sample_chain;
-use tilt_kernels::reward::Reward;
+use tilt_kernels::reward::{checked_rewards, Reward};
 use tilt_kernels::rng::{randn, rng_for};
 use tilt_kernels::tilt::{gap_closed, systematic_resample, tilted_target};
 
@@ -61,7 +61,10 @@ pub struct EvalReport {
 }
 
 fn rewards_f64(r: &dyn Reward, x: &Tensor, cond: Option<&Tensor>) -> Result<Vec<f64>> {
-    Ok(r.reward(x, cond)?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+    Ok(checked_rewards(r, x, cond)?
+        .into_iter()
+        .map(f64::from)
+        .collect())
 }
 
 /// Classes of `n` evaluation samples (i mod classes: balanced), or None for unconditional data.
