@@ -7,13 +7,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use common::redis_server::RedisServer;
+use common::workers::Workers;
 use common::*;
 use tilt_actors::checkpoint::latest_checkpoint;
 
@@ -22,183 +20,67 @@ const STEPS: u64 = 80;
 /// Bound on the whole run, restarts included.
 const RUN_LIMIT: Duration = Duration::from_secs(240);
 
-/// The worker processes of one run, each start's output in `worker-<role>-<n>.{out,err}`.
-struct Workers {
-    url: String,
-    run_id: String,
-    dir: PathBuf,
-    running: BTreeMap<&'static str, Child>,
-    starts: BTreeMap<&'static str, u32>,
+/// The tiny DF-DPO config of the test, on the Redis backend.
+fn workers(redis: &RedisServer) -> Workers {
+    let sets = [
+        "replay.backend=redis",
+        "video.clips=24",
+        "pretrain.steps=8",
+        "pretrain.batch=4",
+        &format!("dfdpo.steps={STEPS}"),
+        "dfdpo.batch=2",
+        "dfdpo.curriculum.every=20",
+        "learner.checkpoint_every=10",
+        "eval.samples=3",
+        "sampling.steps=4",
+        "replay.min_size=8",
+        "replay.capacity=64",
+        "metrics.listen=",
+        "metrics.progress_every_s=0.25",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Workers::new(
+        redis.url(),
+        "dfdpo-workers",
+        "configs/video-dfdpo.toml",
+        sets,
+        "dfdpo",
+        RUN_LIMIT,
+    )
 }
 
-impl Workers {
-    fn start(&mut self, role: &'static str) {
-        let n = self.starts.entry(role).or_insert(0);
-        *n += 1;
-        std::fs::create_dir_all(&self.dir).unwrap();
-        let log =
-            |ext: &str| File::create(self.dir.join(format!("worker-{role}-{n}.{ext}"))).unwrap();
-        let steps = format!("dfdpo.steps={STEPS}");
-        let mut args = vec![
-            "worker",
-            "--role",
-            role,
-            "--config",
-            "configs/video-dfdpo.toml",
-            "--run-id",
-            &self.run_id,
-            "--out",
-            self.dir.to_str().unwrap(),
-        ];
-        let sets = [
-            "replay.backend=redis",
-            "video.clips=24",
-            "pretrain.steps=8",
-            "pretrain.batch=4",
-            steps.as_str(),
-            "dfdpo.batch=2",
-            "dfdpo.curriculum.every=20",
-            "learner.checkpoint_every=10",
-            "eval.samples=3",
-            "sampling.steps=4",
-            "replay.min_size=8",
-            "replay.capacity=64",
-            "metrics.listen=",
-            "metrics.progress_every_s=0.25",
-        ];
-        for s in &sets {
-            args.extend(["--set", s]);
-        }
-        let child = tilt_cmd(&args)
-            .env("TILT_REDIS_URL", &self.url)
-            .stdout(log("out"))
-            .stderr(log("err"))
-            .spawn()
-            .expect("tilt worker starts");
-        self.running.insert(role, child);
-    }
-
-    fn kill9(&mut self, role: &'static str) {
-        let mut c = self.running.remove(role).expect("the worker runs");
-        c.kill().unwrap();
-        let status = c.wait().unwrap();
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(9), "{role} was not killed: {status}");
-    }
-
-    fn stderr(&self, role: &str, n: u32) -> String {
-        std::fs::read_to_string(self.dir.join(format!("worker-{role}-{n}.err"))).unwrap_or_default()
-    }
-
-    fn logs(&self) -> String {
-        self.starts
-            .iter()
-            .map(|(role, n)| format!("--- {role} (start {n}) ---\n{}", self.stderr(role, *n)))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// Newest complete checkpoint step of continuation `name`.
-    fn checkpoint(&self, name: &str) -> Option<u64> {
-        latest_checkpoint(&self.dir.join(name))
-            .ok()
-            .flatten()
-            .map(|(s, _)| s)
-    }
-
-    /// Wait for `cond`, failing with every worker's log if a worker dies or time runs out.
-    fn wait(&mut self, what: &str, t0: Instant, mut cond: impl FnMut(&Self) -> bool) {
-        while !cond(self) {
-            let dead = self
-                .running
-                .iter_mut()
-                .find_map(|(role, c)| c.try_wait().ok().flatten().map(|st| (*role, st)));
-            if let Some((role, st)) = dead {
-                panic!("{role} exited ({st}) before {what}\n{}", self.logs());
-            }
-            assert!(
-                t0.elapsed() < RUN_LIMIT,
-                "no {what} within {RUN_LIMIT:?}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Wait for every worker to exit; all must succeed.
-    fn finish(&mut self, t0: Instant) {
-        while !self.running.is_empty() {
-            let mut exited = vec![];
-            for (role, c) in self.running.iter_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    exited.push((*role, st));
-                }
-            }
-            for (role, st) in exited {
-                self.running.remove(role);
-                assert!(st.success(), "{role}: {st}\n{}", self.logs());
-            }
-            assert!(
-                t0.elapsed() < RUN_LIMIT,
-                "the run did not finish within {RUN_LIMIT:?}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        for c in self.running.values_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn accounting_balances(a: &serde_json::Value) -> bool {
-    let n = |k: &str| a[k].as_u64().unwrap();
-    let dropped: u64 = a["dropped"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
-    n("produced") == n("applied") + dropped + n("lost") + n("in_flight")
+/// Newest complete checkpoint step of continuation `name`.
+fn checkpoint(w: &Workers, name: &str) -> Option<u64> {
+    latest_checkpoint(&w.dir.join(name))
+        .ok()
+        .flatten()
+        .map(|(s, _)| s)
 }
 
 #[test]
 fn dfdpo_workers_survive_kill9_of_the_distortion_worker_and_the_learner() {
     let redis = RedisServer::start();
-    let mut w = Workers {
-        url: redis.url(),
-        run_id: format!("ci-dfdpo-workers-{}", std::process::id()),
-        dir: scratch("dfdpo-workers").join("run"),
-        running: BTreeMap::new(),
-        starts: BTreeMap::new(),
-    };
-    let t0 = Instant::now();
+    let mut w = workers(&redis);
     w.start("learner");
     w.start("distortion");
     // The distortion worker dies once the learner has trained on its pairs (sft's first
     // checkpoint), and a new one takes over.
-    w.wait("an sft checkpoint", t0, |w| w.checkpoint("sft").is_some());
+    w.wait("an sft checkpoint", |w| checkpoint(w, "sft").is_some());
     w.kill9("distortion");
     w.start("distortion");
     // The learner dies in the middle of the dfdpo continuation.
-    w.wait("a dfdpo checkpoint", t0, |w| {
-        w.checkpoint("dfdpo").is_some()
-    });
+    w.wait("a dfdpo checkpoint", |w| checkpoint(w, "dfdpo").is_some());
     w.kill9("learner");
-    let at_kill = w.checkpoint("dfdpo").unwrap();
+    let at_kill = checkpoint(&w, "dfdpo").unwrap();
     assert!(
         at_kill < STEPS,
         "the learner was killed after dfdpo finished (checkpoint {at_kill}); the test needs a run \
          still in the middle: raise STEPS"
     );
     w.start("learner");
-    w.finish(t0);
+    w.finish();
 
     let learner2 = w.stderr("learner", 2);
     assert!(

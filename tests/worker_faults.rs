@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use common::redis_server::{Persistence, RedisServer};
+use common::workers::Workers;
 use common::*;
 
 /// The learner's step budget of the kill test: the quickstart's 1500 plus margin for the steps
@@ -23,204 +21,25 @@ const BUDGET: u64 = 3000;
 /// Bound on a whole run, restarts included (~1 min measured on 2 shared cores).
 const RUN_LIMIT: Duration = Duration::from_secs(300);
 
-/// A multi-process run: its workers as child processes, each worker's output in
-/// `worker-<role>-<n>.{out,err}` of the run directory (n = how often that role was started).
-struct Cluster {
-    redis_url: String,
-    run_id: String,
-    dir: PathBuf,
-    sets: Vec<String>,
-    workers: BTreeMap<&'static str, Child>,
-    starts: BTreeMap<&'static str, u32>,
-    t0: Instant,
-}
+/// A run of the quickstart's three workers (`configs/quickstart-redis.toml`) with a step budget.
+type Cluster = Workers;
 
-impl Cluster {
-    fn new(redis: &RedisServer, name: &str, budget: u64, sets: &[&str]) -> Self {
-        let dir = scratch(name).join("run");
-        let mut all = vec![
-            format!("vrpo.steps={budget}"),
-            "eval.at_steps=[]".to_owned(),
-            "learner.checkpoint_every=250".to_owned(),
-            "metrics.progress_every_s=0.25".to_owned(),
-        ];
-        all.extend(sets.iter().map(|s| (*s).to_owned()));
-        Self {
-            redis_url: redis.url(),
-            run_id: format!("{name}-{}", std::process::id()),
-            dir,
-            sets: all,
-            workers: BTreeMap::new(),
-            starts: BTreeMap::new(),
-            t0: Instant::now(),
-        }
-    }
-
-    /// Start (or start again) the worker of `role`.
-    fn start(&mut self, role: &'static str) {
-        assert!(!self.workers.contains_key(role), "{role} runs already");
-        let n = self.starts.entry(role).or_insert(0);
-        *n += 1;
-        let log = |ext: &str| {
-            std::fs::create_dir_all(&self.dir).unwrap();
-            File::create(self.dir.join(format!("worker-{role}-{n}.{ext}"))).unwrap()
-        };
-        let mut args = vec![
-            "worker",
-            "--role",
-            role,
-            "--config",
-            "configs/quickstart-redis.toml",
-            "--run-id",
-            &self.run_id,
-            "--out",
-            self.dir.to_str().unwrap(),
-        ];
-        for s in &self.sets {
-            args.extend(["--set", s.as_str()]);
-        }
-        let child = tilt_cmd(&args)
-            .env("TILT_REDIS_URL", &self.redis_url)
-            .stdout(log("out"))
-            .stderr(log("err"))
-            .spawn()
-            .expect("tilt worker starts");
-        self.workers.insert(role, child);
-    }
-
-    /// SIGKILL the worker of `role` and reap it.
-    fn kill9(&mut self, role: &'static str) {
-        let mut c = self.workers.remove(role).expect("the worker runs");
-        c.kill().unwrap();
-        let status = c.wait().unwrap();
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(9), "{role} was not killed: {status}");
-        eprintln!(
-            "killed the {role} worker at {:.1}s (learner step {:?})",
-            self.t0.elapsed().as_secs_f64(),
-            self.learner_step()
-        );
-    }
-
-    /// SIGTERM the worker of `role` and wait for it to exit (it must exit 0).
-    fn sigterm(&mut self, role: &'static str) {
-        let mut c = self.workers.remove(role).expect("the worker runs");
-        let st = std::process::Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let status = c.wait().unwrap();
-        assert!(
-            status.success(),
-            "{role} after SIGTERM: {status}\n{}",
-            self.logs()
-        );
-    }
-
-    /// Send `kill -<sig>` (STOP, CONT) to the worker of `role`.
-    fn signal(&mut self, role: &'static str, sig: &str) {
-        let c = self.workers.get(role).expect("the worker runs");
-        let st = std::process::Command::new("kill")
-            .args([format!("-{sig}"), c.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success(), "kill -{sig} {role}");
-    }
-
-    /// Whether the worker of `role` is still running.
-    fn running(&mut self, role: &'static str) -> bool {
-        self.workers
-            .get_mut(role)
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    /// Stderr of the `n`-th start of `role`.
-    fn stderr(&self, role: &str, n: u32) -> String {
-        std::fs::read_to_string(self.dir.join(format!("worker-{role}-{n}.err"))).unwrap_or_default()
-    }
-
-    /// Every worker's latest stderr, for failure messages.
-    fn logs(&self) -> String {
-        self.starts
-            .iter()
-            .map(|(role, n)| format!("--- {role} (start {n}) ---\n{}", self.stderr(role, *n)))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// Panic with the logs if a worker has exited with an error.
-    fn check_alive(&mut self) {
-        let mut failed = None;
-        for (role, c) in &mut self.workers {
-            if let Ok(Some(st)) = c.try_wait() {
-                if !st.success() {
-                    failed = Some(format!("the {role} worker exited with {st}"));
-                }
-            }
-        }
-        if let Some(f) = failed {
-            panic!("{f}\n{}", self.logs());
-        }
-    }
-
-    /// Poll `cond` (and the workers' health) until it holds; panic after [`RUN_LIMIT`].
-    fn wait(&mut self, what: &str, mut cond: impl FnMut(&Self) -> bool) {
-        let end = self.t0 + RUN_LIMIT;
-        while !cond(self) {
-            self.check_alive();
-            assert!(
-                Instant::now() < end,
-                "timed out waiting for {what}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The learner's step in its progress log (the last line of any learner process).
-    fn learner_step(&self) -> Option<u64> {
-        let log = std::fs::read_to_string(self.dir.join("progress-learner.log")).ok()?;
-        log.lines()
-            .rev()
-            .find_map(|l| l.strip_prefix("[vrpo] step "))
-            .and_then(|r| r.split('/').next())
-            .and_then(|s| s.parse().ok())
-    }
-
-    /// Wait for every worker to exit; all must succeed. Returns the exit statuses.
-    fn finish(&mut self) -> BTreeMap<&'static str, ExitStatus> {
-        let mut done = BTreeMap::new();
-        let end = self.t0 + RUN_LIMIT;
-        while !self.workers.is_empty() {
-            let exited: Vec<&'static str> = self
-                .workers
-                .iter_mut()
-                .filter_map(|(r, c)| c.try_wait().ok().flatten().map(|_| *r))
-                .collect();
-            for r in exited {
-                let st = self.workers.remove(r).unwrap().wait().unwrap();
-                assert!(
-                    st.success(),
-                    "the {r} worker exited with {st}\n{}",
-                    self.logs()
-                );
-                done.insert(r, st);
-            }
-            assert!(Instant::now() < end, "the run did not end\n{}", self.logs());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        done
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in self.workers.values_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+fn cluster(redis: &RedisServer, name: &str, budget: u64, sets: &[&str]) -> Cluster {
+    let mut all = vec![
+        format!("vrpo.steps={budget}"),
+        "eval.at_steps=[]".to_owned(),
+        "learner.checkpoint_every=250".to_owned(),
+        "metrics.progress_every_s=0.25".to_owned(),
+    ];
+    all.extend(sets.iter().map(|s| (*s).to_owned()));
+    Workers::new(
+        redis.url(),
+        name,
+        "configs/quickstart-redis.toml",
+        all,
+        "vrpo",
+        RUN_LIMIT,
+    )
 }
 
 /// The newest complete checkpoint's step (`checkpoints/step-N` with its `state.json`).
@@ -244,7 +63,7 @@ fn assert_quality(s: &serde_json::Value) {
 #[test]
 fn kill9_of_each_worker_mid_run_then_restart_finishes_from_the_newest_checkpoint() {
     let redis = RedisServer::start();
-    let mut run = Cluster::new(&redis, "kill9", BUDGET, &[]);
+    let mut run = cluster(&redis, "kill9", BUDGET, &[]);
     for role in ["critic", "rollout", "learner"] {
         run.start(role);
     }
@@ -328,7 +147,7 @@ fn sigterm_pauses_the_learner_without_stopping_the_producers_and_it_resumes() {
     // and only then do the producers stop.
     const STEPS: u64 = 600;
     let redis = RedisServer::start();
-    let mut run = Cluster::new(
+    let mut run = cluster(
         &redis,
         "pause",
         STEPS,
@@ -421,7 +240,7 @@ fn redis_restart_mid_run(
 ) -> (serde_json::Value, u64) {
     const STEPS: u64 = 600;
     let mut redis = RedisServer::start_with(persistence);
-    let mut run = Cluster::new(
+    let mut run = cluster(
         &redis,
         name,
         STEPS,

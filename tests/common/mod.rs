@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod redis_server;
+pub mod workers;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -95,4 +96,17 @@ pub fn accounting(s: &serde_json::Value) -> serde_json::Value {
         n(k);
     }
     a
+}
+
+/// Whether a summary's `accounting` block balances: produced = applied + dropped (all reasons) +
+/// lost + in flight.
+pub fn accounting_balances(a: &serde_json::Value) -> bool {
+    let n = |k: &str| a[k].as_u64().unwrap();
+    let dropped: u64 = a["dropped"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    n("produced") == n("applied") + dropped + n("lost") + n("in_flight")
 }
