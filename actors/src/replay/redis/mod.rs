@@ -86,7 +86,8 @@ impl Default for RedisOptions {
 /// [`Record::encode`] bytes), `inserts` / `samples` (limiter counters), `evicted` (entries
 /// retired), `dropped` (a set of lost entry ids) and `dropped_by` (their count by reason), `uses`
 /// (hand-outs per pending entry), `last` (each producer's last inserted seq), `produced` (each
-/// producer stream's high-water mark, for exact accounting) and short-lived `nonce:*` keys. Learners read through the
+/// producer stream's high-water mark, for exact accounting), `reserved` (batch inserts admitted
+/// and not yet committed) and short-lived `nonce:*` keys. Learners read through the
 /// group `learners`, created at id 0 with MKSTREAM (so records inserted before any learner
 /// connected are delivered), and recreated the same way if Redis loses it.
 ///
@@ -169,6 +170,8 @@ struct Keys {
     produced: String,
     /// Accounting: dropped entries by reason.
     dropped_by: String,
+    /// Batch inserts admitted and not yet committed (nonce -> `records:expiry_ms`).
+    reserved: String,
     /// Prefix of this consumer's nonce keys (unique per connection).
     nonce: String,
     /// SCAN pattern matching every key of the run.
@@ -188,6 +191,7 @@ impl Keys {
             last: format!("{p}last"),
             produced: format!("{p}produced"),
             dropped_by: format!("{p}dropped_by"),
+            reserved: format!("{p}reserved"),
             nonce: format!("{p}nonce:{consumer}:{salt:016x}:"),
             pattern: format!("{p}*"),
         }
