@@ -1,6 +1,7 @@
 //! The three verbs behind the trait (insert, sample, ack) and the writes they make: limiter
 //! reservations, retirements, dropped entries, heartbeats and the counters.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use super::conn::{OnClose, Wait};
 use super::parse::EntryId;
 use super::step_none;
 use super::{Inner, FIELD, GROUP};
+use crate::accounting::stream_of;
 use crate::replay::{Record, ReplayStats};
 use crate::{ActorError, Result};
 
@@ -43,6 +45,24 @@ impl redis::ToRedisArgs for EncodedRecord<'_> {
             .encode_with(|b| w.write_all(b))
             .expect("a redis command buffer takes every byte");
     }
+}
+
+/// What a batch's commit writes besides the count: each producer's last added seq (in the order
+/// the producers first appear) and each producer stream's largest added seq, the values that
+/// one write per record, in order, would leave behind.
+#[allow(clippy::type_complexity)]
+pub(super) fn commit_marks(add: &[&Record]) -> (Vec<(u32, u64)>, BTreeMap<(u32, u64), u64>) {
+    let mut last: Vec<(u32, u64)> = Vec::new();
+    let mut top: BTreeMap<(u32, u64), u64> = BTreeMap::new();
+    for r in add {
+        match last.iter_mut().find(|(p, _)| *p == r.producer) {
+            Some(l) => l.1 = r.seq,
+            None => last.push((r.producer, r.seq)),
+        }
+        let t = top.entry(stream_of(r.key())).or_insert(r.seq);
+        *t = (*t).max(r.seq);
+    }
+    (last, top)
 }
 
 /// How long a sample reservation's nonce key lives (it only has to outlive a retry).
@@ -485,6 +505,7 @@ impl Inner {
         nonce: &str,
         wait: Wait,
     ) -> Result<Option<()>> {
+        let (last, top) = commit_marks(add);
         let done = format!("{nonce}:done");
         let tried = std::sync::atomic::AtomicBool::new(false);
         self.call("insert", wait, || {
@@ -510,9 +531,14 @@ impl Inner {
                 .arg(&done)
                 .arg(nonce)
                 .arg(NONCE_TTL_MS)
-                .arg(taken);
-            for r in add {
-                p.arg(r.producer).arg(r.seq);
+                .arg(taken)
+                .arg(add.len())
+                .arg(last.len());
+            for (producer, seq) in &last {
+                p.arg(producer).arg(seq);
+            }
+            for ((producer, _), seq) in &top {
+                p.arg(producer).arg(seq);
             }
             let done = done.clone();
             async move {

@@ -119,26 +119,26 @@ return {status, len, taken, room, skipped}
 ";
 
 /// Commit a batch (phase 2, queued in one MULTI/EXEC right after the batch's XADDs, so the
-/// entries and the counters appear together): count the records as inserted, move each
-/// producer's last inserted seq and each producer stream's high-water mark (one write per
-/// producer, not per record), release the reservation, and leave a done mark so that a retry
-/// after a lost reply sends nothing again. Runs after [`MARK_LUA`].
+/// entries and the counters appear together): count the records as inserted, set each
+/// producer's last inserted seq and raise each producer stream's high-water mark (the caller
+/// sends one pair per producer and per producer stream, not one per record: the last added
+/// record's seq, and the stream's largest added seq), release the reservation, and leave a done
+/// mark so that a retry after a lost reply sends nothing again. Runs after [`MARK_LUA`].
 /// KEYS: inserts, last-seq hash, produced hash, reservations hash, done mark. ARGV: nonce,
-/// done-mark ttl (ms), records taken, then one (producer, seq) pair per record added, in order.
+/// done-mark ttl (ms), records taken, records added, number of (producer, last seq) pairs, the
+/// pairs, then (producer, largest seq) pairs.
 const COMMIT_LUA: &str = r"
-local added = (#ARGV - 3) / 2
-local last, order, top, tops = {}, {}, {}, {}
-for i = 4, #ARGV, 2 do
-  local p, s = ARGV[i], ARGV[i + 1]
-  if last[p] == nil then order[#order + 1] = p end
-  last[p] = s
-  local gen = p .. ':' .. string.format('%d', math.floor(tonumber(s) / 1099511627776))
-  if top[gen] == nil then tops[#tops + 1] = gen end
-  if top[gen] == nil or tonumber(s) > tonumber(top[gen][2]) then top[gen] = {p, s} end
-end
+local added, n_last = tonumber(ARGV[4]), tonumber(ARGV[5])
 if added > 0 then redis.call('INCRBY', KEYS[1], added) end
-for _, p in ipairs(order) do redis.call('HSET', KEYS[2], p, last[p]) end
-for _, g in ipairs(tops) do mark_produced(KEYS[3], top[g][1], top[g][2]) end
+local i = 6
+for _ = 1, n_last do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+while i < #ARGV do
+  mark_produced(KEYS[3], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
 redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[2])
 return added
@@ -159,8 +159,11 @@ if m > 0 then
   if not can_sample(ins, smp, m, min_size, spi, min_diff) then return {0, ins, smp} end
   redis.call('INCRBY', KEYS[2], m)
 end
--- One HINCRBY per hand-out, as one HMGET and one HSET (the script is atomic).
+-- One HINCRBY per hand-out, as one HMGET and one HSET (the script is atomic). The pad field
+-- (its value longer than hash-max-listpack-value) keeps the hash a hash table: as a listpack
+-- (up to hash-max-listpack-entries fields, 128 or more) each field costs a scan of the list.
 if #ARGV >= 6 then
+  redis.call('HSETNX', KEYS[3], '~pad', string.rep('~', 1024))
   local ids, count = {}, {}
   for i = 6, #ARGV do
     if count[ARGV[i]] == nil then ids[#ids + 1] = ARGV[i]; count[ARGV[i]] = 0 end

@@ -438,6 +438,63 @@ async fn batch_insert_admission_reserves_and_commit_releases() -> TestResult {
     Ok(())
 }
 
+/// A batch insert (admission, then XADDs + commit with one mark per producer and stream) leaves
+/// Redis as inserting the same records one by one does: the same entries in the same order, the
+/// same counter, producers' last seqs and producer streams' high-water marks; a record repeating
+/// its producer's last key is skipped by both.
+#[tokio::test]
+async fn batch_insert_leaves_what_single_inserts_leave() -> TestResult {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let gen = 1u64 << crate::accounting::GENERATION_SHIFT;
+    // Two producers, producer 1 in two generations, interleaved; (2, 7) follows itself.
+    let keys: Vec<(u32, u64)> = vec![
+        (1, 3),
+        (2, 5),
+        (1, 4),
+        (1, gen),
+        (2, 7),
+        (2, 7),
+        (1, gen + 2),
+        (2, 6),
+    ];
+    let recs: Vec<Record> = keys.iter().map(|&(p, s)| rec(p, s)).collect();
+    let mut seen = Vec::new();
+    for batched in [false, true] {
+        let run = run_id(if batched { "batched" } else { "single" });
+        let rb = RedisReplay::connect(&url, &run, "c", cfg(64, 1, 0.0, 0.0, Sampler::Fifo)).await?;
+        if batched {
+            rb.insert_many(recs.clone()).await?;
+        } else {
+            for r in &recs {
+                rb.insert(r.clone()).await?;
+            }
+        }
+        let k = &rb.inner.keys;
+        let mut c = rb.inner.cmd.clone();
+        let (last, produced, ins): (BTreeMap<String, String>, BTreeMap<String, String>, u64) =
+            redis::pipe()
+                .hgetall(&k.last)
+                .hgetall(&k.produced)
+                .get(&k.inserts)
+                .query_async(&mut c)
+                .await?;
+        let got = timeout(LONG, rb.sample(64, LONG)).await??.unwrap_or_default();
+        let order: Vec<(u32, u64)> = got.iter().map(Record::key).collect();
+        seen.push((last, produced, ins, order));
+        rb.purge().await?;
+    }
+    assert_eq!(seen[0].2, 7);
+    assert_eq!(seen[0], seen[1]);
+    // The marks as one write per record would leave them.
+    let add: Vec<&Record> = recs.iter().collect();
+    let (last, top) = ops::commit_marks(&add);
+    assert_eq!(last, vec![(1, gen + 2), (2, 6)]);
+    let top: Vec<_> = top.into_iter().collect();
+    assert_eq!(top, vec![((1, 0), 4), ((1, 1), gen + 2), ((2, 0), 7)]);
+    Ok(())
+}
+
 /// A learner with a ledger (as the learner actor does it): sample, refuse keys beyond their uses,
 /// apply (commit), ack; until `total` distinct keys are applied.
 async fn learn_with_ledger(
