@@ -509,7 +509,10 @@ mod tests {
             })
             .ok();
             assert_eq!(pieces, bytes, "payload {len}");
-            assert_eq!(Record::decode_owned(bytes.clone())?, Record::decode(&bytes)?);
+            assert_eq!(
+                Record::decode_owned(bytes.clone())?,
+                Record::decode(&bytes)?
+            );
             assert!(Record::decode_owned(bytes[1..].to_vec()).is_err());
         }
         Ok(())

@@ -406,12 +406,21 @@ async fn batch_insert_admission_reserves_and_commit_releases() -> TestResult {
             .await
     };
     let recs: Vec<Record> = (0..3).map(|s| rec(4, s)).collect();
-    assert_eq!(admit("a", recs.clone(), 3).await?, ("ok".into(), 0, 3, 0, vec![]));
+    assert_eq!(
+        admit("a", recs.clone(), 3).await?,
+        ("ok".into(), 0, 3, 0, vec![])
+    );
     // Batch "a" holds 3 of the 5 slots: another batch gets 2 (and a retry of its admission
     // replaces its reservation instead of adding one).
     let other: Vec<Record> = (0..3).map(|s| rec(5, s)).collect();
-    assert_eq!(admit("b", other.clone(), 3).await?, ("full".into(), 0, 2, 0, vec![]));
-    assert_eq!(admit("b", other.clone(), 3).await?, ("full".into(), 0, 2, 0, vec![]));
+    assert_eq!(
+        admit("b", other.clone(), 3).await?,
+        ("full".into(), 0, 2, 0, vec![])
+    );
+    assert_eq!(
+        admit("b", other.clone(), 3).await?,
+        ("full".into(), 0, 2, 0, vec![])
+    );
     assert_eq!(reserved().await?, 2);
     let add: Vec<&Record> = recs.iter().collect();
     step_none(inner.commit(&add, 3, &nonce("a"), wait).await)?;
@@ -426,12 +435,17 @@ async fn batch_insert_admission_reserves_and_commit_releases() -> TestResult {
     // at least 1 s) its room is free again. (4, 2) repeats producer 4's last key: skipped.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let more: Vec<Record> = (2..6).map(|s| rec(4, s)).collect();
-    assert_eq!(admit("c", more.clone(), 4).await?, ("full".into(), 3, 3, 0, vec![1]));
+    assert_eq!(
+        admit("c", more.clone(), 4).await?,
+        ("full".into(), 3, 3, 0, vec![1])
+    );
     let add: Vec<&Record> = more[1..3].iter().collect();
     step_none(inner.commit(&add, 3, &nonce("c"), wait).await)?;
     assert_eq!((inserted(&rb).await, reserved().await?), (5, 0));
     // The stream holds the records in order, each decodable.
-    let got = timeout(LONG, rb.sample(5, LONG)).await??.unwrap_or_default();
+    let got = timeout(LONG, rb.sample(5, LONG))
+        .await??
+        .unwrap_or_default();
     let keys: Vec<(u32, u64)> = got.iter().map(Record::key).collect();
     assert_eq!(keys, vec![(4, 0), (4, 1), (4, 2), (4, 3), (4, 4)]);
     rb.purge().await?;
@@ -479,7 +493,9 @@ async fn batch_insert_leaves_what_single_inserts_leave() -> TestResult {
                 .get(&k.inserts)
                 .query_async(&mut c)
                 .await?;
-        let got = timeout(LONG, rb.sample(64, LONG)).await??.unwrap_or_default();
+        let got = timeout(LONG, rb.sample(64, LONG))
+            .await??
+            .unwrap_or_default();
         let order: Vec<(u32, u64)> = got.iter().map(Record::key).collect();
         seen.push((last, produced, ins, order));
         rb.purge().await?;
