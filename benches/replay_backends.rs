@@ -1,10 +1,13 @@
 //! Replay throughput: records/s and MB/s through the in-process and the Redis backend, for small
-//! (1 KiB), tensor-sized (64 KiB) and large (1 MiB) records. One iteration = insert a batch
-//! (`redis`: record by record; `redis_batch`: one `insert_many`), sample it back, acknowledge it. Needs Redis on 127.0.0.1:6379 (or TILT_REDIS_URL); compare with
-//! `redis-benchmark -t xadd` on the same machine (scripts/bench-replay.sh runs both).
+//! (1 KiB), tensor-sized (64 KiB) and large (1 MiB) records, one client, one unit (512, 64, 8
+//! records) at a time. One iteration = insert a unit (`redis`: record by record; `redis_batch`:
+//! one `insert_many`), sample it back, acknowledge it; `redis_batch_insert` times only the
+//! `insert_many` (the sample and ack run untimed). The records are made outside the timing.
+//! Needs Redis on 127.0.0.1:6379 (or TILT_REDIS_URL); scripts/bench-replay.sh runs it next to
+//! redis-benchmark on the same Redis and prints the ratios.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tilt_actors::replay::redis::RedisReplay;
@@ -27,35 +30,65 @@ fn cfg(backend: ReplayBackend, capacity: usize) -> ReplayConfig {
     }
 }
 
-/// Insert `recs` (one `insert` per record, or one `insert_many` for the unit when `batched`),
-/// sample them all back and acknowledge them.
-fn round_trip(
+/// Insert `recs` (one `insert` per record, or one `insert_many` for the unit when `batched`).
+async fn insert(replay: &Arc<dyn ReplayBuffer>, recs: Vec<Record>, batched: bool) {
+    if batched {
+        replay.insert_many(recs).await.unwrap();
+    } else {
+        for r in recs {
+            replay.insert(r).await.unwrap();
+        }
+    }
+}
+
+/// Sample `n` records back and acknowledge them.
+async fn drain(replay: &Arc<dyn ReplayBuffer>, n: usize) {
+    let mut got = 0;
+    while got < n {
+        let batch = replay
+            .sample(n - got, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .expect("records");
+        let keys: Vec<_> = batch.iter().map(|r| r.key()).collect();
+        replay.ack(&keys).await.unwrap();
+        got += batch.len();
+    }
+}
+
+/// `iters` units, each made outside the timing by `make`; `what` times the insert alone
+/// (`Insert`, the drain untimed) or insert + sample + ack (`RoundTrip`).
+fn timed(
     rt: &tokio::runtime::Runtime,
     replay: &Arc<dyn ReplayBuffer>,
-    recs: Vec<Record>,
+    iters: u64,
+    make: &mut dyn FnMut() -> Vec<Record>,
     batched: bool,
-) {
-    rt.block_on(async {
+    what: Timed,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let recs = make();
         let n = recs.len();
-        if batched {
-            replay.insert_many(recs).await.unwrap();
-        } else {
-            for r in recs {
-                replay.insert(r).await.unwrap();
+        rt.block_on(async {
+            let t = Instant::now();
+            insert(replay, recs, batched).await;
+            if what == Timed::Insert {
+                total += t.elapsed();
+                drain(replay, n).await;
+            } else {
+                drain(replay, n).await;
+                total += t.elapsed();
             }
-        }
-        let mut got = 0;
-        while got < n {
-            let batch = replay
-                .sample(n - got, Duration::from_secs(10))
-                .await
-                .unwrap()
-                .expect("records");
-            let keys: Vec<_> = batch.iter().map(|r| r.key()).collect();
-            replay.ack(&keys).await.unwrap();
-            got += batch.len();
-        }
-    })
+        });
+    }
+    total
+}
+
+#[derive(PartialEq, Clone, Copy)]
+enum Timed {
+    Insert,
+    RoundTrip,
 }
 
 fn backends(c: &mut Criterion) {
@@ -90,8 +123,7 @@ fn backends(c: &mut Criterion) {
         let mem: Arc<dyn ReplayBuffer> =
             Arc::new(MemoryReplay::new(cfg(ReplayBackend::Memory, 4 * n)).unwrap());
         g.bench_with_input(BenchmarkId::new("memory", label), &n, |b, _| {
-            let recs = make();
-            b.iter(|| round_trip(&rt, &mem, recs.clone(), false))
+            b.iter_custom(|iters| timed(&rt, &mem, iters, &mut make, false, Timed::RoundTrip))
         });
         let run_id = format!("bench-{}-{label}", std::process::id());
         let redis: Arc<dyn ReplayBuffer> = match rt.block_on(RedisReplay::connect(
@@ -107,18 +139,15 @@ fn backends(c: &mut Criterion) {
             }
         };
         g.bench_with_input(BenchmarkId::new("redis", label), &n, |b, _| {
-            b.iter(|| {
-                let recs = make();
-                round_trip(&rt, &redis, recs, false)
-            })
+            b.iter_custom(|iters| timed(&rt, &redis, iters, &mut make, false, Timed::RoundTrip))
         });
-        // The unit in one `insert_many` (one script call), as the critic and distortion actors
-        // insert it.
+        // The unit in one `insert_many`, as the critic and distortion actors insert it: the
+        // whole round trip, and the insert alone (sample + ack untimed).
         g.bench_with_input(BenchmarkId::new("redis_batch", label), &n, |b, _| {
-            b.iter(|| {
-                let recs = make();
-                round_trip(&rt, &redis, recs, true)
-            })
+            b.iter_custom(|iters| timed(&rt, &redis, iters, &mut make, true, Timed::RoundTrip))
+        });
+        g.bench_with_input(BenchmarkId::new("redis_batch_insert", label), &n, |b, _| {
+            b.iter_custom(|iters| timed(&rt, &redis, iters, &mut make, true, Timed::Insert))
         });
         rt.block_on(redis.purge()).unwrap();
     }

@@ -123,7 +123,7 @@ impl Local {
             self.drop.push((d.id, reason::DELETED));
             return;
         };
-        let Ok(rec) = Record::decode(&bytes) else {
+        let Ok(rec) = Record::decode_owned(bytes) else {
             self.drop.push((d.id, reason::DECODE));
             return;
         };
@@ -230,7 +230,17 @@ impl Local {
                 continue;
             }
             slot.outstanding = true;
-            out.push(slot.rec.clone());
+            if slot.left() == 0 {
+                // Its last hand-out: the payload moves out (the slot keeps only what `ack`
+                // and `remove` read: the key).
+                out.push(Record {
+                    payload: std::mem::take(&mut slot.rec.payload),
+                    scalars: std::mem::take(&mut slot.rec.scalars),
+                    ..slot.rec
+                });
+            } else {
+                out.push(slot.rec.clone());
+            }
         }
         out
     }

@@ -86,7 +86,8 @@ impl Default for RedisOptions {
 /// [`Record::encode`] bytes), `inserts` / `samples` (limiter counters), `evicted` (entries
 /// retired), `dropped` (a set of lost entry ids) and `dropped_by` (their count by reason), `uses`
 /// (hand-outs per pending entry), `last` (each producer's last inserted seq), `produced` (each
-/// producer stream's high-water mark, for exact accounting) and short-lived `nonce:*` keys. Learners read through the
+/// producer stream's high-water mark, for exact accounting), `reserved` (batch inserts admitted
+/// and not yet committed) and short-lived `nonce:*` keys. Learners read through the
 /// group `learners`, created at id 0 with MKSTREAM (so records inserted before any learner
 /// connected are delivered), and recreated the same way if Redis loses it.
 ///
@@ -94,7 +95,12 @@ impl Default for RedisOptions {
 /// (polling, 2 to 50 ms) while the stream holds `capacity` entries; learners' [`ack`] retires
 /// entries (XACK + XDEL in one script), so `XLEN` is the backlog. A record is dropped only if
 /// its entry is deleted by something else while pending, or cannot be decoded: those entry ids
-/// go to the `dropped` set and [`ReplayStats::dropped`].
+/// go to the `dropped` set and [`ReplayStats::dropped`]. A batch ([`insert_many`]) takes two
+/// round trips and never passes payloads through Lua: an admission script reserves room for a
+/// prefix of it (records of batches admitted and not yet committed count as in the stream and
+/// as inserted), then one MULTI/EXEC carries the plain XADDs and a commit script that counts
+/// them and releases the reservation, so entries and counters appear together. A reservation
+/// whose producer dies before committing expires after [`RedisOptions::claim_idle`].
 ///
 /// **Uses and the rate limiter.** A stream hands each entry to one consumer. The consumer keeps
 /// the records delivered to it in a local window and hands each out exactly `U` times, then,
@@ -127,7 +133,8 @@ impl Default for RedisOptions {
 /// 3. an insert that repeats its producer's last inserted key is a no-op (the retry of an insert
 ///    whose reply was lost), so one record does not become two entries;
 /// 4. the scripts are safe to repeat (XACK/XDEL/HDEL/SADD are idempotent; a sample reservation
-///    carries a nonce).
+///    carries a nonce); a batch's commit leaves a done mark, which a retry after a lost reply
+///    looks for before sending the batch's XADDs again.
 ///
 /// Once XACK + XDEL have run, Redis can never deliver that entry again, so the applied memory
 /// only needs to cover entries whose retirement is not yet confirmed and duplicates of recent
@@ -152,6 +159,7 @@ impl Default for RedisOptions {
 /// them now.
 ///
 /// [`ack`]: ReplayBuffer::ack
+/// [`insert_many`]: ReplayBuffer::insert_many
 pub struct RedisReplay {
     inner: Arc<Inner>,
     task: JoinHandle<()>,
@@ -169,6 +177,8 @@ struct Keys {
     produced: String,
     /// Accounting: dropped entries by reason.
     dropped_by: String,
+    /// Batch inserts admitted and not yet committed (nonce -> `records:expiry_ms`).
+    reserved: String,
     /// Prefix of this consumer's nonce keys (unique per connection).
     nonce: String,
     /// SCAN pattern matching every key of the run.
@@ -188,6 +198,7 @@ impl Keys {
             last: format!("{p}last"),
             produced: format!("{p}produced"),
             dropped_by: format!("{p}dropped_by"),
+            reserved: format!("{p}reserved"),
             nonce: format!("{p}nonce:{consumer}:{salt:016x}:"),
             pattern: format!("{p}*"),
         }

@@ -1,6 +1,8 @@
 //! The three verbs behind the trait (insert, sample, ack) and the writes they make: limiter
 //! reservations, retirements, dropped entries, heartbeats and the counters.
 
+use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -10,7 +12,8 @@ use tokio::time::Instant;
 use super::conn::{OnClose, Wait};
 use super::parse::EntryId;
 use super::step_none;
-use super::{Inner, GROUP};
+use super::{Inner, FIELD, GROUP};
+use crate::accounting::stream_of;
 use crate::replay::{Record, ReplayStats};
 use crate::{ActorError, Result};
 
@@ -20,10 +23,48 @@ const POLL_MIN: Duration = Duration::from_millis(2);
 const POLL_MAX: Duration = Duration::from_millis(50);
 /// Entry ids handed to one script call.
 const SCRIPT_BATCH: usize = 1000;
-/// Payload bytes sent in one batch insert script call (more records go in further calls). Larger
-/// calls cost Redis more per byte: a unit of 8 x 1 MiB records round-tripped in 38 ms with one
-/// 8 MiB call, 24 ms with 4 MiB calls, 25 ms record by record (benches/replay_backends.rs).
-const INSERT_MANY_BYTES: usize = 4 << 20;
+/// Payload bytes sent in one MULTI/EXEC of a batch insert (more records go in further calls), so
+/// one call's command buffer stays bounded.
+const INSERT_MANY_BYTES: usize = 16 << 20;
+/// A batch insert's admission: {status, stream length, records taken, room for more, 1-based
+/// positions of the skipped repeats among those sent}.
+pub(super) type Admission = (String, u64, usize, usize, Vec<usize>);
+
+/// A record as one redis argument: its [`Record::encode`] bytes, written straight into the
+/// command buffer (no intermediate copy of the payload).
+struct EncodedRecord<'a>(&'a Record);
+
+impl redis::ToRedisArgs for EncodedRecord<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        out.reserve_space_for_args([self.0.encoded_len()]);
+        let mut w = out.writer_for_next_arg();
+        self.0
+            .encode_with(|b| w.write_all(b))
+            .expect("a redis command buffer takes every byte");
+    }
+}
+
+/// What a batch's commit writes besides the count: each producer's last added seq (in the order
+/// the producers first appear) and each producer stream's largest added seq, the values that
+/// one write per record, in order, would leave behind.
+#[allow(clippy::type_complexity)]
+pub(super) fn commit_marks(add: &[&Record]) -> (Vec<(u32, u64)>, BTreeMap<(u32, u64), u64>) {
+    let mut last: Vec<(u32, u64)> = Vec::new();
+    let mut top: BTreeMap<(u32, u64), u64> = BTreeMap::new();
+    for r in add {
+        match last.iter_mut().find(|(p, _)| *p == r.producer) {
+            Some(l) => l.1 = r.seq,
+            None => last.push((r.producer, r.seq)),
+        }
+        let t = top.entry(stream_of(r.key())).or_insert(r.seq);
+        *t = (*t).max(r.seq);
+    }
+    (last, top)
+}
+
 /// How long a sample reservation's nonce key lives (it only has to outlive a retry).
 const NONCE_TTL_MS: u64 = 30_000;
 
@@ -349,31 +390,29 @@ impl Inner {
         r
     }
 
-    /// [`Inner::insert_many`]'s work; `next` = how many records went in so far.
+    /// [`Inner::insert_many`]'s work; `next` = how many records went in so far. Per call: the
+    /// admission script reserves room for a prefix of the records (no payloads: producers and
+    /// seqs only), then one MULTI/EXEC carries their plain XADDs and the commit script.
     async fn insert_many_from(&self, recs: &[Record], next: &mut usize) -> Result<()> {
-        let enc: Vec<(String, String, Vec<u8>)> = recs
-            .iter()
-            .map(|r| (r.producer.to_string(), r.seq.to_string(), r.encode()))
-            .collect();
         let wait = Wait {
             deadline: None,
             on_close: OnClose::Fail,
         };
         // How many records the next call sends: all at first, then what the last reply said
         // there was room for (at least one, so a waiting batch polls like a single insert).
-        let mut send = enc.len();
+        let mut send = recs.len();
         let mut poll = POLL_MIN;
-        while *next < enc.len() {
+        while *next < recs.len() {
             if self.is_closed() {
                 return Err(ActorError::Closed);
             }
             let mut end = *next;
             let mut bytes = 0;
-            while end < enc.len()
+            while end < recs.len()
                 && end - *next < send.clamp(1, SCRIPT_BATCH)
-                && (end == *next || bytes + enc[end].2.len() <= INSERT_MANY_BYTES)
+                && (end == *next || bytes + recs[end].payload.len() <= INSERT_MANY_BYTES)
             {
-                bytes += enc[end].2.len();
+                bytes += recs[end].payload.len();
                 end += 1;
             }
             let nonce = format!(
@@ -381,41 +420,34 @@ impl Inner {
                 self.keys.nonce,
                 self.nonce_counter.fetch_add(1, Ordering::Relaxed)
             );
-            let left = enc.len() - *next;
-            let (status, depth, taken, room): (String, u64, usize, usize) = step_none(
-                self.call("insert", wait, || {
-                    let mut c = self.cmd.clone();
-                    let mut inv = self.scripts.insert_many.prepare_invoke();
-                    inv.key(&self.keys.stream)
-                        .key(&self.keys.inserts)
-                        .key(&self.keys.samples)
-                        .key(&self.keys.last)
-                        .key(&nonce)
-                        .key(&self.keys.produced)
-                        .arg(self.cfg.capacity)
-                        .arg(&self.bounds.spi)
-                        .arg(&self.bounds.max_diff)
-                        .arg(NONCE_TTL_MS)
-                        .arg(left);
-                    for (producer, seq, payload) in &enc[*next..end] {
-                        inv.arg(producer).arg(seq).arg(payload.as_slice());
-                    }
-                    async move { inv.invoke_async(&mut c).await }
-                })
-                .await,
-            )?;
+            let left = recs.len() - *next;
+            let sent = &recs[*next..end];
+            let (status, depth, taken, room, skipped) =
+                step_none(self.admit(sent, left, &nonce, wait).await)?;
             self.update_cache(|s| s.depth = depth);
-            if !matches!(status.as_str(), "ok" | "full" | "limit" | "replay") || taken > end - *next
+            if !matches!(status.as_str(), "ok" | "full" | "limit")
+                || taken > sent.len()
+                || skipped.iter().any(|&i| i == 0 || i > taken)
             {
                 return Err(ActorError::Replay(format!(
-                    "redis at {}: insert script answered {status:?} ({taken} taken of {})",
+                    "redis at {}: insert admission answered {status:?} ({taken} taken of {}, \
+                     skipped {skipped:?})",
                     self.addr,
-                    end - *next
+                    sent.len()
                 )));
+            }
+            let add: Vec<&Record> = sent[..taken]
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !skipped.contains(&(i + 1)))
+                .map(|(_, r)| r)
+                .collect();
+            if !add.is_empty() {
+                step_none(self.commit(&add, taken, &nonce, wait).await)?;
             }
             *next += taken;
             send = room;
-            if *next < enc.len() && (room == 0 || matches!(status.as_str(), "full" | "limit")) {
+            if *next < recs.len() && (room == 0 || matches!(status.as_str(), "full" | "limit")) {
                 self.pause(poll, wait).await?;
                 poll = (poll * 2).min(POLL_MAX);
             } else if taken > 0 {
@@ -423,6 +455,104 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Phase 1 of a batch insert (see `ADMIT_LUA`): {status, stream length, records taken, room
+    /// for more, 1-based positions of the skipped repeats}.
+    pub(super) async fn admit(
+        &self,
+        sent: &[Record],
+        left: usize,
+        nonce: &str,
+        wait: Wait,
+    ) -> Result<Option<Admission>> {
+        let ttl = self.reservation_ttl_ms();
+        self.call("insert admission", wait, || {
+            let mut c = self.cmd.clone();
+            let mut inv = self.scripts.admit.prepare_invoke();
+            inv.key(&self.keys.stream)
+                .key(&self.keys.inserts)
+                .key(&self.keys.samples)
+                .key(&self.keys.last)
+                .key(&self.keys.reserved)
+                .arg(self.cfg.capacity)
+                .arg(&self.bounds.spi)
+                .arg(&self.bounds.max_diff)
+                .arg(ttl)
+                .arg(left)
+                .arg(nonce);
+            for r in sent {
+                inv.arg(r.producer).arg(r.seq);
+            }
+            async move { inv.invoke_async(&mut c).await }
+        })
+        .await
+    }
+
+    /// A reservation outlives a slow commit by far; one left by a producer that died between
+    /// admission and commit holds its room this long (the claim bound: presumed dead).
+    fn reservation_ttl_ms(&self) -> u64 {
+        (self.opts.claim_idle.as_millis() as u64).max(1000)
+    }
+
+    /// Phase 2 of a batch insert: the XADDs of the admitted records (payloads written straight
+    /// into the command buffer) and the commit script, in one MULTI/EXEC. A retry after a lost
+    /// reply first looks for the commit's done mark, so the XADDs are not sent twice.
+    pub(super) async fn commit(
+        &self,
+        add: &[&Record],
+        taken: usize,
+        nonce: &str,
+        wait: Wait,
+    ) -> Result<Option<()>> {
+        let (last, top) = commit_marks(add);
+        let done = format!("{nonce}:done");
+        let tried = std::sync::atomic::AtomicBool::new(false);
+        self.call("insert", wait, || {
+            let mut c = self.cmd.clone();
+            let retry = tried.swap(true, Ordering::Relaxed);
+            let mut p = redis::pipe();
+            p.atomic();
+            for r in add {
+                p.cmd("XADD")
+                    .arg(&self.keys.stream)
+                    .arg("*")
+                    .arg(FIELD)
+                    .arg(EncodedRecord(r))
+                    .ignore();
+            }
+            p.cmd("EVAL")
+                .arg(&self.scripts.commit)
+                .arg(5)
+                .arg(&self.keys.inserts)
+                .arg(&self.keys.last)
+                .arg(&self.keys.produced)
+                .arg(&self.keys.reserved)
+                .arg(&done)
+                .arg(nonce)
+                .arg(NONCE_TTL_MS)
+                .arg(taken)
+                .arg(add.len())
+                .arg(last.len());
+            for (producer, seq) in &last {
+                p.arg(producer).arg(seq);
+            }
+            for ((producer, _), seq) in &top {
+                p.arg(producer).arg(seq);
+            }
+            let done = done.clone();
+            async move {
+                if retry {
+                    let exists: bool = redis::cmd("EXISTS").arg(&done).query_async(&mut c).await?;
+                    if exists {
+                        return Ok(());
+                    }
+                }
+                let (_added,): (u64,) = p.query_async(&mut c).await?;
+                Ok(())
+            }
+        })
+        .await
     }
 
     pub(super) async fn ack(&self, keys: &[(u32, u64)]) -> Result<()> {

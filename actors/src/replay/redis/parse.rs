@@ -46,6 +46,15 @@ fn bytes_of(v: &Value) -> Option<&[u8]> {
     }
 }
 
+/// The bytes of a string reply, moved out (no copy).
+fn into_bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    }
+}
+
 fn items(v: Value) -> std::result::Result<Vec<Value>, String> {
     match v {
         Value::Nil => Ok(Vec::new()),
@@ -74,20 +83,22 @@ fn parse_entry(v: Value) -> std::result::Result<Option<Delivery>, String> {
             pairs
                 .into_iter()
                 .find(|(k, _)| bytes_of(k) == Some(FIELD.as_bytes()))
-                .and_then(|(_, v)| bytes_of(&v).map(<[u8]>::to_vec))
+                .and_then(|(_, v)| into_bytes(v))
                 .unwrap_or_default(),
         ),
         Some(fields) => {
-            let fields = items(fields)?;
             // An entry without our field is foreign: an empty payload fails to decode and is
             // counted as dropped.
-            Some(
-                fields
-                    .chunks(2)
-                    .find(|kv| bytes_of(&kv[0]) == Some(FIELD.as_bytes()))
-                    .and_then(|kv| kv.get(1).and_then(bytes_of).map(<[u8]>::to_vec))
-                    .unwrap_or_default(),
-            )
+            let mut fields = items(fields)?.into_iter();
+            let mut payload = Vec::new();
+            while let Some(k) = fields.next() {
+                let v = fields.next();
+                if bytes_of(&k) == Some(FIELD.as_bytes()) {
+                    payload = v.and_then(into_bytes).unwrap_or_default();
+                    break;
+                }
+            }
+            Some(payload)
         }
     };
     Ok(Some(Delivery { id, payload }))

@@ -373,46 +373,141 @@ fn redis_config_rules_name_the_key() {
     assert!(e.starts_with("replay.backend"), "{e}");
 }
 
-/// The batch insert script on its own: a call retried with the same nonce (a lost reply) adds
-/// nothing and answers what the first call took; a record repeating its producer's last key is
-/// skipped as by a single insert; a full stream stops the batch after a prefix.
+/// The two phases of a batch insert on their own: admission reserves room (records of other
+/// batches in flight count as in the stream), skips a record repeating its producer's last key
+/// and stops at capacity; the commit adds the records with their counters, releases the
+/// reservation and leaves its done mark; a reservation whose producer never commits expires.
 #[tokio::test]
-async fn insert_many_script_is_safe_to_retry_and_stops_at_capacity() -> TestResult {
+async fn batch_insert_admission_reserves_and_commit_releases() -> TestResult {
     let redis = RedisServer::start();
     let url = redis.url();
     let run = run_id("insert-many");
-    let rb = RedisReplay::connect(&url, &run, "c0", cfg(5, 1, 0.0, 0.0, Sampler::Fifo)).await?;
+    let opts = RedisOptions {
+        claim_idle: Duration::from_millis(300),
+        ..RedisOptions::default()
+    };
+    let c = cfg(5, 1, 0.0, 0.0, Sampler::Fifo);
+    let rb = RedisReplay::connect_with(&url, &run, "c0", c, opts).await?;
     let inner = &rb.inner;
-    let call = |nonce: &str, recs: &[Record], left: usize| {
-        let mut inv = inner.scripts.insert_many.prepare_invoke();
-        inv.key(&inner.keys.stream)
-            .key(&inner.keys.inserts)
-            .key(&inner.keys.samples)
-            .key(&inner.keys.last)
-            .key(format!("{}{nonce}", inner.keys.nonce))
-            .key(&inner.keys.produced)
-            .arg(inner.cfg.capacity)
-            .arg(&inner.bounds.spi)
-            .arg(&inner.bounds.max_diff)
-            .arg(30_000)
-            .arg(left);
-        for r in recs {
-            inv.arg(r.producer.to_string())
-                .arg(r.seq.to_string())
-                .arg(r.encode());
-        }
+    let wait = Wait {
+        deadline: None,
+        on_close: OnClose::Fail,
+    };
+    let nonce = |n: &str| format!("{}{n}", inner.keys.nonce);
+    let admit = |n: &str, recs: Vec<Record>, left: usize| {
+        let n = nonce(n);
+        async move { step_none(inner.admit(&recs, left, &n, wait).await) }
+    };
+    let reserved = || async {
         let mut c = inner.cmd.clone();
-        async move { inv.invoke_async::<(String, u64, u64, u64)>(&mut c).await }
+        redis::cmd("HLEN")
+            .arg(&inner.keys.reserved)
+            .query_async::<u64>(&mut c)
+            .await
     };
     let recs: Vec<Record> = (0..3).map(|s| rec(4, s)).collect();
-    assert_eq!(call("a", &recs, 3).await?, ("ok".to_owned(), 3, 3, 0));
-    assert_eq!(call("a", &recs, 3).await?, ("replay".to_owned(), 3, 3, 0));
-    assert_eq!(inserted(&rb).await, 3);
-    // (4, 2) repeats the last key: skipped, taken. Then room for 2 of the 3 new ones.
+    assert_eq!(
+        admit("a", recs.clone(), 3).await?,
+        ("ok".into(), 0, 3, 0, vec![])
+    );
+    // Batch "a" holds 3 of the 5 slots: another batch gets 2 (and a retry of its admission
+    // replaces its reservation instead of adding one).
+    let other: Vec<Record> = (0..3).map(|s| rec(5, s)).collect();
+    assert_eq!(
+        admit("b", other.clone(), 3).await?,
+        ("full".into(), 0, 2, 0, vec![])
+    );
+    assert_eq!(
+        admit("b", other.clone(), 3).await?,
+        ("full".into(), 0, 2, 0, vec![])
+    );
+    assert_eq!(reserved().await?, 2);
+    let add: Vec<&Record> = recs.iter().collect();
+    step_none(inner.commit(&add, 3, &nonce("a"), wait).await)?;
+    assert_eq!((inserted(&rb).await, reserved().await?), (3, 1));
+    let mut c = inner.cmd.clone();
+    let done: bool = redis::cmd("EXISTS")
+        .arg(format!("{}:done", nonce("a")))
+        .query_async(&mut c)
+        .await?;
+    assert!(done);
+    // Batch "b" never commits (its producer died): after the reservation's ttl (claim_idle,
+    // at least 1 s) its room is free again. (4, 2) repeats producer 4's last key: skipped.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let more: Vec<Record> = (2..6).map(|s| rec(4, s)).collect();
-    assert_eq!(call("b", &more, 4).await?, ("full".to_owned(), 5, 3, 0));
-    assert_eq!(inserted(&rb).await, 5);
+    assert_eq!(
+        admit("c", more.clone(), 4).await?,
+        ("full".into(), 3, 3, 0, vec![1])
+    );
+    let add: Vec<&Record> = more[1..3].iter().collect();
+    step_none(inner.commit(&add, 3, &nonce("c"), wait).await)?;
+    assert_eq!((inserted(&rb).await, reserved().await?), (5, 0));
+    // The stream holds the records in order, each decodable.
+    let got = timeout(LONG, rb.sample(5, LONG))
+        .await??
+        .unwrap_or_default();
+    let keys: Vec<(u32, u64)> = got.iter().map(Record::key).collect();
+    assert_eq!(keys, vec![(4, 0), (4, 1), (4, 2), (4, 3), (4, 4)]);
     rb.purge().await?;
+    Ok(())
+}
+
+/// A batch insert (admission, then XADDs + commit with one mark per producer and stream) leaves
+/// Redis as inserting the same records one by one does: the same entries in the same order, the
+/// same counter, producers' last seqs and producer streams' high-water marks; a record repeating
+/// its producer's last key is skipped by both.
+#[tokio::test]
+async fn batch_insert_leaves_what_single_inserts_leave() -> TestResult {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let gen = 1u64 << crate::accounting::GENERATION_SHIFT;
+    // Two producers, producer 1 in two generations, interleaved; (2, 7) follows itself.
+    let keys: Vec<(u32, u64)> = vec![
+        (1, 3),
+        (2, 5),
+        (1, 4),
+        (1, gen),
+        (2, 7),
+        (2, 7),
+        (1, gen + 2),
+        (2, 6),
+    ];
+    let recs: Vec<Record> = keys.iter().map(|&(p, s)| rec(p, s)).collect();
+    let mut seen = Vec::new();
+    for batched in [false, true] {
+        let run = run_id(if batched { "batched" } else { "single" });
+        let rb = RedisReplay::connect(&url, &run, "c", cfg(64, 1, 0.0, 0.0, Sampler::Fifo)).await?;
+        if batched {
+            rb.insert_many(recs.clone()).await?;
+        } else {
+            for r in &recs {
+                rb.insert(r.clone()).await?;
+            }
+        }
+        let k = &rb.inner.keys;
+        let mut c = rb.inner.cmd.clone();
+        let (last, produced, ins): (BTreeMap<String, String>, BTreeMap<String, String>, u64) =
+            redis::pipe()
+                .hgetall(&k.last)
+                .hgetall(&k.produced)
+                .get(&k.inserts)
+                .query_async(&mut c)
+                .await?;
+        let got = timeout(LONG, rb.sample(64, LONG))
+            .await??
+            .unwrap_or_default();
+        let order: Vec<(u32, u64)> = got.iter().map(Record::key).collect();
+        seen.push((last, produced, ins, order));
+        rb.purge().await?;
+    }
+    assert_eq!(seen[0].2, 7);
+    assert_eq!(seen[0], seen[1]);
+    // The marks as one write per record would leave them.
+    let add: Vec<&Record> = recs.iter().collect();
+    let (last, top) = ops::commit_marks(&add);
+    assert_eq!(last, vec![(1, gen + 2), (2, 6)]);
+    let top: Vec<_> = top.into_iter().collect();
+    assert_eq!(top, vec![((1, 0), 4), ((1, 1), gen + 2), ((2, 0), 7)]);
     Ok(())
 }
 
