@@ -5,8 +5,9 @@
 #      system CUDA, and checks the binary resolves every library it needs;
 #   2. `tilt gpu-check`: tilt's CUDA kernels against their CPU reference and the candle
 #      computation they replace (values, gradients, bitwise repeat: the same comparisons as the
-#      ignored test cuda_ops_match_the_cpu_reference), then learner steps/s at the quickstart's
-#      shape, CPU vs GPU, batch 64..4096, with the share of step time in tilt's own kernel;
+#      ignored test cuda_ops_match_the_cpu_reference), then learner steps/s of the quickstart's
+#      MLP and the digits' U-Net, CPU vs GPU, batch 64..4096 (the U-Net on the CPU up to 256),
+#      with the share of step time in tilt's own kernel;
 #   3. the smoke config end to end with every role on the GPU (`--set device=cuda`), then with
 #      two data-parallel learner replicas on ["cuda:0","cuda:0"] and on ["cuda:0","cpu"].
 # Writes gpu-check.json, gpu-check.log and smoke.log to OUT_DIR (default $OUT, else gpu-check/)

@@ -1,8 +1,8 @@
 //! `tilt gpu-check`: the one check to run on a GPU machine (scripts/gpu-check.sh calls it). It
 //! compares tilt's fused CUDA kernels with their CPU reference and with the candle computation
-//! they replace (values, gradients, bitwise repeat), then measures learner steps/s at the
-//! quickstart's shape on the CPU and the GPU for each batch size, with the share of the GPU step
-//! spent in tilt's own kernel. Writes one JSON, prints two tables; exits 1 if any comparison
+//! they replace (values, gradients, bitwise repeat), then measures learner steps/s for the
+//! quickstart's MLP and the digits' U-Net on the CPU and the GPU for each batch size (the U-Net on
+//! the CPU up to batch 256), with the share of the GPU step spent in tilt's own kernel. Writes one JSON, prints two tables; exits 1 if any comparison
 //! fails or the device cannot be had (never falls back to the CPU).
 
 use std::path::Path;
@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use serde::Serialize;
-use tilt_kernels::cuda::{compare_on, device, learner_step_rate, Comparison, StepRate};
+use tilt_kernels::cuda::{compare_on, device, learner_step_rate, BenchModel, Comparison, StepRate};
 
 #[derive(Serialize)]
 struct Report {
@@ -19,6 +19,9 @@ struct Report {
     comparisons: Vec<Comparison>,
     bench: Vec<StepRate>,
 }
+
+/// The largest batch at which the U-Net's CPU step is measured.
+const CPU_UNET_MAX_BATCH: usize = 256;
 
 /// Check `device_name` (e.g. "cuda:0"), benchmark at `batches` for about `seconds` each, and
 /// write the report to `out`. `cpu`: also measure the CPU at every batch size.
@@ -53,21 +56,26 @@ pub fn gpu_check(
     }
     let passed = comparisons.iter().all(|c| c.passed);
     let mut bench = Vec::new();
-    for &b in batches {
-        eprintln!("gpu-check: learner steps at batch {b}");
-        if cpu {
-            bench.push(learner_step_rate(&Device::Cpu, b, seconds, 1000)?);
+    for model in [BenchModel::QuickstartMlp, BenchModel::DigitsUnet] {
+        for &b in batches {
+            eprintln!("gpu-check: {model:?} learner steps at batch {b}");
+            // The U-Net on the CPU takes seconds per step beyond batch 256 (20 images per pair):
+            // measured up to there.
+            if cpu && (model == BenchModel::QuickstartMlp || b <= CPU_UNET_MAX_BATCH) {
+                bench.push(learner_step_rate(model, &Device::Cpu, b, seconds, 1000)?);
+            }
+            bench.push(learner_step_rate(model, &dev, b, seconds, 1000)?);
         }
-        bench.push(learner_step_rate(&dev, b, seconds, 1000)?);
     }
     println!();
     println!(
-        "{:<8} {:>7} {:>14} {:>11} {:>14}",
-        "device", "batch", "steps/s", "ms/step", "fused share"
+        "{:<15} {:<8} {:>7} {:>14} {:>11} {:>14}",
+        "model", "device", "batch", "steps/s", "ms/step", "fused share"
     );
     for r in &bench {
         println!(
-            "{:<8} {:>7} {:>14.1} {:>11.3} {:>13.1}%",
+            "{:<15} {:<8} {:>7} {:>14.1} {:>11.3} {:>13.1}%",
+            format!("{:?}", r.model),
             r.device,
             r.batch,
             r.steps_per_s,

@@ -1,4 +1,5 @@
-//! Learner step throughput at the quickstart's shape on a device, for `tilt gpu-check`: one VRPO
+//! Learner step throughput on a device, for `tilt gpu-check`, for two residuals: the
+//! quickstart's MLP on 2-D data and the digits' class-conditional U-Net on 8x8 images. One VRPO
 //! learner step = `vrpo_grads` (path log-ratios of a and b through the residual, loss, backward)
 //! plus the AdamW step, on a synthetic batch resident on the device (no replay sampling, no
 //! upload). The clock stops after a device synchronisation.
@@ -10,23 +11,83 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
 
 use super::segment_log_ratio;
+use crate::denoiser::Denoiser;
 use crate::losses::VrpoLabels;
-use crate::models::{MlpConfig, MlpDenoiser};
+use crate::models::{MlpConfig, MlpDenoiser, UNetConfig, UNetDenoiser};
 use crate::optim::{named_vars, AdamW, AdamWConfig};
 use crate::rng::{randn, rng_for};
 use crate::schedule::{SamplingGrid, VpSchedule};
 use crate::vrpo::{vrpo_grads, VrpoBatch};
 use crate::Result;
 
-/// The quickstart's learner: K = 100 steps, segments of L = 10, policy MLP hidden 64, depth 3,
-/// time_dim 32, on 2-D data.
+/// The learner's chain: K = 100 steps, segments of L = 10.
 const K: usize = 100;
 const L: usize = 10;
-const DIM: usize = 2;
+
+/// The residual a benchmark trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BenchModel {
+    /// The quickstart's policy: MLP hidden 64, depth 3, time_dim 32, on 2-D data.
+    QuickstartMlp,
+    /// The digits' image residual: U-Net base 32, time_dim 32, 10 classes, on 1x8x8 images.
+    DigitsUnet,
+}
+
+impl BenchModel {
+    /// One sample's shape.
+    fn sample_shape(self) -> Vec<usize> {
+        match self {
+            BenchModel::QuickstartMlp => vec![2],
+            BenchModel::DigitsUnet => vec![1, 8, 8],
+        }
+    }
+
+    fn classes(self) -> usize {
+        match self {
+            BenchModel::QuickstartMlp => 0,
+            BenchModel::DigitsUnet => 10,
+        }
+    }
+
+    /// Elements per sample (the log-ratio kernel's row width).
+    fn dim(self) -> usize {
+        self.sample_shape().iter().product()
+    }
+
+    fn build(self, vm: &VarMap, dev: &Device) -> Result<Box<dyn Denoiser>> {
+        let vb = VarBuilder::from_varmap(vm, DType::F32, dev);
+        Ok(match self {
+            BenchModel::QuickstartMlp => Box::new(MlpDenoiser::new(
+                MlpConfig {
+                    dim: 2,
+                    hidden: 64,
+                    depth: 3,
+                    time_dim: 32,
+                    classes: 0,
+                    zero_init_output: false,
+                },
+                vb,
+            )?),
+            BenchModel::DigitsUnet => Box::new(UNetDenoiser::new(
+                UNetConfig {
+                    channels: 1,
+                    size: 8,
+                    base: 32,
+                    time_dim: 32,
+                    classes: 10,
+                    zero_init_output: false,
+                },
+                vb,
+            )?),
+        })
+    }
+}
 
 /// Measured rate of one device at one batch size.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepRate {
+    pub model: BenchModel,
     /// `cpu` or `cuda:N`.
     pub device: String,
     /// Pairs per learner step.
@@ -36,7 +97,7 @@ pub struct StepRate {
     pub steps_per_s: f64,
     pub ms_per_step: f64,
     /// Milliseconds per step in tilt's own fused kernel (`segment_log_ratio` forward and
-    /// backward at the step's shape: [2 batch L, 2]), timed alone.
+    /// backward at the step's shape: [2 batch L, elements per sample]), timed alone.
     pub fused_ms: f64,
     /// fused_ms / ms_per_step.
     pub fused_share: f64,
@@ -49,11 +110,15 @@ fn device_name(dev: &Device) -> String {
     }
 }
 
-/// A synthetic learner batch of `b` pairs on `dev`.
-fn batch(dev: &Device, b: usize) -> Result<VrpoBatch> {
+/// A synthetic learner batch of `b` pairs of `model`'s samples on `dev`.
+fn batch(model: BenchModel, dev: &Device, b: usize) -> Result<VrpoBatch> {
     let mut rng = rng_for(5, 0, b as u64);
+    let mut shape = vec![b];
+    shape.extend(model.sample_shape());
     let mut states = |n: usize| -> Result<Vec<Tensor>> {
-        (0..n).map(|_| randn(&mut rng, (b, DIM), dev)).collect()
+        (0..n)
+            .map(|_| randn(&mut rng, shape.clone(), dev))
+            .collect()
     };
     let (xa, za, xb, zb) = (states(L + 1)?, states(L)?, states(L + 1)?, states(L)?);
     let mut rng = rng_for(5, 1, b as u64);
@@ -65,30 +130,28 @@ fn batch(dev: &Device, b: usize) -> Result<VrpoBatch> {
         zb,
         v_a: randn(&mut rng, b, dev)?,
         v_b: randn(&mut rng, b, dev)?,
-        cond: None,
+        cond: match model.classes() {
+            0 => None,
+            c => Some(Tensor::from_vec(
+                (0..b).map(|i| (i % c) as u32).collect::<Vec<u32>>(),
+                b,
+                dev,
+            )?),
+        },
     })
 }
 
-/// Run learner steps of `b` pairs on `dev` for about `seconds` (at least 5 and at most
-/// `max_steps` timed steps).
+/// Run learner steps of `b` pairs of `model` on `dev` for about `seconds` (at least 5 and at
+/// most `max_steps` timed steps).
 pub fn learner_step_rate(
+    model: BenchModel,
     dev: &Device,
     b: usize,
     seconds: f64,
     max_steps: usize,
 ) -> Result<StepRate> {
     let vm = VarMap::new();
-    let residual = MlpDenoiser::new(
-        MlpConfig {
-            dim: DIM,
-            hidden: 64,
-            depth: 3,
-            time_dim: 32,
-            classes: 0,
-            zero_init_output: false,
-        },
-        VarBuilder::from_varmap(&vm, DType::F32, dev),
-    )?;
+    let residual = model.build(&vm, dev)?;
     let mut opt = AdamW::new(
         named_vars(&vm)?,
         AdamWConfig {
@@ -97,9 +160,16 @@ pub fn learner_step_rate(
         },
     )?;
     let grid = SamplingGrid::new(&VpSchedule::ddpm_default(), K, 1.0)?;
-    let batch = batch(dev, b)?;
+    let batch = batch(model, dev, b)?;
     let mut step = || -> Result<()> {
-        let (grads, _) = vrpo_grads(&residual, opt.vars(), &grid, &batch, VrpoLabels::Soft, 1.0)?;
+        let (grads, _) = vrpo_grads(
+            residual.as_ref(),
+            opt.vars(),
+            &grid,
+            &batch,
+            VrpoLabels::Soft,
+            1.0,
+        )?;
         opt.step_with(&grads)?;
         Ok(())
     };
@@ -118,8 +188,9 @@ pub fn learner_step_rate(
     }
     dev.synchronize()?;
     let ms_per_step = t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
-    let fused_ms = fused_ms(dev, b)?;
+    let fused_ms = fused_ms(dev, b, model.dim())?;
     Ok(StepRate {
+        model,
         device: device_name(dev),
         batch: b,
         steps,
@@ -130,12 +201,13 @@ pub fn learner_step_rate(
     })
 }
 
-/// Milliseconds of one forward + backward of `segment_log_ratio` at a learner step's shape.
-fn fused_ms(dev: &Device, b: usize) -> Result<f64> {
+/// Milliseconds of one forward + backward of `segment_log_ratio` at a learner step's shape
+/// (`dim` elements per sample).
+fn fused_ms(dev: &Device, b: usize, dim: usize) -> Result<f64> {
     let rows = 2 * b * L;
     let mut rng = rng_for(5, 2, b as u64);
-    let v = candle_core::Var::from_tensor(&randn(&mut rng, (rows, DIM), dev)?)?;
-    let z = randn(&mut rng, (rows, DIM), dev)?;
+    let v = candle_core::Var::from_tensor(&randn(&mut rng, (rows, dim), dev)?)?;
+    let z = randn(&mut rng, (rows, dim), dev)?;
     let s = randn(&mut rng, rows, dev)?;
     let run = || -> Result<()> {
         let out = segment_log_ratio(&v, &z, &s, L)?;
@@ -159,9 +231,14 @@ mod tests {
 
     #[test]
     fn a_short_cpu_measurement_is_complete() {
-        let r = learner_step_rate(&Device::Cpu, 16, 0.0, 5).unwrap();
-        assert_eq!((r.device.as_str(), r.batch, r.steps), ("cpu", 16, 5));
-        assert!(r.steps_per_s > 0.0 && r.ms_per_step > 0.0 && r.fused_ms > 0.0);
-        assert!((r.fused_share - r.fused_ms / r.ms_per_step).abs() < 1e-12);
+        for (model, b) in [(BenchModel::QuickstartMlp, 16), (BenchModel::DigitsUnet, 2)] {
+            let r = learner_step_rate(model, &Device::Cpu, b, 0.0, 5).unwrap();
+            assert_eq!(
+                (r.model, r.device.as_str(), r.batch, r.steps),
+                (model, "cpu", b, 5)
+            );
+            assert!(r.steps_per_s > 0.0 && r.ms_per_step > 0.0 && r.fused_ms > 0.0);
+            assert!((r.fused_share - r.fused_ms / r.ms_per_step).abs() < 1e-12);
+        }
     }
 }
