@@ -5,6 +5,9 @@
 //!   N=200 TUNE=1 perf record ./target/release/examples/profile_learner
 //!
 //! `TUNE=1` applies tilt's allocator settings (`tilt::alloc::tune`), as the `tilt` binary does.
+//! `PLAIN=1` times the plain candle path (`vrpo_grads`) instead of the fused one
+//! (`tilt_kernels::fused_vrpo`, the learner's default on the CPU); `THREADS=T` gives the fused
+//! step T threads (default 1).
 use candle_core::Device;
 use std::time::Instant;
 use tilt::algo::vrpo::{build_policy, setup};
@@ -12,6 +15,7 @@ use tilt::config::Config;
 use tilt_actors::codec::{pair_records, records_to_batch};
 use tilt_kernels::losses::VrpoLabels;
 use tilt_kernels::rng::rng_for;
+use tilt_kernels::fused_vrpo::{fused_residual, FusedVrpo};
 use tilt_kernels::vrpo::{make_segment_pairs, score_pair, vrpo_grads};
 
 fn main() {
@@ -47,20 +51,31 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
+    let plain = std::env::var("PLAIN").is_ok();
+    let threads: usize = std::env::var("THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mut fused = FusedVrpo::new(threads);
     let (mut td, mut tg, mut ta) = (0.0, 0.0, 0.0);
     for i in 0..n {
         let off = (i * 256) % (records.len() - 256);
         let t0 = Instant::now();
         let batch = records_to_batch(&records[off..off + 256], &dev).unwrap();
         let t1 = Instant::now();
-        let (g, _) = vrpo_grads(
-            p.model.as_ref(),
-            p.opt.vars(),
-            &s.grid,
-            &batch,
-            VrpoLabels::Soft,
-            1.0,
-        )
+        let (g, _) = if plain {
+            vrpo_grads(
+                p.model.as_ref(),
+                p.opt.vars(),
+                &s.grid,
+                &batch,
+                VrpoLabels::Soft,
+                1.0,
+            )
+        } else {
+            let mlp = fused_residual(p.model.as_ref()).unwrap();
+            fused.grads(mlp, p.opt.vars(), &s.grid, &batch, VrpoLabels::Soft, 1.0)
+        }
         .unwrap();
         let t2 = Instant::now();
         p.opt.step_with(&g).unwrap();
@@ -71,7 +86,9 @@ fn main() {
     }
     let n = n as f64;
     println!(
-        "decode {:.2} ms, grads {:.2} ms, adam {:.2} ms, total {:.2} ms/step",
+        "{} ({} thread(s)): decode {:.2} ms, grads {:.2} ms, adam {:.2} ms, total {:.2} ms/step",
+        if plain { "plain" } else { "fused" },
+        if plain { 1 } else { threads },
         1e3 * td / n,
         1e3 * tg / n,
         1e3 * ta / n,

@@ -14,11 +14,21 @@ pub trait Denoiser: Send + Sync {
     /// `x`: [batch, ...sample dims]; `n`: [batch] f32 training-grid indices (0..=N);
     /// `cond`: optional [batch] u32 class labels. Returns eps with the shape of `x`.
     fn eps(&self, x: &Tensor, n: &Tensor, cond: Option<&Tensor>) -> Result<Tensor>;
+
+    /// The concrete network behind the seam, for the one caller with a faster path for one kind
+    /// (`fused_vrpo::fused_residual` takes an `MlpDenoiser`). None unless a network opts in.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 impl<T: Denoiser + ?Sized> Denoiser for Arc<T> {
     fn eps(&self, x: &Tensor, n: &Tensor, cond: Option<&Tensor>) -> Result<Tensor> {
         (**self).eps(x, n, cond)
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        (**self).as_any()
     }
 }
 

@@ -16,6 +16,7 @@ pub mod distort;
 pub mod error;
 pub mod final_dpo;
 pub mod fused;
+pub mod fused_vrpo;
 pub mod image_reward;
 pub mod logprob;
 pub mod losses;

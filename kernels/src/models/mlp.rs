@@ -102,6 +102,16 @@ impl MlpDenoiser {
     pub fn config(&self) -> &MlpConfig {
         &self.cfg
     }
+
+    /// The hidden layers, first to last (the first takes [x; time embedding]).
+    pub fn layers(&self) -> &[Linear] {
+        &self.layers
+    }
+
+    /// The output layer (hidden -> dim).
+    pub fn out_layer(&self) -> &Linear {
+        &self.out
+    }
 }
 
 impl Denoiser for MlpDenoiser {
@@ -150,6 +160,10 @@ impl Denoiser for MlpDenoiser {
             h = fused::silu(&fused::linear_layer(l, &h)?)?;
         }
         fused::linear_layer(&self.out, &h)
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }
 
