@@ -351,6 +351,14 @@ pub struct LearnerConfig {
     pub devices: Vec<String>,
     /// Checkpoint every this many steps (0 = only at the end and at eval points).
     pub checkpoint_every: u64,
+    /// VRPO on the CPU with the unconditional MLP residual: take each step through the fused
+    /// hand-written forward and backward (`tilt_kernels::fused_vrpo`, the same loss and gradients)
+    /// instead of candle's autograd. false forces the plain path. Other models and devices always
+    /// take the plain path; the stage's first line says which one runs.
+    pub fused: bool,
+    /// Threads of each learner replica's fused step; 0 = the available cores divided by
+    /// `learner.actors` (at least 1).
+    pub threads: usize,
 }
 
 /// Evaluation.
@@ -698,6 +706,8 @@ impl Default for LearnerConfig {
             device: String::new(),
             devices: Vec::new(),
             checkpoint_every: 500,
+            fused: true,
+            threads: 0,
         }
     }
 }
@@ -775,6 +785,12 @@ impl Config {
             if v == 0 {
                 bail!("{k} = 0: must be at least 1");
             }
+        }
+        if self.learner.threads > 256 {
+            bail!(
+                "learner.threads = {}: must be 0 (one per core, shared by the replicas) or 1..=256",
+                self.learner.threads
+            );
         }
         if !(self.sampling.eta > 0.0 && self.sampling.eta <= 1.0) {
             bail!("sampling.eta = {}: must be in (0, 1]", self.sampling.eta);

@@ -10,7 +10,7 @@ pub mod final_dpo;
 pub mod worker;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use async_trait::async_trait;
@@ -23,6 +23,7 @@ use tilt_actors::replay::{Record, ReplayBuffer};
 use tilt_actors::rollout::RolloutSource;
 use tilt_actors::source::PairSource;
 use tilt_kernels::denoiser::Denoiser;
+use tilt_kernels::fused_vrpo::{fused_residual, FusedVrpo};
 use tilt_kernels::losses::VrpoLabels;
 use tilt_kernels::mixture::ExactValue;
 use tilt_kernels::optim::AdamWConfig;
@@ -143,6 +144,87 @@ impl Objective for VrpoObjective {
     }
 }
 
+/// VRPO's loss through the fused learner step (`tilt_kernels::fused_vrpo`: the same loss and
+/// gradients as [`VrpoObjective`], by hand, on `threads` threads per replica), for the
+/// unconditional MLP residual on the CPU. A model it cannot take is an error, not a fallback.
+pub struct FusedVrpoObjective {
+    pub plain: VrpoObjective,
+    /// One step with its buffers per learner replica.
+    steps: Vec<Mutex<FusedVrpo>>,
+}
+
+impl FusedVrpoObjective {
+    /// For `replicas` learner replicas of `threads` threads each.
+    pub fn new(plain: VrpoObjective, replicas: usize, threads: usize) -> Self {
+        Self {
+            plain,
+            steps: (0..replicas.max(1))
+                .map(|_| Mutex::new(FusedVrpo::new(threads)))
+                .collect(),
+        }
+    }
+}
+
+impl Objective for FusedVrpoObjective {
+    fn grads(
+        &self,
+        model: &dyn Denoiser,
+        vars: &[(String, Var)],
+        records: &[Record],
+        _step: u64,
+        replica: usize,
+    ) -> tilt_actors::Result<(Vec<Option<Tensor>>, StepStats)> {
+        let actor_err = |detail: String| tilt_actors::ActorError::Actor {
+            role: format!("learner {replica}"),
+            detail,
+        };
+        let mlp = fused_residual(model)
+            .map_err(|why| actor_err(format!("fused VRPO step: {why}")))?;
+        let step = self
+            .steps
+            .get(replica)
+            .ok_or_else(|| actor_err(format!("no fused VRPO step for replica {replica}")))?;
+        let mut step = step
+            .lock()
+            .map_err(|_| actor_err("fused VRPO step poisoned by a panic".into()))?;
+        let batch = records_to_batch(records, &model_device(vars)?)?;
+        let p = &self.plain;
+        let (g, s) = step.grads(mlp, vars, &p.grid, &batch, p.labels, p.beta)?;
+        Ok((
+            g,
+            StepStats {
+                loss: s.loss,
+                accuracy: s.accuracy,
+                aux: s.margin_gap,
+            },
+        ))
+    }
+}
+
+/// Which learner step the VRPO stage takes: `Ok((threads per replica, replicas))` for the fused
+/// one, or why it takes the plain candle path.
+pub fn fused_learner(cfg: &Config, s: &Setup) -> std::result::Result<(usize, usize), String> {
+    if !cfg.learner.fused {
+        return Err("learner.fused = false".into());
+    }
+    if s.data.classes > 0 {
+        return Err("the residual is class-conditional".into());
+    }
+    let devices = build::learner_devices(cfg).map_err(|e| e.to_string())?;
+    if let Some(d) = devices.iter().find(|d| !d.is_cpu()) {
+        return Err(format!("a learner replica is on {d:?}"));
+    }
+    let replicas = devices.len().max(1);
+    let threads = match cfg.learner.threads {
+        0 => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / replicas).max(1)
+        }
+        t => t,
+    };
+    Ok((threads, replicas))
+}
+
 /// Which roles this process runs in the VRPO stage, and how it meets the others.
 pub struct Roles {
     /// Rollout actors, and where they hand their segment pairs (the critics of this process, or
@@ -224,14 +306,33 @@ pub fn sources(
     Ok(out)
 }
 
-/// The learners' objective: VRPO on scored segment pairs, or the Diffusion-DPO baseline.
-fn objective(cfg: &Config, s: &Setup) -> Arc<dyn Objective> {
+/// The learners' objective: VRPO on scored segment pairs (fused or plain, as [`fused_learner`]
+/// says, and said on `progress` when this process runs learners), or the Diffusion-DPO baseline.
+fn objective(cfg: &Config, s: &Setup, progress: Option<&Progress>) -> Arc<dyn Objective> {
     match cfg.vrpo.method {
-        VrpoMethod::Segments => Arc::new(VrpoObjective {
-            grid: s.grid.clone(),
-            labels: cfg.vrpo.labels,
-            beta: cfg.vrpo.beta,
-        }),
+        VrpoMethod::Segments => {
+            let plain = VrpoObjective {
+                grid: s.grid.clone(),
+                labels: cfg.vrpo.labels,
+                beta: cfg.vrpo.beta,
+            };
+            let (line, objective): (String, Arc<dyn Objective>) = match fused_learner(cfg, s) {
+                Ok((threads, replicas)) => (
+                    format!(
+                        "[vrpo] learner step: fused (tilt_kernels::fused_vrpo), {threads} thread(s) per replica"
+                    ),
+                    Arc::new(FusedVrpoObjective::new(plain, replicas, threads)),
+                ),
+                Err(why) => (
+                    format!("[vrpo] learner step: plain candle autograd ({why})"),
+                    Arc::new(plain),
+                ),
+            };
+            if let Some(p) = progress {
+                p.line(&line);
+            }
+            objective
+        }
         VrpoMethod::FinalDpo => Arc::new(final_dpo::FinalDpoObjective {
             reference: s.data.reference.clone(),
             schedule: s.schedule.clone(),
@@ -241,8 +342,15 @@ fn objective(cfg: &Config, s: &Setup) -> Arc<dyn Objective> {
     }
 }
 
-/// Stage 2 as a `Training` for the shared learners.
-pub fn training(cfg: &Config, s: &Setup, run_dir: &Path, roles: Roles) -> Result<Training> {
+/// Stage 2 as a `Training` for the shared learners. A process that runs learners says on
+/// `progress` which learner step they take.
+pub fn training(
+    cfg: &Config,
+    s: &Setup,
+    run_dir: &Path,
+    roles: Roles,
+    progress: &Progress,
+) -> Result<Training> {
     let sources = sources(cfg, s, run_dir, &roles)?;
     let (policy, dim, classes, opt) = (cfg.policy.clone(), s.dim(), s.data.classes, adamw(cfg));
     Ok(Training {
@@ -260,7 +368,7 @@ pub fn training(cfg: &Config, s: &Setup, run_dir: &Path, roles: Roles) -> Result
             build::mlp_policy(&policy, dim, classes, opt.clone(), device)
         }),
         init: None,
-        objective: objective(cfg, s),
+        objective: objective(cfg, s, roles.learners.then_some(progress)),
         sources,
         replay: roles.replay,
         checkpoint_every: cfg.learner.checkpoint_every,
@@ -343,7 +451,7 @@ impl Algorithm for Vrpo {
         }
         let mut report = TrainReport::default();
         if let Some(replay) = replay {
-            let t = training(cfg, &s, run_dir, Roles::all(cfg, replay.clone()))?;
+            let t = training(cfg, &s, run_dir, Roles::all(cfg, replay.clone()), progress)?;
             let res = train(t, progress).await;
             if let Err(e) = replay.purge().await {
                 progress.line(&format!(

@@ -79,7 +79,7 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                 replay: segments.clone(),
                 stop: Some(watch_run_done(url.clone(), run_id.to_string())),
             };
-            let mut t = training(cfg, &s, run_dir, roles)?;
+            let mut t = training(cfg, &s, run_dir, roles, progress)?;
             t.sources = worker.sources(std::mem::take(&mut t.sources));
             train(t, progress).await?;
             segments.close();
@@ -130,7 +130,7 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                 replay: replay.clone(),
                 stop: Some(watch_run_done(url.clone(), run_id.to_string())),
             };
-            let mut t = training(cfg, &s, run_dir, roles)?;
+            let mut t = training(cfg, &s, run_dir, roles, progress)?;
             t.sources = worker.sources(std::mem::take(&mut t.sources));
             train(t, progress).await?;
             bridge.abort();
@@ -147,7 +147,7 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                 replay: replay.clone(),
                 stop: None,
             };
-            let mut t = training(cfg, &s, run_dir, roles)?;
+            let mut t = training(cfg, &s, run_dir, roles, progress)?;
             // The replay outlives this process: a restarted learner continues its ledger.
             t.resume_ledger = true;
             let mut vrpo = train(t, progress).await?;
