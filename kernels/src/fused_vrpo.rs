@@ -154,9 +154,16 @@ impl FusedVrpo {
         }
         let d = self.load(mlp, grid, parts)?;
         let rows = self.scale.len();
-        // Blocks of rows per thread, in row order.
-        let per = rows.div_ceil(self.threads);
-        let nt = rows.div_ceil(per.max(1)).max(1);
+        // Blocks of rows, in row order: with several threads, four per thread, which the threads
+        // take as they come free, so a thread the OS preempts (the producers share the cores)
+        // holds back a quarter of its share, not all of it.
+        let blocks = if self.threads == 1 {
+            1
+        } else {
+            4 * self.threads
+        };
+        let per = rows.div_ceil(blocks).max(1);
+        let nt = rows.div_ceil(per);
         self.work.resize_with(nt, ThreadWork::default);
         self.ratio.resize(rows, 0.0);
 
@@ -177,7 +184,7 @@ impl FusedVrpo {
                 dldelta: &[],
             };
             let jobs = self.work.iter_mut().zip(self.ratio.chunks_mut(per));
-            run_blocks(jobs, per, |(wk, out), start| {
+            run_blocks(self.threads, jobs, per, |(wk, out), start| {
                 forward_block(&inputs, wk, start, out);
             });
         }
@@ -214,7 +221,7 @@ impl FusedVrpo {
                 dldelta: &self.dldelta,
             };
             let jobs = self.work.iter_mut().map(|wk| (wk, ()));
-            run_blocks(jobs, per, |(wk, ()), start| {
+            run_blocks(self.threads, jobs, per, |(wk, ()), start| {
                 backward_block(&inputs, wk, start);
             });
         }
@@ -459,19 +466,34 @@ struct Inputs<'a> {
     dldelta: &'a [f32],
 }
 
-/// Run `f(job, first_row)` for each job, job i on rows from i * per: the first on this thread,
-/// the others on scoped threads.
-fn run_blocks<J: Send, F: Fn(J, usize) + Sync>(jobs: impl Iterator<Item = J>, per: usize, f: F) {
-    let mut jobs = jobs.enumerate();
-    let Some((_, first)) = jobs.next() else {
-        return;
-    };
-    std::thread::scope(|s| {
-        for (i, job) in jobs {
-            let f = &f;
-            s.spawn(move || f(job, i * per));
+/// Run `f(job, first_row)` for each job, job i on the rows from i * per, on `threads` threads
+/// (this one and scoped ones) that take the next job as they come free.
+fn run_blocks<J: Send, F: Fn(J, usize) + Sync>(
+    threads: usize,
+    jobs: impl Iterator<Item = J> + Send,
+    per: usize,
+    f: F,
+) {
+    let queue = std::sync::Mutex::new(jobs.enumerate());
+    let work = || loop {
+        // A poisoned queue means another worker panicked: stop; the scope re-raises its panic.
+        let next = match queue.lock() {
+            Ok(mut q) => q.next(),
+            Err(_) => None,
+        };
+        match next {
+            Some((i, job)) => f(job, i * per),
+            None => break,
         }
-        f(first, 0);
+    };
+    if threads <= 1 {
+        return work();
+    }
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(&work);
+        }
+        work();
     });
 }
 
