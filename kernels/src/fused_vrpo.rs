@@ -414,8 +414,8 @@ impl FusedVrpo {
         );
         for o in 0..hidden {
             let row = &mut dw0[o * (dim + td)..(o + 1) * (dim + td)];
-            for c in 0..dim {
-                row[c] = acc.dw[0][c * hidden + o]; // dW_x^T [dim, hidden]
+            for (c, v) in row[..dim].iter_mut().enumerate() {
+                *v = acc.dw[0][c * hidden + o]; // dW_x^T [dim, hidden]
             }
             row[dim..].copy_from_slice(&dwt[o * td..(o + 1) * td]);
         }
@@ -491,7 +491,7 @@ fn run_blocks<J: Send, F: Fn(J, usize) + Sync>(
     }
     std::thread::scope(|s| {
         for _ in 1..threads {
-            s.spawn(&work);
+            s.spawn(work);
         }
         work();
     });
@@ -1021,9 +1021,8 @@ mod tests {
         let v_a = randn(&mut rng, nb, &d).unwrap().to_vec1::<f32>().unwrap();
         let mut v_b = randn(&mut rng, nb, &d).unwrap().to_vec1::<f32>().unwrap();
         // Ties at the first pairs, where the hard label's V_a >= V_b decides.
-        for i in 0..nb.min(2) {
-            v_b[i] = v_a[i];
-        }
+        let ties = nb.min(2);
+        v_b[..ties].copy_from_slice(&v_a[..ties]);
         let (v_a, v_b) = (
             Tensor::from_vec(v_a, nb, &d).unwrap(),
             Tensor::from_vec(v_b, nb, &d).unwrap(),
