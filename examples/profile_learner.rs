@@ -70,7 +70,6 @@ fn main() {
             grid: s.grid.clone(),
             labels: VrpoLabels::Soft,
             beta: 1.0,
-            device: dev.clone(),
         };
         FusedVrpoObjective::new(plain, 1, threads)
     });

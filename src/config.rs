@@ -356,8 +356,8 @@ pub struct LearnerConfig {
     /// instead of candle's autograd. false forces the plain path. Other models and devices always
     /// take the plain path; the stage's first line says which one runs.
     pub fused: bool,
-    /// Threads of each learner replica's fused step; 0 = the available cores divided by
-    /// `learner.actors` (at least 1).
+    /// Threads of each learner replica's fused step; 0 = the available cores divided by the
+    /// number of replicas (at least 1).
     pub threads: usize,
 }
 
