@@ -42,7 +42,7 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
     let worker = run
         .worker
         .context("VRPO's worker roles run under `tilt worker`")?;
-    let name = format!("{role:?}").to_lowercase();
+    let name = role.name();
     let consumer = format!("{name}-{}", std::process::id());
     let url = cfg.redis_target();
     let s = setup(cfg, run_dir)?;
