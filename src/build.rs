@@ -14,13 +14,16 @@ use tilt_kernels::critic_features::{FeatureEncoderConfig, RewardFeatureEncoder};
 use tilt_kernels::denoiser::Denoiser;
 use tilt_kernels::image_reward::{ClassifierReward, ContrastReward};
 use tilt_kernels::mixture::{AnalyticDenoiser, ExactValue, GaussianMixture};
-use tilt_kernels::models::{MlpConfig, MlpDenoiser, VideoConfig, VideoDenoiser};
+use tilt_kernels::models::{
+    MixerConfig, MlpConfig, MlpDenoiser, VideoConfig, VideoDenoiser, VideoMixer,
+};
 use tilt_kernels::optim::AdamWConfig;
 use tilt_kernels::reward::{LinearReward, QuadraticReward, Reward};
 use tilt_kernels::schedule::{SamplingGrid, VpSchedule};
 
 use crate::config::{
     Config, CriticConfig, DataConfig, EncoderKind, PolicyConfig, RewardConfig, VideoDataConfig,
+    VideoModelKind,
 };
 use crate::train::Trainable;
 
@@ -255,20 +258,36 @@ pub fn reward_model(data: &VrpoData) -> Option<Arc<dyn Classifier>> {
 /// The spatio-temporal video denoiser (the DF-DPO reference and the models continued from it).
 pub fn video_model(v: &VideoDataConfig, lr: f64, device: &Device) -> Result<Trainable> {
     let vm = VarMap::new();
-    let m = VideoDenoiser::new(
-        VideoConfig {
-            frames: v.frames,
-            channels: v.channels,
-            size: v.size,
-            base: v.base,
-            time_dim: v.time_dim,
-            zero_init_output: false,
-        },
-        VarBuilder::from_varmap(&vm, DType::F32, device),
-    )?;
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
+    let m: Arc<dyn Denoiser> = match v.model {
+        VideoModelKind::Conv => Arc::new(VideoDenoiser::new(
+            VideoConfig {
+                frames: v.frames,
+                channels: v.channels,
+                size: v.size,
+                base: v.base,
+                time_dim: v.time_dim,
+                zero_init_output: false,
+                global: v.global,
+            },
+            vb,
+        )?),
+        VideoModelKind::Mixer => Arc::new(VideoMixer::new(
+            MixerConfig {
+                frames: v.frames,
+                channels: v.channels,
+                size: v.size,
+                hidden: v.hidden,
+                depth: v.depth,
+                time_dim: v.time_dim,
+                zero_init_output: false,
+            },
+            vb,
+        )?),
+    };
     Trainable::new(
         vm,
-        Arc::new(m),
+        m,
         AdamWConfig {
             lr,
             ..Default::default()

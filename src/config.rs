@@ -235,6 +235,16 @@ pub enum MotionKind {
     Mixed,
 }
 
+/// The network of a DF-DPO run's denoisers.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VideoModelKind {
+    /// Factorised spatio-temporal convolutions (`video.base`).
+    Conv,
+    /// Frame-token mixer (`video.hidden`, `video.depth`).
+    Mixer,
+}
+
 /// The training-grid noise schedule.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -387,8 +397,16 @@ pub struct VideoDataConfig {
     pub frames: usize,
     pub channels: usize,
     pub size: usize,
-    /// Width of the spatio-temporal denoiser.
+    /// The denoiser: "conv" (factorised space-time convolutions) or "mixer" (frame tokens).
+    pub model: VideoModelKind,
+    /// Width of the conv denoiser.
     pub base: usize,
+    /// Conv denoiser: width of the global block after its half-resolution level (each frame's
+    /// map one token, mixed over the clip's frames); 0 = none.
+    pub global: usize,
+    /// Width of a frame token and number of blocks of the mixer.
+    pub hidden: usize,
+    pub depth: usize,
     pub time_dim: usize,
     /// Diffuse standardised clips ((clip - mean) / std of the real clips) and map samples back.
     pub normalize: bool,
@@ -404,7 +422,11 @@ impl Default for VideoDataConfig {
             frames: 8,
             channels: 1,
             size: 16,
+            model: VideoModelKind::Conv,
             base: 16,
+            global: 0,
+            hidden: 512,
+            depth: 3,
             time_dim: 32,
             normalize: true,
         }
@@ -419,9 +441,23 @@ pub struct PretrainConfig {
     pub steps: u64,
     pub batch: usize,
     pub lr: f64,
-    /// Digits: reuse the pretrained models of this run directory (or of this directory holding
-    /// them) instead of training them; "" = train them in this run.
+    /// Reuse the pretrained models of this run directory (or of this directory holding them)
+    /// instead of training them; "" = train them in this run.
     pub from: String,
+    /// DF-DPO: linear learning-rate warm-up over this many steps (0 = none).
+    pub warmup: u64,
+    /// DF-DPO: decay the learning rate along half a cosine to 0 at the last step.
+    pub cosine: bool,
+    /// DF-DPO: clip the gradients' global L2 norm to this (0 = off).
+    pub grad_clip: f64,
+    /// DF-DPO: keep an exponential moving average of the weights with this decay and save it as
+    /// the reference (0 = save the last weights).
+    pub ema: f64,
+    /// DF-DPO protocol: the share of the pretraining clips replaced by temporally corrupted copies
+    /// (a reference whose arrow of time is wrong at a known rate); 0 = real clips only.
+    pub corrupt: f64,
+    /// The operators (with weights) that make those copies: "reverse" and/or "shuffle".
+    pub corrupt_ops: Vec<(tilt_kernels::distort::Distortion, f64)>,
 }
 
 impl Default for PretrainConfig {
@@ -431,6 +467,12 @@ impl Default for PretrainConfig {
             batch: 16,
             lr: 2e-3,
             from: String::new(),
+            warmup: 0,
+            cosine: false,
+            grad_clip: 0.0,
+            ema: 0.0,
+            corrupt: 0.0,
+            corrupt_ops: vec![(tilt_kernels::distort::Distortion::Reverse, 1.0)],
         }
     }
 }
@@ -908,10 +950,60 @@ impl Config {
     }
 
     fn validate_dfdpo(&self) -> Result<()> {
-        if !self.pretrain.from.is_empty() {
-            bail!("pretrain.from: only digits runs reuse pretrained models by path; a DF-DPO run resumes its own");
-        }
         let v = &self.video;
+        let p = &self.pretrain;
+        if !p.from.is_empty() {
+            let from = std::path::Path::new(&p.from);
+            let file = if from.is_dir() {
+                from.join("reference.safetensors")
+            } else {
+                from.to_path_buf()
+            };
+            if !file.is_file() {
+                bail!(
+                    "pretrain.from = {:?}: no reference there (expected {})",
+                    p.from,
+                    file.display()
+                );
+            }
+        }
+        if !(0.0..1.0).contains(&p.ema) {
+            bail!("pretrain.ema = {}: must be in [0, 1)", p.ema);
+        }
+        if !(0.0..1.0).contains(&p.corrupt) {
+            bail!("pretrain.corrupt = {}: must be in [0, 1)", p.corrupt);
+        }
+        if !(p.grad_clip.is_finite() && p.grad_clip >= 0.0) {
+            bail!(
+                "pretrain.grad_clip = {}: must be 0 (off) or positive",
+                p.grad_clip
+            );
+        }
+        if p.corrupt > 0.0 {
+            if p.corrupt_ops.is_empty() {
+                bail!("pretrain.corrupt_ops = []: list at least one of \"reverse\", \"shuffle\"");
+            }
+            use tilt_kernels::distort::Distortion;
+            for (op, w) in &p.corrupt_ops {
+                if !matches!(op, Distortion::Reverse | Distortion::Shuffle) {
+                    bail!("pretrain.corrupt_ops: {:?} is not a temporal corruption (use \"reverse\" or \"shuffle\")", op.name());
+                }
+                positive("pretrain.corrupt_ops weight", *w)?;
+            }
+        }
+        if v.model == VideoModelKind::Mixer {
+            tilt_kernels::models::MixerConfig {
+                frames: v.frames,
+                channels: v.channels,
+                size: v.size,
+                hidden: v.hidden,
+                depth: v.depth,
+                time_dim: v.time_dim,
+                zero_init_output: false,
+            }
+            .validate()
+            .map_err(|e| anyhow!("{e}"))?;
+        }
         if v.source == ClipSource::Dir && v.dir.is_empty() {
             bail!("video.dir = \"\": video.source = \"dir\" needs a directory of .npy clips");
         }
@@ -936,6 +1028,18 @@ impl Config {
     }
 
     fn validate_vrpo(&self) -> Result<()> {
+        let p = &self.pretrain;
+        for (key, set) in [
+            ("pretrain.warmup", p.warmup != 0),
+            ("pretrain.cosine", p.cosine),
+            ("pretrain.grad_clip", p.grad_clip != 0.0),
+            ("pretrain.ema", p.ema != 0.0),
+            ("pretrain.corrupt", p.corrupt != 0.0),
+        ] {
+            if set {
+                bail!("{key}: only DF-DPO's pretraining uses it (algorithm = \"dfdpo\")");
+            }
+        }
         let dim = match &self.data {
             DataConfig::Mixture2d {
                 weights,

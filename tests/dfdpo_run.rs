@@ -131,6 +131,152 @@ fn tiny_dfdpo_run_writes_eval_ablation_and_filmstrips() {
     assert_eq!(std::fs::read(&strip).unwrap(), before);
 }
 
+/// The protocol in seconds (`scripts/dfdpo-protocol.sh`, two seeds, tiny settings): every stage
+/// runs, the pretraining corrupts exactly round(0.4 x clips) clips, every model's gates are in
+/// summary.json and the script prints the table and both verdicts. Then `pretrain.from` reuses
+/// seed 0's reference by path: the same weights, bit for bit, so its eval of the reference is
+/// the same to the last digit; and a path without a reference is refused in one line.
+#[test]
+fn protocol_in_seconds_and_reference_reused_by_path() {
+    let d = scratch("dfdpo-protocol");
+    let out = d.join("protocol");
+    let tiny = [
+        "video.clips=20",
+        "pretrain.steps=6",
+        "pretrain.batch=4",
+        "pretrain.warmup=2",
+        "video.hidden=32",
+        "video.depth=1",
+        "dfdpo.steps=3",
+        "dfdpo.batch=2",
+        "dfdpo.curriculum.every=1",
+        "eval.samples=3",
+        "sampling.steps=3",
+        "replay.min_size=8",
+    ];
+    let mut args = vec![
+        out.to_str().unwrap().to_string(),
+        "--seeds".into(),
+        "0 1".into(),
+    ];
+    for t in tiny {
+        args.extend(["--set".to_string(), t.to_string()]);
+    }
+    let o = std::process::Command::new("bash")
+        .arg("scripts/dfdpo-protocol.sh")
+        .args(&args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("TILT_BIN", env!("CARGO_BIN_EXE_tilt"))
+        .env_remove("TILT_REDIS_URL")
+        .output()
+        .unwrap();
+    let (table, e) = (String::from_utf8_lossy(&o.stdout), err(&o));
+    assert!(o.status.success(), "{e}");
+    for want in [
+        "| reference |",
+        "| dfdpo |",
+        "| hybrid |",
+        "DF-DPO - SFT on temporal:",
+        "verdict: DF-DPO",
+        "reference gates (one blob >= 0.9, continuity >= 0.8):",
+    ] {
+        assert!(table.contains(want), "{want:?} missing: {table}");
+    }
+    assert!(
+        e.contains("8 of 20 clips replaced by temporally corrupted copies"),
+        "{e}"
+    );
+    for seed in ["seed-0", "seed-1"] {
+        let s = json(&out.join(seed).join("summary.json"));
+        assert_eq!(s["pretrain"]["corrupted"], 8, "{s}");
+        assert_eq!(s["pretrain"]["model"], "mixer", "{s}");
+        assert_eq!(s["pretrain"]["ema"], 0.999, "{s}");
+        for (block, k) in [
+            ("eval", "reference"),
+            ("eval", "sft"),
+            ("eval", "dfdpo"),
+            ("ablation", "temporal_only"),
+            ("ablation", "spatial_only"),
+            ("ablation", "hybrid"),
+        ] {
+            for m in ["single_blob", "track_continuity", "temporal"] {
+                let v = s[block][k][m]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{block}.{k}.{m}: {s}"));
+                assert!((0.0..=1.0).contains(&v), "{block}.{k}.{m} = {v}");
+            }
+        }
+        let broken = s["reference_arrow_broken"].as_f64().unwrap();
+        let t = s["eval"]["reference"]["temporal"].as_f64().unwrap();
+        assert!((broken - (1.0 - t)).abs() < 1e-6, "{s}");
+        assert!(s["real_arrow_broken"].as_f64().unwrap() < 0.1, "{s}");
+    }
+    // The seeds differ (their own clips, corruption and noise).
+    let (a, b) = (
+        std::fs::read(out.join("seed-0/reference.safetensors")).unwrap(),
+        std::fs::read(out.join("seed-1/reference.safetensors")).unwrap(),
+    );
+    assert_ne!(a, b);
+
+    // pretrain.from: seed 0's reference, evaluated again in a fresh run directory.
+    let again = d.join("again");
+    let mut args = vec![
+        "run".to_string(),
+        "configs/video-dfdpo-protocol.toml".into(),
+        "--out".into(),
+        again.to_str().unwrap().into(),
+        "--set".into(),
+        format!("pretrain.from={}", out.join("seed-0").display()),
+        "--set".into(),
+        "stages=[\"eval\"]".into(),
+    ];
+    for t in tiny {
+        args.extend(["--set".to_string(), t.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = tilt(&args);
+    let e = err(&r);
+    assert!(r.status.success(), "{e}");
+    assert!(e.contains("(pretrain.from)"), "{e}");
+    assert_eq!(
+        std::fs::read(again.join("reference.safetensors")).unwrap(),
+        a
+    );
+    let (s0, s1) = (
+        json(&out.join("seed-0/summary.json")),
+        json(&again.join("summary.json")),
+    );
+    assert_eq!(s0["eval"]["reference"], s1["eval"]["reference"]);
+    assert_eq!(
+        s1["pretrain"]["corrupted"], 8,
+        "pretrain.json comes along: {s1}"
+    );
+
+    // A path without a reference: one line naming the key.
+    let empty = d.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let from = format!("pretrain.from={}", empty.display());
+    let bad = d.join("bad");
+    let r = tilt(&[
+        "run",
+        "configs/video-dfdpo-protocol.toml",
+        "--out",
+        bad.to_str().unwrap(),
+        "--set",
+        &from,
+        "--set",
+        "stages=[\"eval\"]",
+    ]);
+    let e = err(&r);
+    assert!(!r.status.success());
+    assert!(
+        e.contains("pretrain.from") && e.contains("no reference there"),
+        "{e}"
+    );
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    assert!(!bad.exists(), "no run directory for a refused config");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pairs_keep_winner_and_loser_aligned() {
     let spec = tilt::video::ClipSpec {

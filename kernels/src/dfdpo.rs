@@ -8,7 +8,7 @@ use rand::Rng;
 
 use crate::denoiser::Denoiser;
 use crate::losses::diffusion_dpo_loss;
-use crate::optim::{grads_in_order, AdamW};
+use crate::optim::{grads_in_order, AdamW, Ema, LrPlan};
 use crate::rng::{randn, rng_for};
 use crate::schedule::VpSchedule;
 use crate::{KernelError, Result};
@@ -117,8 +117,9 @@ pub fn denoise_grads(
 /// Pretrain a denoiser on clean data `data` [N, ...] with the plain denoising loss: `steps` AdamW
 /// steps on batches of `batch` rows drawn uniformly with replacement, step t drawing its rows,
 /// timesteps and noise from `rng_for(seed, 20, t)`. `labels` ([N] u32, the rows' classes) train a
-/// class-conditional model. `progress(step, loss)` is called after every step (1-based). Returns
-/// the last loss.
+/// class-conditional model. Step t runs at `plan.at(t)` (pass [`LrPlan::constant`] for a fixed
+/// rate) and, with `ema`, folds the new weights into the average after the step. `progress(step,
+/// loss)` is called after every step (1-based). Returns the last loss.
 #[allow(clippy::too_many_arguments)]
 pub fn pretrain_denoiser(
     model: &dyn Denoiser,
@@ -129,6 +130,8 @@ pub fn pretrain_denoiser(
     steps: u64,
     batch: usize,
     seed: u64,
+    plan: &LrPlan,
+    mut ema: Option<&mut Ema>,
     progress: &mut dyn FnMut(u64, f32),
 ) -> Result<f32> {
     let n = data.dim(0)?;
@@ -150,7 +153,11 @@ pub fn pretrain_denoiser(
             Some(l) => Some(l.index_select(&idx, 0)?),
         };
         let (g, loss) = denoise_grads(model, opt.vars(), schedule, &x0, cond.as_ref(), &mut rng)?;
+        opt.set_lr(plan.at(step));
         opt.step_with(&g)?;
+        if let Some(e) = ema.as_deref_mut() {
+            e.update(opt.vars())?;
+        }
         last = loss;
         progress(step + 1, loss);
     }
@@ -481,9 +488,20 @@ mod tests {
         };
         let before = held_out(&m, &opt);
         let mut seen = vec![];
-        let last = pretrain_denoiser(&m, &mut opt, &s, &data, None, 300, 128, 3, &mut |st, l| {
-            seen.push((st, l))
-        })
+        let plan = LrPlan::constant(opt.lr());
+        let last = pretrain_denoiser(
+            &m,
+            &mut opt,
+            &s,
+            &data,
+            None,
+            300,
+            128,
+            3,
+            &plan,
+            None,
+            &mut |st, l| seen.push((st, l)),
+        )
         .unwrap();
         assert_eq!(seen.len(), 300);
         assert!(seen
@@ -494,8 +512,19 @@ mod tests {
         let after = held_out(&m, &opt);
         assert!(after < 0.6 * before, "{before} -> {after}");
         let empty = Tensor::zeros((0, 4), DType::F32, &d).unwrap();
-        assert!(
-            pretrain_denoiser(&m, &mut opt, &s, &empty, None, 1, 8, 0, &mut |_, _| {}).is_err()
-        );
+        assert!(pretrain_denoiser(
+            &m,
+            &mut opt,
+            &s,
+            &empty,
+            None,
+            1,
+            8,
+            0,
+            &LrPlan::constant(1e-3),
+            None,
+            &mut |_, _| {}
+        )
+        .is_err());
     }
 }

@@ -632,6 +632,62 @@ impl Curriculum {
     }
 }
 
+/// A training set whose arrow of time is wrong at a known rate: exactly `round(share * n)` of the
+/// clips `[n, T, C, H, W]`, chosen uniformly without replacement, are replaced by copies edited
+/// with an operator drawn from `ops` (weights need not sum to 1) at strength 1. Returns the new
+/// set and the sorted indices of the replaced clips. `share` in [0, 1]; `ops` non-empty with
+/// positive weights.
+pub fn corrupt_share(
+    clips: &Tensor,
+    share: f64,
+    ops: &[(Distortion, f64)],
+    rng: &mut StdRng,
+) -> Result<(Tensor, Vec<usize>)> {
+    if !(0.0..=1.0).contains(&share) {
+        return Err(KernelError::param(
+            "corrupt share",
+            share,
+            "must be in [0, 1]",
+        ));
+    }
+    if ops.is_empty() || ops.iter().any(|&(_, w)| !(w.is_finite() && w > 0.0)) {
+        return Err(KernelError::param(
+            "corrupt ops",
+            format!("{ops:?}"),
+            "need at least one operator, every weight positive",
+        ));
+    }
+    let n = clips.dim(0)?;
+    let k = (share * n as f64).round() as usize;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(rng);
+    let mut chosen = order[..k].to_vec();
+    chosen.sort_unstable();
+    let total: f64 = ops.iter().map(|&(_, w)| w).sum();
+    let mut rows = Vec::with_capacity(n);
+    let mut next = chosen.iter().peekable();
+    for i in 0..n {
+        let clip = clips.get(i)?;
+        if next.peek() == Some(&&i) {
+            next.next();
+            let u = rng.random::<f64>() * total;
+            let mut acc = 0.0;
+            let mut op = ops[ops.len() - 1].0;
+            for &(o, w) in ops {
+                acc += w;
+                if u < acc {
+                    op = o;
+                    break;
+                }
+            }
+            rows.push(op.apply(&clip, 1.0, rng)?.clip);
+        } else {
+            rows.push(clip);
+        }
+    }
+    Ok((Tensor::stack(&rows, 0)?, chosen))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -639,6 +695,38 @@ mod tests {
 
     fn flat(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// corrupt_share replaces exactly round(share * n) clips, each by its own reversal (the only
+    /// op listed), and leaves the rest bit for bit; share 0 changes nothing; bad input is refused.
+    #[test]
+    fn corrupt_share_replaces_exactly_the_share() {
+        let d = Device::Cpu;
+        let clips = Tensor::arange(0f32, (10 * 4 * 2) as f32, &d)
+            .unwrap()
+            .reshape((10, 4, 1, 1, 2))
+            .unwrap();
+        let mut rng = rng_for(1, 0, 0);
+        let (out, idx) =
+            corrupt_share(&clips, 0.34, &[(Distortion::Reverse, 1.0)], &mut rng).unwrap();
+        assert_eq!(idx.len(), 3);
+        assert!(idx.windows(2).all(|w| w[0] < w[1]));
+        for i in 0..10 {
+            let (a, b) = (clips.get(i).unwrap(), out.get(i).unwrap());
+            let want = if idx.contains(&i) {
+                global_reversal(&a).unwrap()
+            } else {
+                a
+            };
+            assert_eq!(flat(&b), flat(&want), "clip {i}");
+        }
+        let (same, none) =
+            corrupt_share(&clips, 0.0, &[(Distortion::Shuffle, 1.0)], &mut rng).unwrap();
+        assert!(none.is_empty());
+        assert_eq!(flat(&same), flat(&clips));
+        assert!(corrupt_share(&clips, 1.5, &[(Distortion::Reverse, 1.0)], &mut rng).is_err());
+        assert!(corrupt_share(&clips, 0.5, &[], &mut rng).is_err());
+        assert!(corrupt_share(&clips, 0.5, &[(Distortion::Reverse, 0.0)], &mut rng).is_err());
     }
 
     /// A clip [T, C, H, W] of standard normals, fixed by `seed`.

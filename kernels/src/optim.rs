@@ -446,6 +446,107 @@ pub fn average_grads(replicas: &[Vec<Option<Tensor>>]) -> Result<Vec<Option<Tens
         .collect()
 }
 
+/// A learning-rate plan over `total` steps: linear warm-up from `base / warmup` to `base` over the
+/// first `warmup` steps, then constant, or (with `cosine`) half a cosine from `base` down to 0 at
+/// step `total`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LrPlan {
+    pub base: f64,
+    pub warmup: u64,
+    pub cosine: bool,
+    pub total: u64,
+}
+
+impl LrPlan {
+    /// A constant rate (no warm-up, no decay).
+    pub fn constant(base: f64) -> Self {
+        Self {
+            base,
+            warmup: 0,
+            cosine: false,
+            total: 0,
+        }
+    }
+
+    /// The rate of step `t` (0-based).
+    pub fn at(&self, t: u64) -> f64 {
+        let warm = if self.warmup > 0 {
+            ((t + 1) as f64 / self.warmup as f64).min(1.0)
+        } else {
+            1.0
+        };
+        let decay = if self.cosine && self.total > 0 {
+            let frac = (t as f64 / self.total as f64).min(1.0);
+            0.5 * (1.0 + (std::f64::consts::PI * frac).cos())
+        } else {
+            1.0
+        };
+        self.base * warm * decay
+    }
+}
+
+/// An exponential moving average of a model's variables (the weights diffusion models sample
+/// with). The decay of update `t` (1-based) is `min(decay, (1 + t) / (10 + t))`, so the average
+/// forgets the initial weights within the first few hundred steps instead of dragging them along.
+pub struct Ema {
+    decay: f64,
+    updates: u64,
+    shadow: Vec<Tensor>,
+}
+
+impl Ema {
+    /// Start the average at the current values of `vars`. `decay` in `[0, 1)`.
+    pub fn new(vars: &[(String, Var)], decay: f64) -> Result<Self> {
+        if !(0.0..1.0).contains(&decay) {
+            return Err(KernelError::param("ema", decay, "must be in [0, 1)"));
+        }
+        let shadow = vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().detach().copy())
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            decay,
+            updates: 0,
+            shadow,
+        })
+    }
+
+    /// The decay the next update uses.
+    pub fn next_decay(&self) -> f64 {
+        let t = (self.updates + 1) as f64;
+        self.decay.min((1.0 + t) / (10.0 + t))
+    }
+
+    /// Fold the current values of `vars` (the same list, in the same order, as at `new`) in.
+    pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
+        if vars.len() != self.shadow.len() {
+            return Err(KernelError::shape(
+                "Ema::update",
+                format!(
+                    "{} vars, the average holds {}",
+                    vars.len(),
+                    self.shadow.len()
+                ),
+            ));
+        }
+        let d = self.next_decay();
+        for (s, (_, v)) in self.shadow.iter_mut().zip(vars) {
+            // Detached: arithmetic on a Var records the graph, which would chain every update.
+            *s = ((&*s * d)? + (v.as_tensor().detach() * (1.0 - d))?)?.detach();
+        }
+        self.updates += 1;
+        Ok(())
+    }
+
+    /// Write the averaged values into `vars`.
+    pub fn copy_to(&self, vars: &[(String, Var)]) -> Result<()> {
+        for (s, (_, v)) in self.shadow.iter().zip(vars) {
+            v.set(s)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,6 +562,49 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap()
+    }
+
+    #[test]
+    fn lr_plan_warms_up_then_follows_the_cosine() {
+        let p = LrPlan {
+            base: 1.0,
+            warmup: 4,
+            cosine: true,
+            total: 100,
+        };
+        assert!((p.at(0) - 0.25).abs() < 1e-12);
+        assert!((p.at(1) - 0.5 * 0.5 * (1.0 + (std::f64::consts::PI * 0.01).cos())).abs() < 1e-12);
+        assert!((p.at(50) - 0.5).abs() < 1e-12);
+        assert!(p.at(100).abs() < 1e-12 && p.at(150).abs() < 1e-12);
+        let c = LrPlan::constant(0.3);
+        assert_eq!((c.at(0), c.at(10_000)), (0.3, 0.3));
+    }
+
+    #[test]
+    fn ema_follows_the_hand_computed_average() {
+        let v = scalar_var(0.0);
+        let vars = vec![("w".to_string(), v.clone())];
+        let mut ema = Ema::new(&vars, 0.9).unwrap();
+        // Update 1 decays by min(0.9, 2/11), update 2 by min(0.9, 3/12).
+        v.set(&Tensor::new(&[1f32], &Device::Cpu).unwrap()).unwrap();
+        ema.update(&vars).unwrap();
+        v.set(&Tensor::new(&[2f32], &Device::Cpu).unwrap()).unwrap();
+        ema.update(&vars).unwrap();
+        let (d1, d2) = (2.0f64 / 11.0, 3.0f64 / 12.0);
+        let want = ((0.0 * d1 + 1.0 * (1.0 - d1)) * d2 + 2.0 * (1.0 - d2)) as f32;
+        ema.copy_to(&vars).unwrap();
+        assert!(
+            (vals(&v)[0] - want).abs() < 1e-6,
+            "{} vs {want}",
+            vals(&v)[0]
+        );
+        // Late updates use the configured decay.
+        for _ in 0..200 {
+            ema.update(&vars).unwrap();
+        }
+        assert_eq!(ema.next_decay(), 0.9);
+        assert!(Ema::new(&vars, 1.0).is_err());
+        assert!(ema.update(&[]).is_err());
     }
 
     fn grad(x: &[f32]) -> Option<Tensor> {

@@ -4,10 +4,12 @@
 pub mod mlp;
 pub mod unet;
 pub mod video;
+pub mod video_mixer;
 
 pub use mlp::{MlpConfig, MlpDenoiser};
 pub use unet::{UNetConfig, UNetDenoiser};
 pub use video::{VideoConfig, VideoDenoiser};
+pub use video_mixer::{MixerConfig, VideoMixer};
 
 use crate::error::{KernelError, Result};
 

@@ -10,6 +10,7 @@ use super::unet::{
     check_n_cond, conv3x3_table, temporal_table, PixelConv, PixelNorm, ResBlock, Resample,
     TimeEmbed,
 };
+use super::video_mixer::GlobalBlock;
 use crate::denoiser::Denoiser;
 use crate::{KernelError, Result};
 
@@ -40,6 +41,10 @@ pub struct VideoConfig {
     /// Initialise the output conv to zero (residual of a policy).
     #[serde(default)]
     pub zero_init_output: bool,
+    /// Width of a global block after the half-resolution level (each frame's whole map one
+    /// token, mixed over the clip's frames; `video_mixer::GlobalBlock`); 0 = none.
+    #[serde(default)]
+    pub global: usize,
 }
 
 impl VideoConfig {
@@ -126,6 +131,7 @@ pub struct VideoDenoiser {
     up: SpaceTimeBlock,
     norm_out: PixelNorm,
     conv_out: PixelConv,
+    global: Option<GlobalBlock>,
 }
 
 impl VideoDenoiser {
@@ -144,6 +150,18 @@ impl VideoDenoiser {
             up: SpaceTimeBlock::new(2 * c, c, e, vb.pp("up"))?,
             norm_out: PixelNorm::new(c, vb.pp("norm_out"))?,
             conv_out: PixelConv::new(c, cfg.channels, 9, cfg.zero_init_output, vb.pp("conv_out"))?,
+            global: if cfg.global > 0 {
+                let half = cfg.size / 2;
+                Some(GlobalBlock::new(
+                    half * half * c2,
+                    cfg.global,
+                    cfg.frames,
+                    e,
+                    vb.pp("global"),
+                )?)
+            } else {
+                None
+            },
             cfg,
         })
     }
@@ -186,7 +204,13 @@ impl Denoiser for VideoDenoiser {
         let h = self
             .down
             .forward(&skip, &conv3x3_table(b * f, s, Resample::Down, dev)?)?; // [b*f*(s/2)^2, 2 base]
-        let h = self.mid.forward(&h, &emb, &space1, &time1)?;
+        let mut h = self.mid.forward(&h, &emb, &space1, &time1)?;
+        if let Some(g) = &self.global {
+            // Rows (clip, frame, y, x) x channels -> one token per frame.
+            let c2 = h.dim(1)?;
+            let tok = h.reshape((b, f, s * s / 4 * c2))?;
+            h = g.forward(&tok, &emb)?.reshape((b * f * s * s / 4, c2))?;
+        }
         let h = self
             .up_conv
             .forward(&h, &conv3x3_table(b * f, s / 2, Resample::Up, dev)?)?; // [b*f*s*s, base]
@@ -220,6 +244,7 @@ mod tests {
             base: 16,
             time_dim: 16,
             zero_init_output: zero,
+            global: 0,
         }
     }
 

@@ -26,8 +26,9 @@ use tilt_actors::source::PairSource;
 use tilt_kernels::clip_gates::BlobGate;
 use tilt_kernels::denoiser::{load_weights, save_weights, Denoiser};
 use tilt_kernels::dfdpo::{denoise_grads, dfdpo_grads, pretrain_denoiser, DataScale};
-use tilt_kernels::distort::{Curriculum, Distortion};
+use tilt_kernels::distort::{corrupt_share, Curriculum, Distortion};
 use tilt_kernels::logprob::sample_chain_clipped;
+use tilt_kernels::optim::{named_vars, AdamW, AdamWConfig, Ema, LrPlan};
 use tilt_kernels::rng::{randn, rng_for};
 use tilt_kernels::schedule::{SamplingGrid, VpSchedule};
 
@@ -208,45 +209,183 @@ fn data_scale(
     Ok(scale)
 }
 
-/// Stage "pretrain": the reference denoiser on the real clips (plain denoising loss).
+/// What the "pretrain" stage did: `pretrain.json` next to the reference (and in summary.json).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PretrainReport {
+    /// "conv" or "mixer", and the number of trainable values.
+    pub model: String,
+    pub params: usize,
+    pub steps: u64,
+    pub batch: usize,
+    pub wall_s: f64,
+    pub last_loss: f32,
+    /// EMA decay of the saved weights (0 = the last weights).
+    pub ema: f64,
+    /// Clips of the training set, and how many of them were temporally corrupted copies
+    /// (`pretrain.corrupt`, `pretrain.corrupt_ops`).
+    pub clips: usize,
+    pub corrupted: usize,
+    pub corrupt_share: f64,
+    pub corrupt_ops: Vec<(String, f64)>,
+}
+
+fn pretrain_report_file(run_dir: &Path) -> PathBuf {
+    run_dir.join("pretrain.json")
+}
+
+/// Stage "pretrain": the reference denoiser on the real clips (plain denoising loss), a share
+/// `pretrain.corrupt` of them replaced by temporally corrupted copies when asked. The learning
+/// rate follows `pretrain.warmup` / `pretrain.cosine`; with `pretrain.ema` the saved reference is
+/// the weights' moving average.
+#[allow(clippy::too_many_arguments)]
 fn pretrain(
     cfg: &Config,
     schedule: &VpSchedule,
     clips: &Tensor,
     scale: DataScale,
     file: &Path,
+    run_dir: &Path,
     device: &Device,
     progress: &Progress,
 ) -> Result<()> {
     let Trainable {
-        varmap: vm,
-        model,
-        mut opt,
+        varmap: vm, model, ..
     } = build::video_model(&cfg.video, cfg.pretrain.lr, device)?;
-    let clips = scale.to_model(&clips.to_device(device)?)?;
+    let p = &cfg.pretrain;
+    let vars = named_vars(&vm)?;
+    let params = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = AdamW::new(
+        vars,
+        AdamWConfig {
+            lr: p.lr,
+            grad_clip: p.grad_clip,
+            ..Default::default()
+        },
+    )?;
+    let (train_set, corrupted) = if p.corrupt > 0.0 {
+        let mut rng = rng_for(cfg.seed, 21, 0);
+        let (set, idx) = corrupt_share(clips, p.corrupt, &p.corrupt_ops, &mut rng)?;
+        progress.line(&format!(
+            "[pretrain] {} of {} clips replaced by temporally corrupted copies (pretrain.corrupt = {}, ops {:?})",
+            idx.len(),
+            clips.dim(0)?,
+            p.corrupt,
+            p.corrupt_ops.iter().map(|(o, w)| (o.name(), *w)).collect::<Vec<_>>()
+        ));
+        (set, idx.len())
+    } else {
+        (clips.clone(), 0)
+    };
+    let train_set = scale.to_model(&train_set.to_device(device)?)?;
+    let mut ema = if p.ema > 0.0 {
+        Some(Ema::new(opt.vars(), p.ema)?)
+    } else {
+        None
+    };
+    let plan = LrPlan {
+        base: p.lr,
+        warmup: p.warmup,
+        cosine: p.cosine,
+        total: p.steps,
+    };
+    progress.line(&format!(
+        "[pretrain] {:?} denoiser, {params} values; {} steps of {} clips, lr {}{}{}",
+        cfg.video.model,
+        p.steps,
+        p.batch,
+        p.lr,
+        if p.cosine { " (cosine to 0)" } else { "" },
+        if p.ema > 0.0 {
+            format!(", EMA {}", p.ema)
+        } else {
+            String::new()
+        }
+    ));
     let t0 = Instant::now();
     let mut last = Instant::now();
-    let total = cfg.pretrain.steps;
-    pretrain_denoiser(
+    let total = p.steps;
+    let last_loss = pretrain_denoiser(
         model.as_ref(),
         &mut opt,
         schedule,
-        &clips,
+        &train_set,
         None,
         total,
-        cfg.pretrain.batch,
+        p.batch,
         cfg.seed,
+        &plan,
+        ema.as_mut(),
         &mut |step, loss| {
             if last.elapsed() > Duration::from_secs(3) || step == total {
                 last = Instant::now();
+                let el = t0.elapsed().as_secs_f64();
                 progress.line(&format!(
-                    "[pretrain] step {step}/{total} loss {loss:.4} ({:.0}s)",
-                    t0.elapsed().as_secs_f64()
+                    "[pretrain] step {step}/{total} loss {loss:.4} ({el:.0}s, {:.0} ms/step)",
+                    1000.0 * el / step as f64
                 ));
             }
         },
     )?;
+    if let Some(e) = &ema {
+        e.copy_to(opt.vars())?;
+    }
     save_weights(&vm, file)?;
+    write_json(
+        &pretrain_report_file(run_dir),
+        &PretrainReport {
+            model: format!("{:?}", cfg.video.model).to_lowercase(),
+            params,
+            steps: total,
+            batch: p.batch,
+            wall_s: t0.elapsed().as_secs_f64(),
+            last_loss,
+            ema: p.ema,
+            clips: clips.dim(0)?,
+            corrupted,
+            corrupt_share: p.corrupt,
+            corrupt_ops: p
+                .corrupt_ops
+                .iter()
+                .map(|(o, w)| (o.name().to_string(), *w))
+                .collect(),
+        },
+    )?;
+    Ok(())
+}
+
+/// `pretrain.from`: the reference of another run (its directory, or the .safetensors file
+/// itself) is copied into this run with its pretrain.json and data_scale.json, so the run directory
+/// holds everything its eval and a resume need. Nothing happens when this run already has one.
+fn reference_from(cfg: &Config, run_dir: &Path, progress: &Progress) -> Result<()> {
+    let reference = run_dir.join("reference.safetensors");
+    if cfg.pretrain.from.is_empty() || reference.exists() {
+        return Ok(());
+    }
+    let from = PathBuf::from(&cfg.pretrain.from);
+    let (file, dir) = if from.is_dir() {
+        (from.join("reference.safetensors"), from.clone())
+    } else {
+        let dir = from.parent().map(Path::to_path_buf).unwrap_or_default();
+        (from.clone(), dir)
+    };
+    if !file.is_file() {
+        bail!(
+            "pretrain.from = {:?}: no reference there (expected {})",
+            cfg.pretrain.from,
+            file.display()
+        );
+    }
+    std::fs::copy(&file, &reference)
+        .with_context(|| format!("copying {} into the run", file.display()))?;
+    for side in ["pretrain.json", "data_scale.json"] {
+        if dir.join(side).is_file() && !run_dir.join(side).exists() {
+            std::fs::copy(dir.join(side), run_dir.join(side))?;
+        }
+    }
+    progress.line(&format!(
+        "[pretrain] reference from {} (pretrain.from)",
+        file.display()
+    ));
     Ok(())
 }
 
@@ -360,6 +499,7 @@ fn prepare(cfg: &Config, run_dir: &Path, progress: &Progress) -> Result<(Shared,
         clips.dims()
     ));
     let reference_file = run_dir.join("reference.safetensors");
+    reference_from(cfg, run_dir, progress)?;
     let scale = data_scale(cfg, &clips, run_dir, progress)?;
     if has_stage(cfg, "pretrain") && !reference_file.exists() {
         // Tensor work off the async executor's worker (the metrics endpoint keeps serving).
@@ -370,6 +510,7 @@ fn prepare(cfg: &Config, run_dir: &Path, progress: &Progress) -> Result<(Shared,
                 &clips,
                 scale,
                 &reference_file,
+                run_dir,
                 &device,
                 progress,
             )
@@ -448,6 +589,16 @@ pub struct DfDpoSummary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accounting: Option<Accounting>,
     pub eval_clips: usize,
+    /// How the reference was pretrained (its pretrain.json; None for a reference from before it
+    /// was written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrain: Option<PretrainReport>,
+    /// The share of the reference's clips, and of the real clips, that break the arrow of time
+    /// (1 - temporal): the protocol's premise is the first well above the second.
+    #[serde(default)]
+    pub reference_arrow_broken: f32,
+    #[serde(default)]
+    pub real_arrow_broken: f32,
     /// Peak resident set of the run's process (MiB).
     pub peak_rss_mb: Option<f64>,
 }
@@ -693,6 +844,26 @@ fn evaluate(
         )?;
     }
     progress.line(&real.line("real clips"));
+    let pretrain = pretrain_report_file(run_dir)
+        .exists()
+        .then(|| read_json::<PretrainReport>(&pretrain_report_file(run_dir)))
+        .transpose()?;
+    let reference_arrow_broken = eval
+        .get("reference")
+        .map_or(f32::NAN, |e| 1.0 - e.stats.temporal);
+    let real_arrow_broken = 1.0 - real.stats.temporal;
+    progress.line(&format!(
+        "[eval] the reference breaks the arrow of time in {:.3} of its clips (real clips: {:.3}){}",
+        reference_arrow_broken,
+        real_arrow_broken,
+        match &pretrain {
+            Some(p) if p.corrupted > 0 => format!(
+                "; {} of its {} training clips were corrupted copies",
+                p.corrupted, p.clips
+            ),
+            _ => String::new(),
+        }
+    ));
     DfDpo.render(run_dir)?;
     let restarts = process_restarts + training.values().map(|t| t.restarts).sum::<u64>();
     let accounting = training.values().map(|t| t.accounting.clone()).try_fold(
@@ -717,6 +888,9 @@ fn evaluate(
         accounting,
         gate,
         eval_clips: n,
+        pretrain,
+        reference_arrow_broken,
+        real_arrow_broken,
         peak_rss_mb: crate::telemetry::peak_rss_mb(),
     };
     write_json(&run_dir.join("summary.json"), &summary)?;

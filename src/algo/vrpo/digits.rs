@@ -22,7 +22,7 @@ use tilt_kernels::dfdpo::pretrain_denoiser;
 use tilt_kernels::digits::{Digits, Upsample};
 use tilt_kernels::logprob::sample_chain;
 use tilt_kernels::models::{MlpConfig, MlpDenoiser, UNetConfig, UNetDenoiser};
-use tilt_kernels::optim::{named_vars, AdamW, AdamWConfig};
+use tilt_kernels::optim::{named_vars, AdamW, AdamWConfig, LrPlan};
 use tilt_kernels::rng::{randn, rng_for};
 use tilt_kernels::schedule::{SamplingGrid, VpSchedule};
 use tilt_kernels::tilt::{systematic_resample, tilted_target};
@@ -340,6 +340,8 @@ pub fn ensure_pretrained(
         total,
         cfg.pretrain.batch,
         cfg.seed,
+        &LrPlan::constant(cfg.pretrain.lr),
+        None,
         &mut |step, loss| {
             if last.elapsed() > Duration::from_secs(3) || step == total {
                 last = Instant::now();
