@@ -14,9 +14,7 @@ use tilt_kernels::critic_features::{FeatureEncoderConfig, RewardFeatureEncoder};
 use tilt_kernels::denoiser::Denoiser;
 use tilt_kernels::image_reward::{ClassifierReward, ContrastReward};
 use tilt_kernels::mixture::{AnalyticDenoiser, ExactValue, GaussianMixture};
-use tilt_kernels::models::{
-    MixerConfig, MlpConfig, MlpDenoiser, VideoConfig, VideoDenoiser, VideoMixer,
-};
+use tilt_kernels::models::{MlpConfig, MlpDenoiser, VideoConfig, VideoDenoiser, VideoMixer};
 use tilt_kernels::optim::AdamWConfig;
 use tilt_kernels::reward::{LinearReward, QuadraticReward, Reward};
 use tilt_kernels::schedule::{SamplingGrid, VpSchedule};
@@ -272,18 +270,7 @@ pub fn video_model(v: &VideoDataConfig, lr: f64, device: &Device) -> Result<Trai
             },
             vb,
         )?),
-        VideoModelKind::Mixer => Arc::new(VideoMixer::new(
-            MixerConfig {
-                frames: v.frames,
-                channels: v.channels,
-                size: v.size,
-                hidden: v.hidden,
-                depth: v.depth,
-                time_dim: v.time_dim,
-                zero_init_output: false,
-            },
-            vb,
-        )?),
+        VideoModelKind::Mixer => Arc::new(VideoMixer::new(v.mixer(), vb)?),
     };
     Trainable::new(
         vm,

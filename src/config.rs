@@ -433,6 +433,21 @@ impl Default for VideoDataConfig {
     }
 }
 
+impl VideoDataConfig {
+    /// The mixer denoiser of these clips (`video.model = "mixer"`).
+    pub fn mixer(&self) -> tilt_kernels::models::MixerConfig {
+        tilt_kernels::models::MixerConfig {
+            frames: self.frames,
+            channels: self.channels,
+            size: self.size,
+            hidden: self.hidden,
+            depth: self.depth,
+            time_dim: self.time_dim,
+            zero_init_output: false,
+        }
+    }
+}
+
 /// Stage "pretrain": the reference denoiser trained on the real data (DF-DPO's clips, VRPO's
 /// digits; for digits also the two classifiers).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -992,17 +1007,7 @@ impl Config {
             }
         }
         if v.model == VideoModelKind::Mixer {
-            tilt_kernels::models::MixerConfig {
-                frames: v.frames,
-                channels: v.channels,
-                size: v.size,
-                hidden: v.hidden,
-                depth: v.depth,
-                time_dim: v.time_dim,
-                zero_init_output: false,
-            }
-            .validate()
-            .map_err(|e| anyhow!("{e}"))?;
+            v.mixer().validate().map_err(|e| anyhow!("{e}"))?;
         }
         if v.source == ClipSource::Dir && v.dir.is_empty() {
             bail!("video.dir = \"\": video.source = \"dir\" needs a directory of .npy clips");
