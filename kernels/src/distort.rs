@@ -611,18 +611,7 @@ impl Curriculum {
     pub fn sample_op(&self, step: u64, rng: &mut StdRng) -> Result<(Distortion, f32)> {
         self.validate()?;
         let (_, stage) = self.stage_at(step);
-        let total: f64 = stage.ops.iter().map(|&(_, w)| w as f64).sum();
-        let u = rng.random::<f64>() * total;
-        let mut acc = 0.0;
-        for &(op, w) in &stage.ops {
-            acc += w as f64;
-            if u < acc {
-                return Ok((op, stage.strength));
-            }
-        }
-        // Only reached when rounding puts u at the very top of the last interval.
-        let (op, _) = stage.ops[stage.ops.len() - 1];
-        Ok((op, stage.strength))
+        Ok((draw_weighted(&stage.ops, rng), stage.strength))
     }
 
     /// Draw an operator for `step` (as `sample_op`) and apply it to `clip` [T, C, H, W].
@@ -630,6 +619,22 @@ impl Curriculum {
         let (op, strength) = self.sample_op(step, rng)?;
         op.apply(clip, strength, rng)
     }
+}
+
+/// One operator drawn from `ops` with probability proportional to its weight (non-empty, weights
+/// positive: the callers validate).
+fn draw_weighted<W: Copy + Into<f64>>(ops: &[(Distortion, W)], rng: &mut StdRng) -> Distortion {
+    let total: f64 = ops.iter().map(|&(_, w)| w.into()).sum();
+    let u = rng.random::<f64>() * total;
+    let mut acc = 0.0;
+    for &(op, w) in ops {
+        acc += w.into();
+        if u < acc {
+            return op;
+        }
+    }
+    // Only reached when rounding puts u at the very top of the last interval.
+    ops[ops.len() - 1].0
 }
 
 /// A training set whose arrow of time is wrong at a known rate: exactly `round(share * n)` of the
@@ -663,23 +668,13 @@ pub fn corrupt_share(
     order.shuffle(rng);
     let mut chosen = order[..k].to_vec();
     chosen.sort_unstable();
-    let total: f64 = ops.iter().map(|&(_, w)| w).sum();
     let mut rows = Vec::with_capacity(n);
     let mut next = chosen.iter().peekable();
     for i in 0..n {
         let clip = clips.get(i)?;
         if next.peek() == Some(&&i) {
             next.next();
-            let u = rng.random::<f64>() * total;
-            let mut acc = 0.0;
-            let mut op = ops[ops.len() - 1].0;
-            for &(o, w) in ops {
-                acc += w;
-                if u < acc {
-                    op = o;
-                    break;
-                }
-            }
+            let op = draw_weighted(ops, rng);
             rows.push(op.apply(&clip, 1.0, rng)?.clip);
         } else {
             rows.push(clip);
