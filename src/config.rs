@@ -492,6 +492,22 @@ impl Default for PretrainConfig {
     }
 }
 
+impl PretrainConfig {
+    /// DF-DPO: the reference file `pretrain.from` names (a run directory's
+    /// `reference.safetensors`, or the file itself); None when `from` is empty.
+    pub fn video_reference(&self) -> Option<std::path::PathBuf> {
+        if self.from.is_empty() {
+            return None;
+        }
+        let from = std::path::Path::new(&self.from);
+        Some(if from.is_dir() {
+            from.join("reference.safetensors")
+        } else {
+            from.to_path_buf()
+        })
+    }
+}
+
 /// DF-DPO stages "sft", "dfdpo" and "ablation" (each continues from the reference).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -967,13 +983,7 @@ impl Config {
     fn validate_dfdpo(&self) -> Result<()> {
         let v = &self.video;
         let p = &self.pretrain;
-        if !p.from.is_empty() {
-            let from = std::path::Path::new(&p.from);
-            let file = if from.is_dir() {
-                from.join("reference.safetensors")
-            } else {
-                from.to_path_buf()
-            };
+        if let Some(file) = p.video_reference() {
             if !file.is_file() {
                 bail!(
                     "pretrain.from = {:?}: no reference there (expected {})",
@@ -1008,6 +1018,9 @@ impl Config {
         }
         if v.model == VideoModelKind::Mixer {
             v.mixer().validate().map_err(|e| anyhow!("{e}"))?;
+            if v.global != 0 {
+                bail!("video.global = {}: only the conv model (video.model = \"conv\") has a global block", v.global);
+            }
         }
         if v.source == ClipSource::Dir && v.dir.is_empty() {
             bail!("video.dir = \"\": video.source = \"dir\" needs a directory of .npy clips");

@@ -237,6 +237,11 @@ impl AdamW {
         self.cfg.lr = lr;
     }
 
+    /// Change the gradient-norm clip (`0` turns it off). The caller keeps it finite and `>= 0`.
+    pub fn set_grad_clip(&mut self, grad_clip: f64) {
+        self.cfg.grad_clip = grad_clip;
+    }
+
     /// The current learning rate.
     pub fn lr(&self) -> f64 {
         self.cfg.lr

@@ -379,4 +379,40 @@ mod tests {
         assert!(frame3.to_scalar::<f32>().unwrap() > 1e-6);
         assert_eq!(other.to_scalar::<f32>().unwrap(), 0.0);
     }
+
+    /// A global block starts as the identity (its output layer is zero), and once that layer is
+    /// not, a change in frame 0 reaches frame 3 and never the other clip.
+    #[test]
+    fn global_block_starts_as_identity_then_mixes_frames() {
+        let vm = VarMap::new();
+        let g = GlobalBlock::new(
+            12,
+            16,
+            4,
+            8,
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let h = Tensor::randn(0f32, 1.0, (2, 4, 12), &Device::Cpu).unwrap();
+        let emb = Tensor::randn(0f32, 1.0, (2, 8), &Device::Cpu).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&g.forward(&h, &emb).unwrap()), flat(&h));
+        let up = vm.data().lock().unwrap()["up.weight"].clone();
+        up.set(&Tensor::randn(0f32, 1.0, (12, 16), &Device::Cpu).unwrap())
+            .unwrap();
+        let a = g.forward(&h, &emb).unwrap();
+        let bump = Tensor::zeros((2, 4, 12), DType::F32, &Device::Cpu)
+            .unwrap()
+            .slice_assign(
+                &[0..1, 0..1, 0..12],
+                &Tensor::ones((1, 1, 12), DType::F32, &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        let b = g.forward(&(&h + bump).unwrap(), &emb).unwrap();
+        let d = (b - a).unwrap().abs().unwrap();
+        let frame3 = d.get(0).unwrap().get(3).unwrap().max_all().unwrap();
+        assert!(frame3.to_scalar::<f32>().unwrap() > 1e-6);
+        let other = d.get(1).unwrap().max_all().unwrap();
+        assert_eq!(other.to_scalar::<f32>().unwrap(), 0.0);
+    }
 }

@@ -28,7 +28,7 @@ use tilt_kernels::denoiser::{load_weights, save_weights, Denoiser};
 use tilt_kernels::dfdpo::{denoise_grads, dfdpo_grads, pretrain_denoiser, DataScale};
 use tilt_kernels::distort::{corrupt_share, Curriculum, Distortion};
 use tilt_kernels::logprob::sample_chain_clipped;
-use tilt_kernels::optim::{named_vars, AdamW, AdamWConfig, Ema, LrPlan};
+use tilt_kernels::optim::{Ema, LrPlan};
 use tilt_kernels::rng::{randn, rng_for};
 use tilt_kernels::schedule::{SamplingGrid, VpSchedule};
 
@@ -248,20 +248,14 @@ fn pretrain(
     device: &Device,
     progress: &Progress,
 ) -> Result<()> {
-    let Trainable {
-        varmap: vm, model, ..
-    } = build::video_model(&cfg.video, cfg.pretrain.lr, device)?;
     let p = &cfg.pretrain;
-    let vars = named_vars(&vm)?;
-    let params = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = AdamW::new(
-        vars,
-        AdamWConfig {
-            lr: p.lr,
-            grad_clip: p.grad_clip,
-            ..Default::default()
-        },
-    )?;
+    let Trainable {
+        varmap: vm,
+        model,
+        mut opt,
+    } = build::video_model(&cfg.video, p.lr, device)?;
+    opt.set_grad_clip(p.grad_clip);
+    let params = opt.vars().iter().map(|(_, v)| v.elem_count()).sum();
     let (train_set, corrupted) = if p.corrupt > 0.0 {
         let mut rng = rng_for(cfg.seed, 21, 0);
         let (set, idx) = corrupt_share(clips, p.corrupt, &p.corrupt_ops, &mut rng)?;
@@ -358,23 +352,14 @@ fn pretrain(
 /// holds everything its eval and a resume need. Nothing happens when this run already has one.
 fn reference_from(cfg: &Config, run_dir: &Path, progress: &Progress) -> Result<()> {
     let reference = run_dir.join("reference.safetensors");
-    if cfg.pretrain.from.is_empty() || reference.exists() {
+    let Some(file) = cfg.pretrain.video_reference() else {
+        return Ok(());
+    };
+    if reference.exists() {
         return Ok(());
     }
-    let from = PathBuf::from(&cfg.pretrain.from);
-    let (file, dir) = if from.is_dir() {
-        (from.join("reference.safetensors"), from.clone())
-    } else {
-        let dir = from.parent().map(Path::to_path_buf).unwrap_or_default();
-        (from.clone(), dir)
-    };
-    if !file.is_file() {
-        bail!(
-            "pretrain.from = {:?}: no reference there (expected {})",
-            cfg.pretrain.from,
-            file.display()
-        );
-    }
+    // Config validation checked that the file is there.
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
     std::fs::copy(&file, &reference)
         .with_context(|| format!("copying {} into the run", file.display()))?;
     for side in ["pretrain.json", "data_scale.json"] {
@@ -848,9 +833,13 @@ fn evaluate(
         .exists()
         .then(|| read_json::<PretrainReport>(&pretrain_report_file(run_dir)))
         .transpose()?;
-    let reference_arrow_broken = eval
-        .get("reference")
-        .map_or(f32::NAN, |e| 1.0 - e.stats.temporal);
+    // The reference is always the first model evaluated.
+    let reference_arrow_broken = 1.0
+        - eval
+            .get("reference")
+            .context("the reference has no evaluation")?
+            .stats
+            .temporal;
     let real_arrow_broken = 1.0 - real.stats.temporal;
     progress.line(&format!(
         "[eval] the reference breaks the arrow of time in {:.3} of its clips (real clips: {:.3}){}",
