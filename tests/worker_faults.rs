@@ -107,6 +107,12 @@ fn kill9_of_each_worker_mid_run_then_restart_finishes_from_the_newest_checkpoint
     let s = json(&run.dir.join("summary.json"));
     assert_eq!(s["steps"], BUDGET, "{s}");
     assert_eq!(newest_checkpoint(&run.dir), Some(BUDGET));
+    // Both learner processes read the replay as one consumer, `learner-0`: the restarted one
+    // took its predecessor's pending entries at start instead of leaving them unclaimed for
+    // `claim_idle` (30 s, longer than the rest of this run), which throttled the producers to
+    // the learner's pace and made every batch a few records repeated (errors of 0.06-0.07).
+    let id = run.run_id.clone();
+    assert_eq!(consumers(&redis, &id, "replay"), ["learner-0"]);
     assert_quality(&s);
     // Every produced record has exactly one fate. (Records the killed learner applied after its
     // last checkpoint were acknowledged, so they are gone from the stream, and the restarted
@@ -214,6 +220,24 @@ fn sigterm_pauses_the_learner_without_stopping_the_producers_and_it_resumes() {
     assert_eq!(json(&run.dir.join("vrpo.json"))["resumed_from"], paused);
     // The learner's second start is a restart of learner-0.
     assert_eq!(s["restarts"], 1, "{s}");
+}
+
+/// The consumer names of stream `tilt:{RUN}:<stream>`'s group (`XINFO CONSUMERS`).
+fn consumers(redis: &RedisServer, run_id: &str, stream: &str) -> Vec<String> {
+    let out = redis.cli(&[
+        "XINFO",
+        "CONSUMERS",
+        &format!("tilt:{{{run_id}}}:{stream}"),
+        "learners",
+    ]);
+    let mut names = Vec::new();
+    let mut lines = out.lines().map(str::trim);
+    while let Some(l) = lines.next() {
+        if l == "name" {
+            names.extend(lines.next().map(str::to_owned));
+        }
+    }
+    names
 }
 
 /// Entries of the run's replay stream never delivered to the learners (`XINFO GROUPS` lag).

@@ -138,13 +138,44 @@ impl Workers {
         std::fs::read_to_string(self.dir.join(format!("worker-{role}-{n}.err"))).unwrap_or_default()
     }
 
-    /// Every worker's latest stderr, for failure messages.
+    /// Every worker's latest stderr (its last lines: a producer writes a progress line every
+    /// quarter second, and a CI log keeps only its tail), then the replay streams' state, for
+    /// failure messages.
     pub fn logs(&self) -> String {
-        self.starts
+        const TAIL: usize = 30;
+        let mut out: Vec<String> = self
+            .starts
             .iter()
-            .map(|(role, n)| format!("--- {role} (start {n}) ---\n{}", self.stderr(role, *n)))
-            .collect::<Vec<_>>()
-            .join("\n")
+            .map(|(role, n)| {
+                let err = self.stderr(role, *n);
+                let lines: Vec<&str> = err.lines().collect();
+                let from = lines.len().saturating_sub(TAIL);
+                format!(
+                    "--- {role} (start {n}; last {} of {} lines) ---\n{}",
+                    lines.len() - from,
+                    lines.len(),
+                    lines[from..].join("\n")
+                )
+            })
+            .collect();
+        for stream in [self.run_id.clone(), format!("{}-segments", self.run_id)] {
+            let key = format!("tilt:{{{stream}}}:replay");
+            let info = |args: &[&str]| {
+                std::process::Command::new("redis-cli")
+                    .args(["-u", &self.redis_url])
+                    .args(args)
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).replace('\n', " "))
+                    .unwrap_or_else(|e| format!("redis-cli: {e}"))
+            };
+            out.push(format!(
+                "--- {key}: XLEN {} | XINFO GROUPS {} | consumers {}",
+                info(&["XLEN", &key]).trim(),
+                info(&["XINFO", "GROUPS", &key]).trim(),
+                info(&["XINFO", "CONSUMERS", &key, "learners"]).trim()
+            ));
+        }
+        out.join("\n")
     }
 
     /// Panic with the logs if a worker has exited with an error.

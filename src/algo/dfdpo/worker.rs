@@ -67,7 +67,7 @@ fn finished(cfg: &Config, run_dir: &Path, name: &str) -> bool {
 /// edited) pairs into its stream until the learner marks it done; a signal ends the process.
 async fn distortion(run: &RunCtx<'_>, worker: &WorkerCtx, run_id: &str) -> Result<()> {
     let (cfg, run_dir, progress) = (run.cfg, run.run_dir, run.progress);
-    let consumer = format!("distortion-{}", std::process::id());
+    let consumer = worker.consumer();
     let url = cfg.redis_target();
     let spec = clip_spec(cfg)?;
     let clips = Arc::new(real_clips(cfg, &spec)?);
@@ -89,7 +89,7 @@ async fn distortion(run: &RunCtx<'_>, worker: &WorkerCtx, run_id: &str) -> Resul
         }
         let id = stream_id(run_id, name);
         let replay: Arc<dyn ReplayBuffer> =
-            Arc::new(RedisReplay::connect(&url, &id, &consumer, cfg.replay.clone()).await?);
+            Arc::new(RedisReplay::connect(&url, &id, consumer, cfg.replay.clone()).await?);
         // The learner's done mark of this continuation stops the producers; whether it fired
         // tells a finished continuation from a signal.
         let marked = Arc::new(AtomicBool::new(false));
@@ -192,14 +192,14 @@ impl Objective for NoLearner {
 async fn learner(run: &RunCtx<'_>, worker: &WorkerCtx, run_id: &str) -> Result<()> {
     let (cfg, run_dir, progress) = (run.cfg, run.run_dir, run.progress);
     let t0 = Instant::now();
-    let consumer = format!("learner-{}", std::process::id());
+    let consumer = worker.consumer();
     let url = cfg.redis_target();
     let (sh, spec) = prepare(cfg, run_dir, progress)?;
     let mut training = BTreeMap::new();
     for (name, curriculum) in variants(cfg)? {
         let id = stream_id(run_id, name);
         let replay: Arc<dyn ReplayBuffer> =
-            Arc::new(RedisReplay::connect(&url, &id, &consumer, cfg.replay.clone()).await?);
+            Arc::new(RedisReplay::connect(&url, &id, consumer, cfg.replay.clone()).await?);
         let mut t = continuation(cfg, &sh, name, curriculum, &run_dir.join(name), replay)?;
         // The distortion workers produce; the stream outlives this process, so a restarted
         // learner continues its ledger.

@@ -35,6 +35,34 @@ fn segments_config(cfg: &Config) -> ReplayConfig {
     }
 }
 
+/// Run a producer worker's training next to its bridge to the segments stream. The bridge ending
+/// early with an error (Redis gone for longer than `max_outage`, a script refused) fails the
+/// worker with that error, so it exits non-zero and can be restarted, instead of living on with
+/// producers that no longer reach the stream; a bridge that ended cleanly (the run is closing)
+/// lets the training finish. The bridge is stopped once the training has returned.
+async fn alongside(
+    run: impl std::future::Future<Output = Result<crate::train::TrainReport>>,
+    mut bridge: tokio::task::JoinHandle<tilt_actors::Result<()>>,
+    role: &str,
+    direction: &str,
+) -> Result<()> {
+    tokio::pin!(run);
+    let ended = tokio::select! {
+        r = &mut run => {
+            bridge.abort();
+            return r.map(|_| ());
+        }
+        b = &mut bridge => b,
+    };
+    match ended {
+        Ok(Ok(())) => run.await.map(|_| ()),
+        Ok(Err(e)) => {
+            bail!("{role} worker: its bridge {direction} the segments stream failed: {e}")
+        }
+        Err(e) => bail!("{role} worker: its bridge {direction} the segments stream stopped: {e}"),
+    }
+}
+
 /// Run one VRPO role of run `run_id` (the process, run directory and metrics are set up by
 /// `crate::worker`).
 pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Result<()> {
@@ -42,8 +70,7 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
     let worker = run
         .worker
         .context("VRPO's worker roles run under `tilt worker`")?;
-    let name = role.name();
-    let consumer = format!("{name}-{}", std::process::id());
+    let consumer = worker.consumer();
     let url = cfg.redis_target();
     let s = setup(cfg, run_dir)?;
     let seg_id = format!("{run_id}-segments");
@@ -53,7 +80,7 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
         ),
         WorkerRole::Rollout => {
             let segments: Arc<dyn ReplayBuffer> = Arc::new(
-                RedisReplay::connect(&url, &seg_id, &consumer, segments_config(cfg)).await?,
+                RedisReplay::connect(&url, &seg_id, consumer, segments_config(cfg)).await?,
             );
             let (tx, rx) = flume::bounded(cfg.rollout.channel.max(1));
             // Bridge: in-process channel -> segments stream.
@@ -67,7 +94,12 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                     for pair in &unit {
                         let rec = segment_pair_record(pair, producer, seq)?;
                         seq += 1;
-                        seg.insert(rec).await?;
+                        match seg.insert(rec).await {
+                            Ok(()) => {}
+                            // The run is ending: the segments stream was closed.
+                            Err(tilt_actors::ActorError::Closed) => return Ok(()),
+                            Err(e) => return Err(e),
+                        }
                     }
                 }
                 Ok::<(), tilt_actors::ActorError>(())
@@ -81,17 +113,16 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
             };
             let mut t = training(cfg, &s, run_dir, roles, progress)?;
             t.sources = worker.sources(std::mem::take(&mut t.sources));
-            train(t, progress).await?;
+            alongside(train(t, progress), bridge, "rollout", "into").await?;
             segments.close();
-            bridge.abort();
         }
         WorkerRole::Critic => {
             ensure_critic(cfg, &s, run_dir, progress)?;
             let segments: Arc<dyn ReplayBuffer> = Arc::new(
-                RedisReplay::connect(&url, &seg_id, &consumer, segments_config(cfg)).await?,
+                RedisReplay::connect(&url, &seg_id, consumer, segments_config(cfg)).await?,
             );
             let replay: Arc<dyn ReplayBuffer> =
-                Arc::new(RedisReplay::connect(&url, run_id, &consumer, cfg.replay.clone()).await?);
+                Arc::new(RedisReplay::connect(&url, run_id, consumer, cfg.replay.clone()).await?);
             let (tx, rx) = flume::bounded(cfg.rollout.channel.max(1));
             // Bridge: segments stream -> in-process channel (acked once handed to the critics; a
             // critic process that dies loses at most the channel's few units of i.i.d. reference
@@ -103,7 +134,9 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                     let recs = match seg.sample(8, Duration::from_millis(250)).await {
                         Ok(Some(r)) => r,
                         Ok(None) => continue,
-                        Err(_) => return,
+                        // The run is ending: the segments stream was closed.
+                        Err(tilt_actors::ActorError::Closed) => return Ok(()),
+                        Err(e) => return Err(e),
                     };
                     let mut unit = Vec::with_capacity(recs.len());
                     for r in &recs {
@@ -114,12 +147,11 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                         }
                     }
                     if btx.send_async(unit).await.is_err() {
-                        return;
+                        // The critics have stopped: the run is ending.
+                        return Ok(());
                     }
                     let keys: Vec<_> = recs.iter().map(|r| r.key()).collect();
-                    if seg.ack(&keys).await.is_err() {
-                        return;
-                    }
+                    seg.ack(&keys).await?;
                 }
             });
             drop(tx);
@@ -132,14 +164,13 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
             };
             let mut t = training(cfg, &s, run_dir, roles, progress)?;
             t.sources = worker.sources(std::mem::take(&mut t.sources));
-            train(t, progress).await?;
-            bridge.abort();
+            alongside(train(t, progress), bridge, "critic", "out of").await?;
             segments.close();
         }
         WorkerRole::Learner => {
             let t0 = Instant::now();
             let replay: Arc<dyn ReplayBuffer> =
-                Arc::new(RedisReplay::connect(&url, run_id, &consumer, cfg.replay.clone()).await?);
+                Arc::new(RedisReplay::connect(&url, run_id, consumer, cfg.replay.clone()).await?);
             let roles = Roles {
                 rollouts: None,
                 critics: None,

@@ -656,3 +656,75 @@ async fn records_of_a_redis_that_comes_back_empty_are_counted_lost() -> TestResu
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_consumer_restarted_under_its_name_takes_its_pending_entries_at_once() -> TestResult {
+    // Consumer "learner-0" (FIFO, U = 2 uses per record) takes the first 30 of 40 records, one
+    // use each, and is dropped without acking: a killed learner. Claims are off for an hour, so
+    // the only way back for those entries is a read of the consumer's own pending entries. A
+    // consumer under another name gets only the 30 entries never delivered (10 old, 20 new);
+    // started again under its name, "learner-0" gets its 30 at once, each with the one use it
+    // has left (the uses spent are counted in Redis).
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let run = run_id("same-name");
+    let opts = RedisOptions {
+        claim_idle: Duration::from_secs(3600),
+        ..RedisOptions::default()
+    };
+    let c = cfg(64, 1, 2.0, 1000.0, Sampler::Fifo);
+    let prod = RedisReplay::connect_with(&url, &run, "p", c.clone(), opts.clone()).await?;
+    for s in 0..40 {
+        prod.insert(rec(0, s)).await?;
+    }
+    let a = RedisReplay::connect_with(&url, &run, "learner-0", c.clone(), opts.clone()).await?;
+    let first = timeout(LONG, a.sample(30, LONG))
+        .await??
+        .unwrap_or_default();
+    assert_eq!(first.len(), 30);
+    drop(a);
+    for s in 40..60 {
+        prod.insert(rec(0, s)).await?;
+    }
+    // A stranger gets only the 20 entries never delivered to anyone (within SHORT).
+    let other = RedisReplay::connect_with(&url, &run, "learner-9", c.clone(), opts.clone()).await?;
+    let mut seen = HashMap::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < SHORT * 3 {
+        if let Some(recs) = other.sample(40, SHORT).await? {
+            for r in recs {
+                *seen.entry(r.key()).or_insert(0u32) += 1;
+            }
+        }
+    }
+    assert_eq!(seen.len(), 30, "a new name reads only undelivered entries");
+    assert!(seen.keys().all(|k| k.1 >= 30), "{seen:?}");
+    drop(other);
+    // The restarted "learner-0" gets its 30 at once, each with the one use it has left.
+    let b = RedisReplay::connect_with(&url, &run, "learner-0", c, opts).await?;
+    let mut again: HashMap<(u32, u64), u32> = HashMap::new();
+    let handed: HashMap<(u32, u64), u32> = first.iter().fold(HashMap::new(), |mut m, r| {
+        *m.entry(r.key()).or_insert(0) += 1;
+        m
+    });
+    let t0 = Instant::now();
+    while again.values().sum::<u32>() < 30 && t0.elapsed() < LONG {
+        if let Some(recs) = b.sample(40, SHORT).await? {
+            for r in recs {
+                *again.entry(r.key()).or_insert(0) += 1;
+            }
+        }
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(again.len(), 30, "{again:?}");
+    for s in 0..30 {
+        assert_eq!(handed.get(&(0, s)), Some(&1), "record {s}: {handed:?}");
+        assert_eq!(again.get(&(0, s)), Some(&1), "record {s}: {again:?}");
+    }
+    prod.purge().await?;
+    Ok(())
+}
