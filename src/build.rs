@@ -11,7 +11,7 @@ use tilt_actors::replay::{MemoryReplay, ReplayBackend, ReplayBuffer};
 use tilt_kernels::classifier::Classifier;
 use tilt_kernels::critic::{CdfCritic, CdfGrid, CriticEncoder, MlpEncoder, MlpEncoderConfig};
 use tilt_kernels::critic_features::{FeatureEncoderConfig, RewardFeatureEncoder};
-use tilt_kernels::denoiser::Denoiser;
+use tilt_kernels::denoiser::{Denoiser, Prediction, VPrediction};
 use tilt_kernels::image_reward::{ClassifierReward, ContrastReward};
 use tilt_kernels::mixture::{AnalyticDenoiser, ExactValue, GaussianMixture};
 use tilt_kernels::models::{MlpConfig, MlpDenoiser, VideoConfig, VideoDenoiser, VideoMixer};
@@ -254,7 +254,12 @@ pub fn reward_model(data: &VrpoData) -> Option<Arc<dyn Classifier>> {
 }
 
 /// The spatio-temporal video denoiser (the DF-DPO reference and the models continued from it).
-pub fn video_model(v: &VideoDataConfig, lr: f64, device: &Device) -> Result<Trainable> {
+pub fn video_model(
+    v: &VideoDataConfig,
+    schedule: &VpSchedule,
+    lr: f64,
+    device: &Device,
+) -> Result<Trainable> {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
     let m: Arc<dyn Denoiser> = match v.model {
@@ -271,6 +276,10 @@ pub fn video_model(v: &VideoDataConfig, lr: f64, device: &Device) -> Result<Trai
             vb,
         )?),
         VideoModelKind::Mixer => Arc::new(VideoMixer::new(v.mixer(), vb)?),
+    };
+    let m: Arc<dyn Denoiser> = match v.prediction {
+        Prediction::Eps => m,
+        Prediction::V => Arc::new(VPrediction::new(m, &schedule.abar, device)?),
     };
     Trainable::new(
         vm,

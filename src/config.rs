@@ -410,6 +410,9 @@ pub struct VideoDataConfig {
     pub time_dim: usize,
     /// Diffuse standardised clips ((clip - mean) / std of the real clips) and map samples back.
     pub normalize: bool,
+    /// What the denoiser predicts: "eps" or "v" (v = sqrt(abar) eps - sqrt(1 - abar) x_0, trained
+    /// with the v-MSE in pretraining; seen as eps everywhere else, `denoiser::VPrediction`).
+    pub prediction: tilt_kernels::denoiser::Prediction,
 }
 
 impl Default for VideoDataConfig {
@@ -429,6 +432,7 @@ impl Default for VideoDataConfig {
             depth: 3,
             time_dim: 32,
             normalize: true,
+            prediction: tilt_kernels::denoiser::Prediction::Eps,
         }
     }
 }

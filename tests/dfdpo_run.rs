@@ -251,6 +251,33 @@ fn protocol_in_seconds_and_reference_reused_by_path() {
         s1["pretrain"]["corrupted"], 8,
         "pretrain.json comes along: {s1}"
     );
+    assert_eq!(s1["pretrain"]["prediction"], "v", "{s1}");
+
+    // The same reference in a run whose model predicts eps: refused, naming the key (a v network
+    // read as eps would sample garbage silently).
+    let mut args = vec![
+        "run".to_string(),
+        "configs/video-dfdpo-protocol.toml".into(),
+        "--out".into(),
+        d.join("as-eps").to_str().unwrap().into(),
+        "--set".into(),
+        format!("pretrain.from={}", out.join("seed-0").display()),
+        "--set".into(),
+        "stages=[\"eval\"]".into(),
+        "--set".into(),
+        "video.prediction=\"eps\"".into(),
+    ];
+    for t in tiny {
+        args.extend(["--set".to_string(), t.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = tilt(&args);
+    let e = err(&r);
+    assert!(!r.status.success());
+    assert!(
+        e.contains("video.prediction") && e.contains("predicts V"),
+        "{e}"
+    );
 
     // A path without a reference: one line naming the key.
     let empty = d.join("empty");

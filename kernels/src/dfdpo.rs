@@ -6,7 +6,7 @@ use candle_core::{Tensor, Var};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use crate::denoiser::Denoiser;
+use crate::denoiser::{Denoiser, Prediction};
 use crate::losses::diffusion_dpo_loss;
 use crate::optim::{grads_in_order, AdamW, Ema, LrPlan};
 use crate::rng::{randn, rng_for};
@@ -104,12 +104,40 @@ pub fn denoise_grads(
     cond: Option<&Tensor>,
     rng: &mut StdRng,
 ) -> Result<(Vec<Option<Tensor>>, f32)> {
+    denoise_grads_as(model, vars, schedule, x0, cond, rng, Prediction::Eps)
+}
+
+/// [`denoise_grads`] for a network predicting `prediction`: with [`Prediction::V`] (the model a
+/// [`crate::denoiser::VPrediction`]) the loss is the v-MSE, i.e. each row's eps-MSE divided by
+/// abar_n (eps - eps_hat = sqrt(abar_n) (v - v_hat)), so every noise level weighs as its x_0 error.
+pub fn denoise_grads_as(
+    model: &dyn Denoiser,
+    vars: &[(String, Var)],
+    schedule: &VpSchedule,
+    x0: &Tensor,
+    cond: Option<&Tensor>,
+    rng: &mut StdRng,
+    prediction: Prediction,
+) -> Result<(Vec<Option<Tensor>>, f32)> {
     let b = x0.dim(0)?;
     let ns = sample_timesteps(schedule, b, rng);
     let eps = randn(rng, x0.shape(), x0.device())?;
     let xn = schedule.q_sample(x0, &ns, &eps)?;
     let pred = model.eps(&xn, &as_tensor(&ns, x0)?, cond)?;
-    let loss = (pred - &eps)?.sqr()?.mean_all()?;
+    let sq = (pred - &eps)?.sqr()?;
+    let loss = match prediction {
+        Prediction::Eps => sq.mean_all()?,
+        Prediction::V => {
+            let w: Vec<f32> = ns
+                .iter()
+                .map(|&n| (1.0 / schedule.abar[n]) as f32)
+                .collect();
+            let mut shape = vec![b];
+            shape.extend(std::iter::repeat_n(1, x0.rank() - 1));
+            let w = Tensor::from_vec(w, shape, x0.device())?;
+            sq.broadcast_mul(&w)?.mean_all()?
+        }
+    };
     let grads = loss.backward()?;
     Ok((grads_in_order(vars, &grads), loss.to_scalar::<f32>()?))
 }
@@ -119,7 +147,8 @@ pub fn denoise_grads(
 /// timesteps and noise from `rng_for(seed, 20, t)`. `labels` ([N] u32, the rows' classes) train a
 /// class-conditional model. Step t runs at `plan.at(t)` (pass [`LrPlan::constant`] for a fixed
 /// rate) and, with `ema`, folds the new weights into the average after the step. `progress(step,
-/// loss)` is called after every step (1-based). Returns the last loss.
+/// loss)` is called after every step (1-based). `prediction` picks the loss (see
+/// [`denoise_grads_as`]). Returns the last loss.
 #[allow(clippy::too_many_arguments)]
 pub fn pretrain_denoiser(
     model: &dyn Denoiser,
@@ -132,6 +161,7 @@ pub fn pretrain_denoiser(
     seed: u64,
     plan: &LrPlan,
     mut ema: Option<&mut Ema>,
+    prediction: Prediction,
     progress: &mut dyn FnMut(u64, f32),
 ) -> Result<f32> {
     let n = data.dim(0)?;
@@ -152,7 +182,15 @@ pub fn pretrain_denoiser(
             None => None,
             Some(l) => Some(l.index_select(&idx, 0)?),
         };
-        let (g, loss) = denoise_grads(model, opt.vars(), schedule, &x0, cond.as_ref(), &mut rng)?;
+        let (g, loss) = denoise_grads_as(
+            model,
+            opt.vars(),
+            schedule,
+            &x0,
+            cond.as_ref(),
+            &mut rng,
+            prediction,
+        )?;
         opt.set_lr(plan.at(step));
         opt.step_with(&g)?;
         if let Some(e) = ema.as_deref_mut() {
@@ -500,6 +538,7 @@ mod tests {
             3,
             &plan,
             None,
+            Prediction::Eps,
             &mut |st, l| seen.push((st, l)),
         )
         .unwrap();
@@ -523,8 +562,58 @@ mod tests {
             0,
             &LrPlan::constant(1e-3),
             None,
+            Prediction::Eps,
             &mut |_, _| {}
         )
         .is_err());
+    }
+
+    #[test]
+    fn v_loss_is_the_mse_of_v() {
+        // Through VPrediction, a network answering v_hat = 0 has the v-loss mean(v^2) with
+        // v = sqrt(abar) eps - sqrt(1 - abar) x_0 at the drawn (n, eps): recomputed by hand from a
+        // clone of the rng. The eps loss of the same call is abar times smaller, row by row.
+        use crate::denoiser::VPrediction;
+        use std::sync::Arc;
+        struct Zero;
+        impl Denoiser for Zero {
+            fn eps(&self, x: &Tensor, _n: &Tensor, _c: Option<&Tensor>) -> Result<Tensor> {
+                Ok(x.zeros_like()?)
+            }
+        }
+        let d = Device::Cpu;
+        let sch = VpSchedule::ddpm_default();
+        let x0 = crate::rng::randn(&mut rng_for(5, 0, 0), (64, 3), &d).unwrap();
+        let m = VPrediction::new(Arc::new(Zero), &sch.abar, &d).unwrap();
+        let rng = rng_for(6, 0, 0);
+        let (_, lv) =
+            denoise_grads_as(&m, &[], &sch, &x0, None, &mut rng.clone(), Prediction::V).unwrap();
+        let (_, le) =
+            denoise_grads_as(&m, &[], &sch, &x0, None, &mut rng.clone(), Prediction::Eps).unwrap();
+        let mut r = rng.clone();
+        let ns = sample_timesteps(&sch, 64, &mut r);
+        let eps: Vec<Vec<f32>> = crate::rng::randn(&mut r, (64, 3), &d)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let x: Vec<Vec<f32>> = x0.to_vec2().unwrap();
+        let (mut want_v, mut want_e) = (0.0f64, 0.0f64);
+        for (i, &n) in ns.iter().enumerate() {
+            let (a, s) = (sch.abar[n].sqrt(), (1.0 - sch.abar[n]).sqrt());
+            for j in 0..3 {
+                let v = a * f64::from(eps[i][j]) - s * f64::from(x[i][j]);
+                want_v += v * v;
+                want_e += sch.abar[n] * v * v;
+            }
+        }
+        let (want_v, want_e) = (want_v / 192.0, want_e / 192.0);
+        assert!(
+            (f64::from(lv) - want_v).abs() < 1e-4 * want_v,
+            "{lv} vs {want_v}"
+        );
+        assert!(
+            (f64::from(le) - want_e).abs() < 1e-3 * want_e + 1e-7,
+            "{le} vs {want_e}"
+        );
     }
 }

@@ -24,7 +24,7 @@ use tilt_actors::objective::{model_device, Objective, StepStats};
 use tilt_actors::replay::{Record, ReplayBuffer};
 use tilt_actors::source::PairSource;
 use tilt_kernels::clip_gates::BlobGate;
-use tilt_kernels::denoiser::{load_weights, save_weights, Denoiser};
+use tilt_kernels::denoiser::{load_weights, save_weights, Denoiser, Prediction};
 use tilt_kernels::dfdpo::{denoise_grads, dfdpo_grads, pretrain_denoiser, DataScale};
 use tilt_kernels::distort::{corrupt_share, Curriculum, Distortion};
 use tilt_kernels::logprob::sample_chain_clipped;
@@ -227,6 +227,9 @@ pub struct PretrainReport {
     pub corrupted: usize,
     pub corrupt_share: f64,
     pub corrupt_ops: Vec<(String, f64)>,
+    /// What the network predicts (`video.prediction`); "eps" in reports written before it existed.
+    #[serde(default)]
+    pub prediction: Prediction,
 }
 
 fn pretrain_report_file(run_dir: &Path) -> PathBuf {
@@ -253,7 +256,7 @@ fn pretrain(
         varmap: vm,
         model,
         mut opt,
-    } = build::video_model(&cfg.video, p.lr, device)?;
+    } = build::video_model(&cfg.video, schedule, p.lr, device)?;
     opt.set_grad_clip(p.grad_clip);
     let params = opt.vars().iter().map(|(_, v)| v.elem_count()).sum();
     let (train_set, corrupted) = if p.corrupt > 0.0 {
@@ -283,8 +286,9 @@ fn pretrain(
         total: p.steps,
     };
     progress.line(&format!(
-        "[pretrain] {:?} denoiser, {params} values; {} steps of {} clips, lr {}{}{}",
+        "[pretrain] {:?} denoiser predicting {:?}, {params} values; {} steps of {} clips, lr {}{}{}",
         cfg.video.model,
+        cfg.video.prediction,
         p.steps,
         p.batch,
         p.lr,
@@ -309,6 +313,7 @@ fn pretrain(
         cfg.seed,
         &plan,
         ema.as_mut(),
+        cfg.video.prediction,
         &mut |step, loss| {
             if last.elapsed() > Duration::from_secs(3) || step == total {
                 last = Instant::now();
@@ -342,6 +347,7 @@ fn pretrain(
                 .iter()
                 .map(|(o, w)| (o.name().to_string(), *w))
                 .collect(),
+            prediction: cfg.video.prediction,
         },
     )?;
     Ok(())
@@ -360,6 +366,16 @@ fn reference_from(cfg: &Config, run_dir: &Path, progress: &Progress) -> Result<(
     }
     // Config validation checked that the file is there.
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    if let Ok(r) = read_json::<PretrainReport>(&pretrain_report_file(&dir)) {
+        if r.prediction != cfg.video.prediction {
+            bail!(
+                "pretrain.from = {}: that reference predicts {:?}, this run's video.prediction is {:?}; set video.prediction to match",
+                file.display(),
+                r.prediction,
+                cfg.video.prediction
+            );
+        }
+    }
     std::fs::copy(&file, &reference)
         .with_context(|| format!("copying {} into the run", file.display()))?;
     for side in ["pretrain.json", "data_scale.json"] {
@@ -376,7 +392,7 @@ fn reference_from(cfg: &Config, run_dir: &Path, progress: &Progress) -> Result<(
 
 /// A video model with the weights of `file` (the reference, or a continuation's checkpoint).
 fn load_model(cfg: &Config, file: &Path, device: &Device) -> Result<Arc<dyn Denoiser>> {
-    let mut m = build::video_model(&cfg.video, 1e-3, device)?;
+    let mut m = build::video_model(&cfg.video, &build::schedule(cfg)?, 1e-3, device)?;
     load_weights(&mut m.varmap, file)?;
     Ok(m.model)
 }
@@ -439,7 +455,7 @@ fn continuation(
             scale: sh.scale,
         }),
     };
-    let (video, lr) = (cfg.video.clone(), cfg.dfdpo.lr);
+    let (video, lr, schedule) = (cfg.video.clone(), cfg.dfdpo.lr, sh.schedule.clone());
     Ok(Training {
         name: name.to_string(),
         dir: dir.to_path_buf(),
@@ -447,7 +463,7 @@ fn continuation(
         steps: cfg.dfdpo.steps,
         batch: cfg.dfdpo.batch,
         devices: build::learner_devices(cfg)?,
-        build: Box::new(move |device| build::video_model(&video, lr, device)),
+        build: Box::new(move |device| build::video_model(&video, &schedule, lr, device)),
         // The policy starts as a copy of the reference (equal bit for bit at step 0).
         init: Some(sh.reference_file.clone()),
         objective,
@@ -779,7 +795,7 @@ fn evaluate(
         let Some((_, ck)) = latest_checkpoint(&run_dir.join(name))? else {
             continue;
         };
-        let mut m = build::video_model(&cfg.video, 1e-3, &sh.device)?;
+        let mut m = build::video_model(&cfg.video, &sh.schedule, 1e-3, &sh.device)?;
         load_checkpoint(&ck, &mut m.varmap, &mut m.opt)?;
         models.push((name.to_string(), m.model));
     }

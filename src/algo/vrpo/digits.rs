@@ -17,7 +17,7 @@ use tilt_kernels::classifier::{
     accuracy, seeded_var_builder, train_classifier, Classifier, ClassifierTrainConfig,
     CnnClassifier, CnnClassifierConfig, MlpClassifier, MlpClassifierConfig,
 };
-use tilt_kernels::denoiser::{load_weights, save_weights, Denoiser};
+use tilt_kernels::denoiser::{load_weights, save_weights, Denoiser, Prediction};
 use tilt_kernels::dfdpo::pretrain_denoiser;
 use tilt_kernels::digits::{Digits, Upsample};
 use tilt_kernels::logprob::sample_chain;
@@ -342,6 +342,7 @@ pub fn ensure_pretrained(
         cfg.seed,
         &LrPlan::constant(cfg.pretrain.lr),
         None,
+        Prediction::Eps,
         &mut |step, loss| {
             if last.elapsed() > Duration::from_secs(3) || step == total {
                 last = Instant::now();
