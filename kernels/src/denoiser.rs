@@ -201,6 +201,17 @@ mod tests {
         }
     }
 
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
     /// A "network" that returns a fixed tensor, for the wrappers' hand checks.
     struct Fixed(Tensor);
     impl Denoiser for Fixed {
@@ -233,28 +244,14 @@ mod tests {
         let n = Tensor::from_vec(n, b, &d).unwrap();
         let w = VPrediction::new(Arc::new(Fixed(v.clone())), &sch.abar, &d).unwrap();
         let got = w.eps(&xn, &n, None).unwrap();
-        let err: f32 = (got - &eps)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let err = max_abs(&got, &eps);
         assert!(err < 1e-5, "max |eps_hat - eps| = {err}");
         // Hand value: n = 0 returns v itself; a zero v returns s x_n.
         let zero =
             VPrediction::new(Arc::new(Fixed(v.zeros_like().unwrap())), &sch.abar, &d).unwrap();
         let z = zero.eps(&xn, &n, None).unwrap();
         let want = xn.broadcast_mul(&s).unwrap();
-        let err: f32 = (z - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let err = max_abs(&z, &want);
         assert!(err < 1e-6, "{err}");
         let row0: Vec<f32> = w
             .eps(&xn, &n, None)

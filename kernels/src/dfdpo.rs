@@ -93,24 +93,13 @@ fn as_tensor(ns: &[usize], like: &Tensor) -> Result<Tensor> {
     )?)
 }
 
-/// The denoising loss mean ||eps - eps_theta(x_n, n, cond)||^2 on clean data `x0` [batch, ...]
-/// (with its classes `cond` for a class-conditional model) and its gradients in `opt`'s order.
-/// Returns (grads, loss).
+/// The denoising loss on clean data `x0` [batch, ...] (with its classes `cond` for a
+/// class-conditional model) and its gradients in `opt`'s order; returns (grads, loss). With
+/// [`Prediction::Eps`] the loss is mean ||eps - eps_theta(x_n, n, cond)||^2; with
+/// [`Prediction::V`] (the model a [`crate::denoiser::VPrediction`]) it is the v-MSE, i.e. each
+/// row's eps-MSE divided by abar_n (eps - eps_hat = sqrt(abar_n) (v - v_hat)), so every noise
+/// level weighs as its x_0 error.
 pub fn denoise_grads(
-    model: &dyn Denoiser,
-    vars: &[(String, Var)],
-    schedule: &VpSchedule,
-    x0: &Tensor,
-    cond: Option<&Tensor>,
-    rng: &mut StdRng,
-) -> Result<(Vec<Option<Tensor>>, f32)> {
-    denoise_grads_as(model, vars, schedule, x0, cond, rng, Prediction::Eps)
-}
-
-/// [`denoise_grads`] for a network predicting `prediction`: with [`Prediction::V`] (the model a
-/// [`crate::denoiser::VPrediction`]) the loss is the v-MSE, i.e. each row's eps-MSE divided by
-/// abar_n (eps - eps_hat = sqrt(abar_n) (v - v_hat)), so every noise level weighs as its x_0 error.
-pub fn denoise_grads_as(
     model: &dyn Denoiser,
     vars: &[(String, Var)],
     schedule: &VpSchedule,
@@ -148,7 +137,7 @@ pub fn denoise_grads_as(
 /// class-conditional model. Step t runs at `plan.at(t)` (pass [`LrPlan::constant`] for a fixed
 /// rate) and, with `ema`, folds the new weights into the average after the step. `progress(step,
 /// loss)` is called after every step (1-based). `prediction` picks the loss (see
-/// [`denoise_grads_as`]). Returns the last loss.
+/// [`denoise_grads`]). Returns the last loss.
 #[allow(clippy::too_many_arguments)]
 pub fn pretrain_denoiser(
     model: &dyn Denoiser,
@@ -182,7 +171,7 @@ pub fn pretrain_denoiser(
             None => None,
             Some(l) => Some(l.index_select(&idx, 0)?),
         };
-        let (g, loss) = denoise_grads_as(
+        let (g, loss) = denoise_grads(
             model,
             opt.vars(),
             schedule,
@@ -487,6 +476,7 @@ mod tests {
                         &data(900 + i),
                         None,
                         &mut rng_for(5, 0, i),
+                        Prediction::Eps,
                     )
                     .unwrap()
                     .1
@@ -496,8 +486,16 @@ mod tests {
         };
         let before = eval(&m, &opt);
         for i in 0..300 {
-            let (g, _) =
-                denoise_grads(&m, opt.vars(), &s, &data(i), None, &mut rng_for(6, 0, i)).unwrap();
+            let (g, _) = denoise_grads(
+                &m,
+                opt.vars(),
+                &s,
+                &data(i),
+                None,
+                &mut rng_for(6, 0, i),
+                Prediction::Eps,
+            )
+            .unwrap();
             opt.step_with(&g).unwrap();
         }
         let after = eval(&m, &opt);
@@ -517,9 +515,17 @@ mod tests {
         let held_out = |m: &MlpDenoiser, opt: &AdamW| {
             (0..5)
                 .map(|i| {
-                    denoise_grads(m, opt.vars(), &s, &data, None, &mut rng_for(8, 0, i))
-                        .unwrap()
-                        .1
+                    denoise_grads(
+                        m,
+                        opt.vars(),
+                        &s,
+                        &data,
+                        None,
+                        &mut rng_for(8, 0, i),
+                        Prediction::Eps,
+                    )
+                    .unwrap()
+                    .1
                 })
                 .sum::<f32>()
                 / 5.0
@@ -587,9 +593,9 @@ mod tests {
         let m = VPrediction::new(Arc::new(Zero), &sch.abar, &d).unwrap();
         let rng = rng_for(6, 0, 0);
         let (_, lv) =
-            denoise_grads_as(&m, &[], &sch, &x0, None, &mut rng.clone(), Prediction::V).unwrap();
+            denoise_grads(&m, &[], &sch, &x0, None, &mut rng.clone(), Prediction::V).unwrap();
         let (_, le) =
-            denoise_grads_as(&m, &[], &sch, &x0, None, &mut rng.clone(), Prediction::Eps).unwrap();
+            denoise_grads(&m, &[], &sch, &x0, None, &mut rng.clone(), Prediction::Eps).unwrap();
         let mut r = rng.clone();
         let ns = sample_timesteps(&sch, 64, &mut r);
         let eps: Vec<Vec<f32>> = crate::rng::randn(&mut r, (64, 3), &d)

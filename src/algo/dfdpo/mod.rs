@@ -110,7 +110,17 @@ impl Objective for SftObjective {
         let (w, _) = records_to_clip_pairs(records, &model_device(vars)?)?;
         let w = self.scale.to_model(&w)?;
         let mut rng = rng_for(self.seed, 6_000 + replica as u64, step);
-        let (g, loss) = denoise_grads(model, vars, &self.schedule, &w, None, &mut rng)?;
+        // The continuation losses stay in eps, as the papers write them (with a v network: the
+        // v-MSE weighted by abar).
+        let (g, loss) = denoise_grads(
+            model,
+            vars,
+            &self.schedule,
+            &w,
+            None,
+            &mut rng,
+            Prediction::Eps,
+        )?;
         Ok((
             g,
             StepStats {
