@@ -201,17 +201,6 @@ mod tests {
         }
     }
 
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
     /// A "network" that returns a fixed tensor, for the wrappers' hand checks.
     struct Fixed(Tensor);
     impl Denoiser for Fixed {
@@ -244,25 +233,18 @@ mod tests {
         let n = Tensor::from_vec(n, b, &d).unwrap();
         let w = VPrediction::new(Arc::new(Fixed(v.clone())), &sch.abar, &d).unwrap();
         let got = w.eps(&xn, &n, None).unwrap();
-        let err = max_abs(&got, &eps);
+        let err = crate::testutil::max_abs_diff(&got, &eps);
         assert!(err < 1e-5, "max |eps_hat - eps| = {err}");
         // Hand value: n = 0 returns v itself; a zero v returns s x_n.
         let zero =
             VPrediction::new(Arc::new(Fixed(v.zeros_like().unwrap())), &sch.abar, &d).unwrap();
         let z = zero.eps(&xn, &n, None).unwrap();
         let want = xn.broadcast_mul(&s).unwrap();
-        let err = max_abs(&z, &want);
+        let err = crate::testutil::max_abs_diff(&z, &want);
         assert!(err < 1e-6, "{err}");
-        let row0: Vec<f32> = w
-            .eps(&xn, &n, None)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let v0: Vec<f32> = v.get(0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        use crate::testutil::flat;
+        let row0 = flat(&w.eps(&xn, &n, None).unwrap().get(0).unwrap());
+        let v0 = flat(&v.get(0).unwrap());
         assert_eq!(row0, v0);
     }
 }
