@@ -129,6 +129,7 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
             // draws, which the rollouts keep producing).
             let seg = segments.clone();
             let btx = tx.clone();
+            let device = s.critic_device.clone();
             let bridge = tokio::spawn(async move {
                 loop {
                     let recs = match seg.sample(8, Duration::from_millis(250)).await {
@@ -140,8 +141,8 @@ pub async fn run_worker(run: &RunCtx<'_>, role: WorkerRole, run_id: &str) -> Res
                     };
                     let mut unit = Vec::with_capacity(recs.len());
                     for r in &recs {
-                        // Records decode on the CPU; the critic moves the endpoints to its device.
-                        match record_segment_pair(r, &candle_core::Device::Cpu) {
+                        // Straight onto the critics' device (`critic.device`).
+                        match record_segment_pair(r, &device) {
                             Ok(p) => unit.push(p),
                             Err(e) => eprintln!("tilt worker: skipping a bad segment record: {e}"),
                         }
