@@ -167,20 +167,23 @@ impl VPrediction {
         })
     }
 
-    /// [batch] coefficients gathered at `n`, shaped to broadcast over `x`.
-    fn coef(&self, table: &Tensor, n: &Tensor, x: &Tensor) -> Result<Tensor> {
+    /// (sqrt(1 - abar_n), sqrt(abar_n)) gathered at `n` (one index conversion for both), each
+    /// [batch, 1, ...] to broadcast over `x`.
+    fn coefs(&self, n: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let idx = n.to_dtype(DType::F32)?.round()?.to_dtype(DType::U32)?;
         let mut shape = vec![x.dim(0)?];
         shape.extend(std::iter::repeat_n(1, x.rank() - 1));
-        Ok(table.index_select(&idx, 0)?.reshape(shape)?)
+        let gather = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.index_select(&idx, 0)?.reshape(shape.as_slice())?)
+        };
+        Ok((gather(&self.sqrt_1m)?, gather(&self.sqrt_ab)?))
     }
 }
 
 impl Denoiser for VPrediction {
     fn eps(&self, x: &Tensor, n: &Tensor, cond: Option<&Tensor>) -> Result<Tensor> {
         let v = self.net.eps(x, n, cond)?;
-        let a = self.coef(&self.sqrt_ab, n, x)?;
-        let s = self.coef(&self.sqrt_1m, n, x)?;
+        let (s, a) = self.coefs(n, x)?;
         Ok((x.broadcast_mul(&s)? + v.broadcast_mul(&a)?)?)
     }
 }

@@ -329,25 +329,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn shapes_and_zero_init() {
+    /// A mixer of `cfg(zero)` on the CPU (its weights live on in the model's tensors).
+    fn mixer(zero: bool) -> VideoMixer {
         let vm = VarMap::new();
-        let m = VideoMixer::new(
-            cfg(true),
+        VideoMixer::new(
+            cfg(zero),
             VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn shapes_and_zero_init() {
+        let m = mixer(true);
         let x = Tensor::randn(0f32, 1.0, (3, 4, 1, 4, 4), &Device::Cpu).unwrap();
         let n = Tensor::new(&[1f32, 500.0, 999.0], &Device::Cpu).unwrap();
         let e = m.eps(&x, &n, None).unwrap();
         assert_eq!(e.dims(), &[3, 4, 1, 4, 4]);
-        let max = e
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let max = crate::testutil::max_abs_diff(&e, &e.zeros_like().unwrap());
         assert_eq!(max, 0.0, "zero_init_output must give exactly 0");
         assert!(m.eps(&x.narrow(1, 0, 3).unwrap(), &n, None).is_err());
     }
@@ -356,12 +355,7 @@ mod tests {
     /// frame in one block), and each sample's output depends on its own input only.
     #[test]
     fn frames_mix_within_a_clip_and_clips_stay_apart() {
-        let vm = VarMap::new();
-        let m = VideoMixer::new(
-            cfg(false),
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-        )
-        .unwrap();
+        let m = mixer(false);
         let x = Tensor::randn(0f32, 1.0, (2, 4, 1, 4, 4), &Device::Cpu).unwrap();
         let n = Tensor::new(&[10f32, 10.0], &Device::Cpu).unwrap();
         let a = m.eps(&x, &n, None).unwrap();
@@ -395,7 +389,7 @@ mod tests {
         .unwrap();
         let h = Tensor::randn(0f32, 1.0, (2, 4, 12), &Device::Cpu).unwrap();
         let emb = Tensor::randn(0f32, 1.0, (2, 8), &Device::Cpu).unwrap();
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        use crate::testutil::flat;
         assert_eq!(flat(&g.forward(&h, &emb).unwrap()), flat(&h));
         let up = vm.data().lock().unwrap()["up.weight"].clone();
         up.set(&Tensor::randn(0f32, 1.0, (12, 16), &Device::Cpu).unwrap())
