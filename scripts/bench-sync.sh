@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The actor pipeline (runtime = "async") against the same binary taking turns (runtime = "sync"),
-# measured in one run: the quickstart (where training dominates), and the quickstart with
-# samples_per_insert = 1 (every pair trained on once: production weighs more). Prints, per config
+# measured in one run: the quickstart (where training dominates), the quickstart with
+# samples_per_insert = 1 (every pair trained on once: production weighs more), and `balanced`
+# (samples_per_insert = 0.8 and the learner on one thread: producing a unit costs about what
+# training on it costs, the synchronous learner is busy about half the time). Prints, per config
 # and runtime, the wall time of the VRPO stage, pairs/s, learner steps/s, and gap closed / max
 # mode-weight error at the end; then `ratio CONFIG: R` (sync wall time over async wall time).
 # Usage: scripts/bench-sync.sh [extra --set arguments]
@@ -13,8 +15,9 @@ trap 'rm -rf "$out"' EXIT
 declare -A cfgs=(
   [quickstart]=""
   [spi1]="--set replay.samples_per_insert=1.0 --set replay.error_buffer=2048.0"
+  [balanced]="--set replay.samples_per_insert=0.8 --set replay.error_buffer=2048.0 --set learner.threads=1"
 )
-for name in quickstart spi1; do
+for name in quickstart spi1 balanced; do
   for rt in async sync; do
     # shellcheck disable=SC2086
     target/release/tilt run configs/quickstart.toml --out "$out/$name-$rt" --set metrics.listen= \
@@ -25,7 +28,7 @@ done
 python3 - "$out" <<'PY'
 import json, os, sys
 out = sys.argv[1]
-for name in ["quickstart", "spi1"]:
+for name in ["quickstart", "spi1", "balanced"]:
     walls = {}
     for rt in ["async", "sync"]:
         d = os.path.join(out, f"{name}-{rt}")

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
+use tilt_actors::cpu::CpuPlan;
 use tilt_actors::replay::{MemoryReplay, ReplayBackend, ReplayBuffer};
 use tilt_kernels::classifier::Classifier;
 use tilt_kernels::critic::{CdfCritic, CdfGrid, CriticEncoder, MlpEncoder, MlpEncoderConfig};
@@ -37,12 +38,21 @@ pub fn device(cfg: &Config, key: &str, role_device: &str) -> Result<Device> {
 }
 
 /// Open the device of every role once, before anything is written: a role whose device is
-/// missing (no `cuda` feature, no driver) fails the run at start with its key named.
+/// missing (no `cuda` feature, no driver) fails the run at start with its key named. With
+/// `pin_cores`, also check that the cores split (the learners' threads as configured, the
+/// producers at least one), so a bad split fails before the first stage, not after it.
 pub fn check_devices(cfg: &Config) -> Result<()> {
     device(cfg, "rollout.device", &cfg.rollout.device)?;
     device(cfg, "critic.device", &cfg.critic.device)?;
     device(cfg, "learner.device", &cfg.learner.device)?;
-    learner_devices(cfg)?;
+    let replicas = learner_devices(cfg)?.len().max(1);
+    if cfg.pin_cores {
+        let per = match cfg.learner.threads {
+            0 => 1,
+            t => t,
+        };
+        cpu_plan(cfg, per * replicas, true)?;
+    }
     Ok(())
 }
 
@@ -59,6 +69,26 @@ pub fn learner_devices(cfg: &Config) -> Result<Vec<Device>> {
         .enumerate()
         .map(|(i, d)| device(cfg, &format!("learner.devices[{i}]"), d))
         .collect()
+}
+
+/// Where this process's roles compute (`pin_cores`): unpinned unless set, or in a process without
+/// learners; else the first `learner_threads` of the cores this process may use to the learners
+/// and the rest to the producers. Fails, naming the key, when either role would get no core.
+pub fn cpu_plan(cfg: &Config, learner_threads: usize, learners: bool) -> Result<CpuPlan> {
+    if !cfg.pin_cores || !learners {
+        return Ok(CpuPlan::unpinned());
+    }
+    CpuPlan::split_allowed(learner_threads).map_err(|e| anyhow!("{e}"))
+}
+
+/// The cores the learners of a `pin_cores` run may use by default: all but one (the producers').
+pub fn default_learner_cores(cfg: &Config) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cfg.pin_cores {
+        cores.saturating_sub(1).max(1)
+    } else {
+        cores
+    }
 }
 
 /// The training-grid noise schedule.

@@ -31,6 +31,12 @@ pub struct Config {
     /// "async" (the actor pipeline: producers and learners overlap) or "sync" (produce a unit,
     /// score it, train on it until the replay's limiter stops serving, repeat: no overlap).
     pub runtime: RuntimeKind,
+    /// Linux, a process that runs learners: give the learners' compute cores of their own and
+    /// the producers' compute (rollout, critic, distortion) the rest of the cores this process
+    /// may use, so that neither preempts the other (README, "Performance"). With it,
+    /// `learner.threads = 0` means all cores but one, shared by the replicas. Off by default:
+    /// several pinned processes on one host would share the same first cores.
+    pub pin_cores: bool,
     pub data: DataConfig,
     pub reward: RewardConfig,
     pub schedule: ScheduleConfig,
@@ -366,8 +372,8 @@ pub struct LearnerConfig {
     /// instead of candle's autograd. false forces the plain path. Other models and devices always
     /// take the plain path; the stage's first line says which one runs.
     pub fused: bool,
-    /// Threads of each learner replica's fused step; 0 = the available cores divided by the
-    /// number of replicas (at least 1).
+    /// Threads of each learner replica's fused step; 0 = the available cores (all but one with
+    /// `pin_cores`) divided by the number of replicas (at least 1).
     pub threads: usize,
 }
 
@@ -624,6 +630,7 @@ impl Default for Config {
             stages: vec!["critic".into(), "vrpo".into(), "eval".into()],
             device: "cpu".into(),
             runtime: RuntimeKind::Async,
+            pin_cores: false,
             data: DataConfig::default(),
             reward: RewardConfig::default(),
             schedule: ScheduleConfig::default(),
@@ -865,7 +872,7 @@ impl Config {
         }
         if self.learner.threads > 256 {
             bail!(
-                "learner.threads = {}: must be 0 (one per core, shared by the replicas) or 1..=256",
+                "learner.threads = {}: must be 0 (one per core, shared by the replicas; with pin_cores all cores but one) or 1..=256",
                 self.learner.threads
             );
         }
@@ -895,6 +902,9 @@ impl Config {
         }
         self.replay.validate().map_err(|e| anyhow!("{e}"))?;
         self.validate_redis_tls()?;
+        if self.pin_cores && !cfg!(target_os = "linux") {
+            bail!("pin_cores = true: needs Linux (sched_setaffinity); set pin_cores = false");
+        }
         if self.runtime == RuntimeKind::Sync {
             if self.replay.backend != tilt_actors::replay::ReplayBackend::Memory {
                 bail!("runtime = \"sync\": needs replay.backend = \"memory\" (one process, no overlap)");

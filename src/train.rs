@@ -102,6 +102,8 @@ pub struct Training {
     pub nan_at_step: u64,
     /// `runtime = "sync"`: producers make a unit only when the learner asks (no overlap).
     pub sync: bool,
+    /// Which cores the learners' and the producers' compute runs on (`pin_cores`).
+    pub cpu: tilt_actors::cpu::CpuPlan,
     /// Fires when a producer-only process should stop (worker mode: the learner finished).
     pub stop: Option<tokio::sync::oneshot::Receiver<()>>,
     /// Continue the learner's ledger from the newest checkpoint (worker mode, where the replay
@@ -133,16 +135,7 @@ pub struct TrainReport {
     pub accounting: Option<Accounting>,
 }
 
-/// Run CPU-heavy tensor work without stalling the async executor: on a multi-thread runtime the
-/// current worker hands its other tasks (the metrics endpoint, heartbeats) to the other workers
-/// first (`block_in_place`); on a current-thread runtime, or outside one, the work just runs.
-pub fn off_executor<T>(f: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
+pub use tilt_actors::cpu::off_executor;
 
 /// Build the replicas: all equal, resumed from the newest checkpoint in `t.dir` when there is
 /// one, else from `t.init`, else replica 0's fresh weights. Returns the replicas and the step.
@@ -196,11 +189,17 @@ pub async fn train(mut t: Training, progress: &Progress) -> Result<TrainReport> 
             ..recorded
         });
     }
-    let control = Arc::new(if t.sync {
-        RunControl::synchronous()
-    } else {
-        RunControl::default()
-    });
+    let control = Arc::new(
+        if t.sync {
+            RunControl::synchronous()
+        } else {
+            RunControl::default()
+        }
+        .with_cpu(t.cpu.clone()),
+    );
+    if t.cpu.pinned() {
+        progress.line(&format!("[{}] pin_cores: {}", t.name, t.cpu));
+    }
     control
         .learner_step
         .store(start, std::sync::atomic::Ordering::Relaxed);
@@ -401,30 +400,4 @@ pub async fn run_actors(
     ticker.abort();
     let _ = handle.await;
     Ok(outcome)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::off_executor;
-
-    /// `block_in_place` alone panics on a current-thread runtime (the default of `#[tokio::test]`);
-    /// `off_executor` must run the closure on every kind of runtime and outside one.
-    #[test]
-    fn off_executor_runs_on_every_runtime_flavor() {
-        assert_eq!(off_executor(|| 1 + 1), 2);
-        let ct = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        assert_eq!(ct.block_on(async { off_executor(|| 3) }), 3);
-        let mt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .build()
-            .unwrap();
-        let on_worker = mt.block_on(async {
-            tokio::spawn(async { off_executor(|| std::thread::current().id()) })
-                .await
-                .unwrap()
-        });
-        assert_ne!(on_worker, std::thread::current().id());
-    }
 }

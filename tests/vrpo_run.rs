@@ -141,6 +141,38 @@ fn sync_runtime_takes_turns_and_reaches_the_same_place() {
 }
 
 #[test]
+fn pinned_cores_split_the_roles_and_the_run_reaches_the_same_place() {
+    // pin_cores = true: the learners compute on the first core(s), the producers on the rest;
+    // the stage says so, and the run finishes like the unpinned smoke run (same bar).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        eprintln!("skipped: pin_cores needs 2 cores, this machine has {cores}");
+        return;
+    }
+    let d = scratch("smoke-pinned");
+    let out = d.join("run");
+    let o = run(&out, &["pin_cores=true"]);
+    let e = err(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("[vrpo] pin_cores: learners on cores [") && e.contains("producers on cores ["),
+        "{e}"
+    );
+    let s = json(&out.join("summary.json"));
+    assert_eq!(s["steps"], 60);
+    let gap = s["gap_closed"].as_f64().unwrap();
+    assert!(gap > 0.25, "gap_closed = {gap}");
+    // A plan that leaves the producers no core fails at start, naming what to change.
+    let o = run(&d.join("bad"), &["pin_cores=true", "learner.threads=256"]);
+    let e = err(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("pin_cores") && e.contains("learner.threads"),
+        "{e}"
+    );
+}
+
+#[test]
 fn learner_failure_stops_the_run_after_a_checkpoint() {
     let d = scratch("smoke-learner-fail");
     let out = d.join("run");

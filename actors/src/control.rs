@@ -31,6 +31,8 @@ pub struct RunControl {
     pub sync: Option<SyncTurns>,
     /// What the learner applied, by key (exact accounting; saved with each checkpoint).
     pub ledger: Mutex<crate::accounting::Ledger>,
+    /// Which cores the learners' and the producers' compute runs on (`pin_cores`).
+    pub cpu: crate::cpu::CpuPlan,
 }
 
 /// Turns of the synchronous runtime: a producer makes a unit only when the learner asked for one,
@@ -109,6 +111,7 @@ impl Default for RunControl {
             history: Mutex::new(Vec::new()),
             sync: None,
             ledger: Mutex::new(crate::accounting::Ledger::default()),
+            cpu: crate::cpu::CpuPlan::unpinned(),
         }
     }
 }
@@ -120,6 +123,11 @@ impl RunControl {
             sync: Some(SyncTurns::default()),
             ..Self::default()
         }
+    }
+
+    /// This run control with the roles' compute placed as `cpu` says.
+    pub fn with_cpu(self, cpu: crate::cpu::CpuPlan) -> Self {
+        Self { cpu, ..self }
     }
 
     /// Ask every producer to stop and the learner to finish after its current step.
@@ -149,6 +157,19 @@ impl RunControl {
         if let Some(turns) = &self.sync {
             turns.unit_done();
         }
+    }
+    /// Run a producer's tensor work off the async executor (a blocking-pool thread), on the
+    /// producers' cores when `pin_cores` is set.
+    pub async fn producer_compute<T: Send + 'static>(
+        self: &std::sync::Arc<Self>,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        let control = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _pinned = control.cpu.producer();
+            f()
+        })
+        .await
     }
     /// Has a stop been requested?
     pub fn stopping(&self) -> bool {

@@ -117,15 +117,16 @@ impl Actor for CriticActor {
         );
         let mut seq = st.next_seq;
         let t0 = std::time::Instant::now();
-        let records = tokio::task::spawn_blocking(move || -> Result<_, ActorError> {
-            let mut out = Vec::new();
-            for pair in &unit {
-                let (va, vb) = score_pair(critic.as_ref(), &grid, pair, lambda, &device)?;
-                out.extend(pair_records(pair, &va, &vb, id, 0, &mut seq)?);
-            }
-            Ok((out, seq))
-        })
-        .await??;
+        let records = control
+            .producer_compute(move || -> Result<_, ActorError> {
+                let mut out = Vec::new();
+                for pair in &unit {
+                    let (va, vb) = score_pair(critic.as_ref(), &grid, pair, lambda, &device)?;
+                    out.extend(pair_records(pair, &va, &vb, id, 0, &mut seq)?);
+                }
+                Ok((out, seq))
+            })
+            .await??;
         control
             .latency
             .record(Stage::CriticScore, "critic", a.id, t0.elapsed());

@@ -140,8 +140,8 @@ impl Actor for DistortionActor {
             src.per_unit,
             a.id,
         );
-        let records =
-            tokio::task::spawn_blocking(move || -> Result<(Vec<Record>, u64), ActorError> {
+        let records = control
+            .producer_compute(move || -> Result<(Vec<Record>, u64), ActorError> {
                 let total = clips.dim(0)?;
                 let mut out = Vec::with_capacity(n);
                 for _ in 0..n {

@@ -104,8 +104,8 @@ impl Actor for FinalPairActor {
             st.units,
         );
         let (src2, id, mut seq) = (src.clone(), a.id, st.next_seq);
-        let records =
-            tokio::task::spawn_blocking(move || -> Result<(Vec<Record>, u64), ActorError> {
+        let records = control
+            .producer_compute(move || -> Result<(Vec<Record>, u64), ActorError> {
                 let s = src2;
                 let cond = draw_classes(s.classes, s.per_unit, &mut rng, &s.device)?;
                 let p = make_final_pairs(

@@ -17,6 +17,7 @@ use tilt_kernels::optim::{average_grads, first_non_finite, AdamW};
 use crate::accounting::{reason, Ledger};
 use crate::checkpoint::{write_checkpoint, CheckpointState};
 use crate::control::{LastStats, RunControl};
+use crate::cpu::off_executor;
 use crate::objective::{Objective, StepStats};
 use crate::replay::Record;
 use crate::replay::ReplayBuffer;
@@ -106,6 +107,23 @@ fn compute(
     objective
         .grads(c.residual.as_ref(), c.opt.vars(), records, step, replica)
         .map_err(|e| e.to_string())
+}
+
+/// Run learner compute off the async executor on the current thread ([`off_executor`]), on the
+/// learners' cores when `pin_cores` is set; a panic becomes the error the learner fails with.
+fn on_learner_cores<T>(control: &RunControl, f: impl FnOnce() -> T) -> Result<T, String> {
+    off_executor(|| {
+        let _pinned = control.cpu.learner();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+            .map_err(|p| format!("panicked: {}", panic_message(p.as_ref())))
+    })
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 fn apply(core: &Arc<Mutex<LearnerCore>>, grads: &[Option<Tensor>]) -> Result<(), String> {
@@ -232,14 +250,15 @@ impl LearnerState {
                 .await
             }));
         }
-        let (core, objective, b0) = (a.core.clone(), a.objective.clone(), batches[0].clone());
-        let own =
-            tokio::task::spawn_blocking(move || compute(&core, objective.as_ref(), &b0, next, 0))
-                .await;
-        let own = match own {
+        // The step runs on this worker thread itself (no hand-off to a blocking thread and no
+        // wake-up when it is done: on a busy machine each cost up to a millisecond), on the
+        // learners' cores when pinned.
+        let own = match on_learner_cores(&a.control, || {
+            compute(&a.core, a.objective.as_ref(), &batches[0], next, 0)
+        }) {
             Ok(Ok(g)) => g,
             Ok(Err(e)) => return self.fail(e).await.map(|_| true),
-            Err(e) => return self.fail(format!("panicked: {e}")).await.map(|_| true),
+            Err(e) => return self.fail(e).await.map(|_| true),
         };
         let mut all = vec![own.0];
         let mut stats = vec![own.1];
@@ -303,9 +322,7 @@ impl LearnerState {
                 }
             }
         }
-        let core = a.core.clone();
-        let g = avg.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || apply(&core, &g)).await? {
+        if let Err(e) = on_learner_cores(&a.control, || apply(&a.core, &avg)).and_then(|r| r) {
             return self.fail(e).await.map(|_| true);
         }
         // Applied: into the ledger first (the redis backend may redeliver what an ack did not
@@ -398,23 +415,16 @@ impl Actor for LearnerActor {
         match msg {
             LearnerMsg::SetPeers(p) => st.peers = p,
             LearnerMsg::Grads(batch, step, port) => {
-                let (core, objective, rank) = (
-                    st.args.core.clone(),
-                    st.args.objective.clone(),
-                    st.args.rank,
-                );
-                let r = tokio::task::spawn_blocking(move || {
-                    compute(&core, objective.as_ref(), &batch, step, rank)
+                let a = &st.args;
+                let r = on_learner_cores(&a.control, || {
+                    compute(&a.core, a.objective.as_ref(), &batch, step, a.rank)
                 })
-                .await
-                .unwrap_or_else(|e| Err(format!("panicked: {e}")));
+                .and_then(|r| r);
                 let _ = port.send(r);
             }
             LearnerMsg::Apply(grads, port) => {
-                let core = st.args.core.clone();
-                let r = tokio::task::spawn_blocking(move || apply(&core, &grads))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("panicked: {e}")));
+                let a = &st.args;
+                let r = on_learner_cores(&a.control, || apply(&a.core, &grads)).and_then(|r| r);
                 let _ = port.send(r);
             }
             LearnerMsg::Tick => {

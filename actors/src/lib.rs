@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod codec;
 pub mod control;
 pub mod coordinator;
+pub mod cpu;
 pub mod critic;
 pub mod distortion;
 pub mod error;

@@ -113,22 +113,23 @@ impl Actor for RolloutActor {
             1_000 + a.id as u64 + 1_000_000 * a.generation,
             st.units,
         );
-        // Tensor work off the async executor.
+        // Tensor work off the async executor, on the producers' cores when pinned.
         let t0 = std::time::Instant::now();
-        let pairs = tokio::task::spawn_blocking(move || {
-            let cond = draw_classes(classes, chains, &mut rng, &device)?;
-            make_segment_pairs(
-                reference.as_ref(),
-                &grid,
-                &shape,
-                chains,
-                len,
-                cond.as_ref(),
-                &mut rng,
-                &device,
-            )
-        })
-        .await??;
+        let pairs = control
+            .producer_compute(move || {
+                let cond = draw_classes(classes, chains, &mut rng, &device)?;
+                make_segment_pairs(
+                    reference.as_ref(),
+                    &grid,
+                    &shape,
+                    chains,
+                    len,
+                    cond.as_ref(),
+                    &mut rng,
+                    &device,
+                )
+            })
+            .await??;
         control.latency.record(
             crate::telemetry::Stage::RolloutSegment,
             "rollout",

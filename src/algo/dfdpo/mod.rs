@@ -487,6 +487,8 @@ fn continuation(
         nan_at_step: cfg.fault.learner_nan_at_step,
         resume_ledger: false,
         sync: cfg.runtime == crate::config::RuntimeKind::Sync,
+        // Candle's ops run on one thread each: one learner core per replica.
+        cpu: build::cpu_plan(cfg, build::learner_devices(cfg)?.len(), true)?,
         stop: None,
     })
 }

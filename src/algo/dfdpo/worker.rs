@@ -163,6 +163,8 @@ fn producers(
         nan_at_step: 0,
         resume_ledger: false,
         sync: false,
+        // No learner here: nothing to keep apart.
+        cpu: tilt_actors::cpu::CpuPlan::unpinned(),
         stop: Some(stop),
     }
 }
