@@ -466,13 +466,16 @@ fn continuation(
         }),
     };
     let (video, lr, schedule) = (cfg.video.clone(), cfg.dfdpo.lr, sh.schedule.clone());
+    let devices = build::learner_devices(cfg)?;
+    // Candle's ops run on one thread each: one learner core per replica.
+    let cpu = build::cpu_plan(cfg, devices.len(), true)?;
     Ok(Training {
         name: name.to_string(),
         dir: dir.to_path_buf(),
         report_file: report_file(dir),
         steps: cfg.dfdpo.steps,
         batch: cfg.dfdpo.batch,
-        devices: build::learner_devices(cfg)?,
+        devices,
         build: Box::new(move |device| build::video_model(&video, &schedule, lr, device)),
         // The policy starts as a copy of the reference (equal bit for bit at step 0).
         init: Some(sh.reference_file.clone()),
@@ -487,8 +490,7 @@ fn continuation(
         nan_at_step: cfg.fault.learner_nan_at_step,
         resume_ledger: false,
         sync: cfg.runtime == crate::config::RuntimeKind::Sync,
-        // Candle's ops run on one thread each: one learner core per replica.
-        cpu: build::cpu_plan(cfg, build::learner_devices(cfg)?.len(), true)?,
+        cpu,
         stop: None,
     })
 }

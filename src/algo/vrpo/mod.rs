@@ -242,11 +242,11 @@ pub fn fused_learner(cfg: &Config, s: &Setup) -> std::result::Result<(usize, usi
 /// The threads the VRPO learners compute on, all replicas together: the fused step's threads per
 /// replica times the replicas, or one per replica on the plain path (candle's ops run on one
 /// thread each).
-fn learner_threads(cfg: &Config, s: &Setup) -> usize {
-    match fused_learner(cfg, s) {
+fn learner_threads(cfg: &Config, s: &Setup) -> Result<usize> {
+    Ok(match fused_learner(cfg, s) {
         Ok((threads, replicas)) => threads * replicas,
-        Err(_) => cfg.learner.devices.len().max(cfg.learner.actors).max(1),
-    }
+        Err(_) => build::learner_devices(cfg)?.len().max(1),
+    })
 }
 
 /// Which roles this process runs in the VRPO stage, and how it meets the others.
@@ -402,7 +402,7 @@ pub fn training(
         fail_at_step: cfg.fault.learner_fail_at_step,
         nan_at_step: cfg.fault.learner_nan_at_step,
         sync: cfg.runtime == crate::config::RuntimeKind::Sync,
-        cpu: build::cpu_plan(cfg, learner_threads(cfg, s), roles.learners)?,
+        cpu: build::cpu_plan(cfg, learner_threads(cfg, s)?, roles.learners)?,
         stop: roles.stop,
         resume_ledger: false,
     })
