@@ -3,8 +3,9 @@
 # build (candle's CUDA backend + tilt's kernels), made here without a GPU from the PyPI toolchain
 # of scripts/cuda-toolchain.sh. Carry `dist/gpu` and run scripts/gpu-check.sh there (it is tracked,
 # so it travels with the tree). The binary needs, at run time, the driver's libcuda.so.1 and the
-# CUDA 13 libraries libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13 (the
-# nvidia-* wheels: gpu-check.sh finds them); it refuses to start without them.
+# CUDA 13 libraries that BUILD.txt's "needs:" line lists (libcublas.so.13, libcurand.so.10, ...:
+# the nvidia-* wheels; gpu-check.sh finds them), and a glibc no older than this machine's symbols it
+# uses (BUILD.txt says which); it refuses to start without them.
 # Usage: scripts/build-gpu-binary.sh   (env: CARGO_TARGET_DIR, CUDA_COMPUTE_CAP, default 90)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,7 @@ limit=$((60 * 1000 * 1000))
   echo "size: $size bytes"
   echo "sha256: $(sha256sum dist/gpu/tilt | cut -d' ' -f1)"
   echo "needs: $(readelf -d dist/gpu/tilt | sed -n 's/.*NEEDED.*\[\(.*\)\]/\1/p' | tr '\n' ' ')"
+  echo "glibc: symbols up to $(objdump -T dist/gpu/tilt | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1) (built on $(ldd --version | head -1))"
 } >dist/gpu/BUILD.txt
 cat dist/gpu/BUILD.txt >&2
 [ "$size" -le "$limit" ] || { say "dist/gpu/tilt is $size bytes, over the $limit limit"; exit 1; }

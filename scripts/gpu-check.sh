@@ -42,13 +42,26 @@ done
 if [ -n "$libdirs" ]; then
   export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
+# The driver's libcuda.so.1: from the loader's cache where the machine set it up, else from the
+# driver folders a container runtime mounts (/usr/local/nvidia: the NVIDIA container toolkit).
+if ldd "$bin" | grep -q 'libcuda\.so\.1 => not found'; then
+  for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib/wsl/lib; do
+    if [ -e "$d/libcuda.so.1" ]; then
+      export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+      break
+    fi
+  done
+fi
 say "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
-missing=$(ldd "$bin" | grep 'not found' || true)
+# The C library: the binary asks for the glibc symbol versions of the machine it was built on
+# (BUILD.txt: "glibc"); an older glibc here fails in ldd as "version GLIBC_2.xx not found".
+missing=$(ldd "$bin" 2>&1 | grep 'not found' || true)
 if [ -n "$missing" ]; then
-  say "$bin cannot find these libraries:"
+  say "$bin cannot find these libraries (or library versions):"
   echo "$missing" >&2
-  say "it needs the NVIDIA driver (libcuda.so.1) and the CUDA 13 wheels nvidia-cublas, nvidia-curand"
-  say "for python3 (or their directories on LD_LIBRARY_PATH)"
+  say "it needs the NVIDIA driver (libcuda.so.1), the CUDA 13 wheels nvidia-cublas, nvidia-curand,"
+  say "nvidia-cuda-runtime for python3 (or their directories on LD_LIBRARY_PATH), and a glibc at least"
+  say "as new as the build machine's ($(sed -n 's/^glibc: //p' dist/gpu/BUILD.txt 2>/dev/null || echo 'see BUILD.txt'))"
   exit 1
 fi
 ldd "$bin" | grep -E 'libcuda|cublas|curand|nvrtc|cudart' >&2 || true
