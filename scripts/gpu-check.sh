@@ -13,7 +13,8 @@
 # Writes gpu-check.json, gpu-check.log and smoke.log to OUT_DIR (default $OUT, else gpu-check/)
 # and prints the tables. Exits 1 if the device, a comparison or the smoke run fails.
 # Usage: scripts/gpu-check.sh [OUT_DIR]   (env: TILT_BIN, default dist/gpu/tilt; BATCHES,
-# default 64,256,1024,4096; SECONDS_PER, default 2)
+# default 64,256,1024,4096; SECONDS_PER, default 2; BUDGET, seconds for the whole benchmark,
+# default 240: a batch predicted to overrun it is skipped and listed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { echo "gpu-check: $*" >&2; }
@@ -59,19 +60,28 @@ missing=$(ldd "$bin" 2>&1 | grep 'not found' || true)
 if [ -n "$missing" ]; then
   say "$bin cannot find these libraries (or library versions):"
   echo "$missing" >&2
-  say "it needs the NVIDIA driver (libcuda.so.1), the CUDA 13 wheels nvidia-cublas, nvidia-curand,"
-  say "nvidia-cuda-runtime for python3 (or their directories on LD_LIBRARY_PATH), and a glibc at least"
+  say "it needs the NVIDIA driver (libcuda.so.1), the CUDA 13 wheels of the libraries BUILD.txt lists"
+  say "(nvidia-cublas, nvidia-curand) for python3 or their directories on LD_LIBRARY_PATH, and a glibc at least"
   say "as new as the build machine's ($(sed -n 's/^glibc: //p' dist/gpu/BUILD.txt 2>/dev/null || echo 'see BUILD.txt'))"
   exit 1
 fi
 ldd "$bin" | grep -E 'libcuda|cublas|curand|nvrtc|cudart' >&2 || true
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2 || true
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2 || true
+  # The PTX (tilt's and candle's) is ISA 9.0 from nvcc 13.0: a driver older than 580 (CUDA 13.0)
+  # refuses it at the first launch with CUDA_ERROR_UNSUPPORTED_PTX_VERSION; say so up front.
+  driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1 || true)
+  if [ -n "$driver" ] && [ "${driver%%.*}" -lt 580 ] 2>/dev/null; then
+    say "driver $driver is older than 580 (CUDA 13.0), which this build's PTX needs"
+    exit 1
+  fi
+fi
 [ -f dist/gpu/BUILD.txt ] && cat dist/gpu/BUILD.txt >&2
 
 status=0
 set +e
 "$bin" gpu-check --out "$out/gpu-check.json" --batches "${BATCHES:-64,256,1024,4096}" \
-  --seconds "${SECONDS_PER:-2}" 2>&1 | tee "$out/gpu-check.log"
+  --seconds "${SECONDS_PER:-2}" --budget "${BUDGET:-240}" 2>&1 | tee "$out/gpu-check.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 say "smoke run with every role on cuda (configs/smoke.toml --set device=cuda)"

@@ -75,6 +75,10 @@ enum Cmd {
         /// Seconds of timed steps per device and batch size.
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
+        /// Seconds for the whole benchmark: a measurement whose predicted cost (the last batch's
+        /// wall time scaled by the batch) exceeds what is left is skipped and reported as such.
+        #[arg(long, default_value_t = 240.0)]
+        budget: f64,
         /// Skip the CPU measurements.
         #[arg(long)]
         no_cpu: bool,
@@ -106,11 +110,12 @@ async fn main_inner(cli: Cli) -> Result<()> {
             out,
             batches,
             seconds,
+            budget,
             no_cpu,
         } => {
             // Tensor work off the async executor.
             tokio::task::spawn_blocking(move || {
-                tilt::gpu_check::gpu_check(&device, &out, &batches, seconds, !no_cpu)
+                tilt::gpu_check::gpu_check(&device, &out, &batches, seconds, budget, !no_cpu)
             })
             .await??
         }

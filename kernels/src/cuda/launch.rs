@@ -13,6 +13,8 @@ const VALUE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/value.ptx"));
 /// Threads per block; the row kernels give each row one warp of 32 lanes.
 const BLOCK: u32 = 256;
 const WARPS_PER_BLOCK: usize = BLOCK as usize / 32;
+// The row kernels return whole warps before their full-mask shuffles: blocks of whole warps.
+const _: () = assert!(BLOCK % 32 == 0);
 
 /// The f32 elements of a contiguous storage, as a device view.
 pub(super) fn view<'a>(
@@ -25,6 +27,18 @@ pub(super) fn view<'a>(
         Some((a, b)) => Ok(slice.slice(a..b)),
         None => candle_core::bail!("{op}: expected a contiguous f32 tensor"),
     }
+}
+
+/// Refuse a launch whose buffer does not hold exactly the floats the kernel will index (or
+/// holds none: a zero-size launch has nothing to compute and CUDA refuses zero-byte allocations).
+fn check_len(v: &CudaView<f32>, n: usize, what: &'static str) -> Result<()> {
+    if n == 0 || v.len() != n {
+        candle_core::bail!(
+            "{what}: the kernel indexes {n} floats, the buffer holds {}",
+            v.len()
+        )
+    }
+    Ok(())
 }
 
 /// A size as the kernels' `int`.
@@ -64,14 +78,17 @@ pub(super) fn log_ratio_fwd(
 ) -> Result<CudaSlice<f32>> {
     int(len * b * d, "elements")?;
     let (bi, li, di) = (int(b, "rows")?, int(len, "steps")?, int(d, "dims")?);
+    check_len(v, len * b * d, "log_ratio_fwd v")?;
+    check_len(z, len * b * d, "log_ratio_fwd z")?;
+    check_len(scale, len * b, "log_ratio_fwd scale")?;
     let func = dev.get_or_load_custom_func("log_ratio_fwd", "tilt_log_ratio", LOG_RATIO_PTX)?;
     let mut out = dev.alloc_zeros::<f32>(b)?;
     let mut args = func.builder();
     args.arg(v).arg(z).arg(scale).arg(&mut out);
     args.arg(&bi).arg(&li).arg(&di);
     // SAFETY: the arguments match the kernel's signature in order and type (3 const float*, a
-    // float*, 3 int); the caller checked v and z hold len * b * d floats and scale len * b, and
-    // out has b; every index the kernel forms is below those counts.
+    // float*, 3 int); v and z hold len * b * d floats and scale len * b (checked above), out
+    // has b; every index the kernel forms is below those counts.
     unsafe { args.launch(rows_cfg(b)) }.w()?;
     Ok(out)
 }
@@ -88,6 +105,9 @@ pub(super) fn log_ratio_bwd(
     let n = len * b * d;
     int(n, "elements")?;
     let (bi, li, di) = (int(b, "rows")?, int(len, "steps")?, int(d, "dims")?);
+    check_len(v, n, "log_ratio_bwd v")?;
+    check_len(z, n, "log_ratio_bwd z")?;
+    check_len(sg, len * b + b, "log_ratio_bwd scale and g")?;
     let func = dev.get_or_load_custom_func("log_ratio_bwd", "tilt_log_ratio", LOG_RATIO_PTX)?;
     let scale = sg.slice(0..len * b);
     let g = sg.slice(len * b..len * b + b);
@@ -96,8 +116,8 @@ pub(super) fn log_ratio_bwd(
     args.arg(v).arg(z).arg(&scale).arg(&g).arg(&mut grad);
     args.arg(&bi).arg(&li).arg(&di);
     // SAFETY: the arguments match the kernel's signature (4 const float*, a float*, 3 int); v, z
-    // and grad hold n = len * b * d floats, scale len * b and g b (checked by the caller), and
-    // the grid-stride loop stays below n.
+    // and grad hold n = len * b * d floats, scale len * b and g b (checked above), and the
+    // grid-stride loop stays below n.
     unsafe { args.launch(elems_cfg(n)) }.w()?;
     Ok(grad)
 }
@@ -112,6 +132,9 @@ pub(super) fn value_fwd(
     eps: f32,
 ) -> Result<CudaSlice<f32>> {
     let (ri, mi) = (int(rows, "rows")?, int(bins, "bins")?);
+    int(rows * bins, "elements")?;
+    check_len(f, rows * bins, "value_fwd f")?;
+    check_len(lc, bins, "value_fwd lc")?;
     let func = dev.get_or_load_custom_func("value_fwd", "tilt_value", VALUE_PTX)?;
     let mut out = dev.alloc_zeros::<f32>(rows)?;
     let mut args = func.builder();
@@ -122,8 +145,8 @@ pub(super) fn value_fwd(
         .arg(&mi)
         .arg(&eps);
     // SAFETY: the arguments match the kernel's signature (2 const float*, a float*, 2 int, a
-    // float); f holds rows * bins floats, lc bins and out rows (checked by the caller), and the
-    // kernel indexes no further.
+    // float); f holds rows * bins floats and lc bins (checked above), out rows, and the kernel
+    // indexes no further.
     unsafe { args.launch(rows_cfg(rows)) }.w()?;
     Ok(out)
 }
@@ -138,6 +161,9 @@ pub(super) fn value_bwd(
     eps: f32,
 ) -> Result<CudaSlice<f32>> {
     let (ri, mi) = (int(rows, "rows")?, int(bins, "bins")?);
+    int(rows * bins, "elements")?;
+    check_len(f, rows * bins, "value_bwd f")?;
+    check_len(lcg, bins + rows, "value_bwd lc and g")?;
     let func = dev.get_or_load_custom_func("value_bwd", "tilt_value", VALUE_PTX)?;
     let lc = lcg.slice(0..bins);
     let g = lcg.slice(bins..bins + rows);
@@ -146,7 +172,7 @@ pub(super) fn value_bwd(
     args.arg(f).arg(&lc).arg(&g).arg(&mut grad);
     args.arg(&ri).arg(&mi).arg(&eps);
     // SAFETY: the arguments match the kernel's signature (3 const float*, a float*, 2 int, a
-    // float); f and grad hold rows * bins floats, lc bins and g rows (checked by the caller).
+    // float); f and grad hold rows * bins floats, lc bins and g rows (checked above).
     unsafe { args.launch(rows_cfg(rows)) }.w()?;
     Ok(grad)
 }
