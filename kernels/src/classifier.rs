@@ -15,7 +15,7 @@ use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
 use crate::fused;
-use crate::models::unet::{conv3x3_table, PixelConv, Resample};
+use crate::models::unet::{conv3x3_taps, PixelConv, Resample, Taps};
 use crate::optim::{named_vars, AdamW, AdamWConfig};
 use crate::rng::rng_for;
 use crate::{KernelError, Result};
@@ -409,8 +409,8 @@ pub struct CnnClassifier {
 /// Gather tables for one batch size: a 3x3 conv at full and at half side.
 #[derive(Clone)]
 struct CnnTables {
-    conv_full: Tensor,
-    conv_half: Tensor,
+    conv_full: Taps,
+    conv_half: Taps,
 }
 
 /// Batch sizes whose tables are kept (training uses one, evaluation a chunk size and a tail).
@@ -467,8 +467,8 @@ impl CnnClassifier {
         }
         let s = self.cfg.side;
         let t = CnnTables {
-            conv_full: conv3x3_table(b, s, Resample::Same, device)?,
-            conv_half: conv3x3_table(b, s / 2, Resample::Same, device)?,
+            conv_full: conv3x3_taps(b, s, Resample::Same, device)?,
+            conv_half: conv3x3_taps(b, s / 2, Resample::Same, device)?,
         };
         if cache.len() == TABLE_CACHE {
             cache.remove(0);

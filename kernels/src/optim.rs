@@ -150,17 +150,7 @@ impl AdamW {
                 ),
             ));
         }
-        // A replica's gradients may come averaged on another device (`learner.devices`): each
-        // moves to its variable's device (no copy when it is there already).
-        let moved = self
-            .vars
-            .iter()
-            .zip(grads)
-            .map(|((_, var), g)| g.as_ref().map(|g| g.to_device(var.device())).transpose())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let grads = &moved[..];
         // Check every gradient before touching any state, so a bad one leaves the optimiser whole.
-        let mut sq_sum = 0f64;
         for ((name, var), g) in self.vars.iter().zip(grads) {
             if let Some(g) = g {
                 if g.shape() != var.shape() {
@@ -173,13 +163,36 @@ impl AdamW {
                         ),
                     ));
                 }
-                sq_sum += g
-                    .to_dtype(DType::F64)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_scalar::<f64>()?;
             }
         }
+        // The global norm where the gradients are (for replicas on `learner.devices`, the
+        // leader's device, where they were averaged): every replica then clips by the same bits,
+        // whatever its own device's reduction order. One read-back for all of them (on a GPU
+        // each read-back is a synchronisation).
+        let parts = grads
+            .iter()
+            .flatten()
+            .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let sq_sum = match parts.first() {
+            None => 0.0,
+            Some(p0) => {
+                let on_one = parts
+                    .iter()
+                    .map(|p| p.to_device(p0.device()))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::stack(&on_one, 0)?.sum_all()?.to_scalar::<f64>()?
+            }
+        };
+        // A replica's gradients may come averaged on another device (`learner.devices`): each
+        // moves to its variable's device (no copy when it is there already).
+        let moved = self
+            .vars
+            .iter()
+            .zip(grads)
+            .map(|((_, var), g)| g.as_ref().map(|g| g.to_device(var.device())).transpose())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let grads = &moved[..];
         let grad_norm = sq_sum.sqrt();
         if !grad_norm.is_finite() {
             return Err(KernelError::param(

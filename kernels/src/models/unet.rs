@@ -5,7 +5,8 @@
 //! Activations live as pixel rows [images*h*w, channels] and every 3x3 conv is one row gather
 //! (`index_select`, im2col with a shared zero row as padding) and one matmul: on this CPU that is
 //! several times faster than candle 0.11's `conv2d` for small images, forward and backward.
-//! Strided convs and nearest 2x upsampling are folded into the gather tables.
+//! Strided convs and nearest 2x upsampling are folded into the gather tables. On CUDA the same
+//! convs run as candle's `conv2d` instead (see [`Taps`]): same function, tested against the gather.
 
 use candle_core::{Device, Module, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
@@ -86,7 +87,7 @@ fn u32_table(t: Vec<usize>, device: &Device) -> Result<Tensor> {
 /// Gather table of a 3x3 conv (padding 1) over `images` square images of side `side` stored as
 /// pixel rows (image, y, x): 9 input rows per output pixel, tap order (dy, dx) row-major; a tap
 /// outside the image points at row `images * side^2`, the zero row appended by [`PixelConv`].
-pub(crate) fn conv3x3_table(
+fn conv3x3_table(
     images: usize,
     side: usize,
     resample: Resample,
@@ -136,12 +137,7 @@ pub(crate) fn conv3x3_table(
 
 /// Gather table of a kernel-3 conv over time (padding 1) for pixel rows (clip, frame, pixel):
 /// 3 input rows (frame - 1, frame, frame + 1) per row; outside the clip, the zero row.
-pub(crate) fn temporal_table(
-    clips: usize,
-    frames: usize,
-    pixels: usize,
-    device: &Device,
-) -> Result<Tensor> {
+fn temporal_table(clips: usize, frames: usize, pixels: usize, device: &Device) -> Result<Tensor> {
     let pad = clips * frames * pixels;
     let mut t = Vec::with_capacity(pad * 3);
     for c in 0..clips {
@@ -159,6 +155,167 @@ pub(crate) fn temporal_table(
         }
     }
     u32_table(t, device)
+}
+
+/// The geometry of a [`PixelConv`]'s input rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Geom {
+    /// A 3x3 conv (padding 1) over `images` square images of side `side`, rows (image, y, x).
+    Grid {
+        images: usize,
+        side: usize,
+        resample: Resample,
+    },
+    /// A kernel-3 conv over time (padding 1), rows (clip, frame, pixel).
+    Time {
+        clips: usize,
+        frames: usize,
+        pixels: usize,
+    },
+}
+
+/// What a [`PixelConv`] reads: its geometry, and on the gather path the gather table.
+///
+/// Two paths compute the same conv (tested against each other, values and gradients):
+/// - **gather** (CPU): the table's `index_select` (im2col) and a matmul, several times faster
+///   than candle 0.11's CPU `conv2d` at these image sizes;
+/// - **conv2d** (CUDA): candle's `conv2d` on [images, cin, h, w]. On CUDA the gather path would be
+///   unusable at learner batches: candle's backward of `index_select` (its `index_add` kernel)
+///   runs one thread per channel, each looping over every gathered row (~47 M rows per 8x8 conv
+///   at the U-Net bench's batch 4096), the table is built on the host and uploaded each forward,
+///   and the gathered columns stay alive for the backward (~12 GB a conv there).
+#[derive(Debug, Clone)]
+pub(crate) struct Taps {
+    geom: Geom,
+    device: Device,
+    /// `Some` on the gather path.
+    table: Option<Tensor>,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests run the conv2d path on the CPU to compare it with the gather path.
+    static FORCE_CONV2D: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with every [`Taps`] built on this thread taking the conv2d path (tests).
+#[cfg(test)]
+pub(crate) fn with_conv2d<T>(f: impl FnOnce() -> T) -> T {
+    FORCE_CONV2D.with(|c| c.set(true));
+    let out = f();
+    FORCE_CONV2D.with(|c| c.set(false));
+    out
+}
+
+/// `f` on the gather path, then on the conv2d path (tests; `f` builds its [`Taps`] inside).
+#[cfg(test)]
+pub(crate) fn both_paths<T>(f: impl Fn() -> T) -> [T; 2] {
+    [f(), with_conv2d(&f)]
+}
+
+/// Run `f(x)` on both paths and check that the output and the gradients of sum(out * r) (r
+/// random) in `x` and in every variable of `vm` agree to `tol` of their scale (tests).
+#[cfg(test)]
+pub(crate) fn assert_paths_agree(
+    vm: &candle_nn::VarMap,
+    x: &Tensor,
+    tol: f64,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) {
+    let xv = candle_core::Var::from_tensor(x).unwrap();
+    let run = || {
+        let out = f(xv.as_tensor()).unwrap();
+        let r = crate::rng::randn(
+            &mut crate::rng::rng_for(99, 0, 0),
+            out.shape(),
+            out.device(),
+        )
+        .unwrap();
+        let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let vars = vm.data().lock().unwrap();
+        let mut names: Vec<&String> = vars.keys().collect();
+        names.sort();
+        let mut all = vec![("out".to_string(), out.clone())];
+        all.push(("d x".into(), grads.get(xv.as_tensor()).unwrap().clone()));
+        for n in names {
+            let g = grads
+                .get(vars[n].as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {n}"));
+            all.push((format!("d {n}"), g.clone()));
+        }
+        all
+    };
+    let [gather, conv2d] = both_paths(run);
+    assert_eq!(gather.len(), conv2d.len());
+    for ((name, a), (_, b)) in gather.iter().zip(&conv2d) {
+        let scale = crate::testutil::flat(a)
+            .iter()
+            .fold(1f32, |m, v| m.max(v.abs())) as f64;
+        let err = crate::testutil::max_abs_diff(a, b) as f64;
+        assert!(err <= tol * scale, "{name}: {err:e} > {tol:e} * {scale}");
+    }
+}
+
+fn gather_path(device: &Device) -> bool {
+    #[cfg(test)]
+    if FORCE_CONV2D.with(|c| c.get()) {
+        return false;
+    }
+    !device.is_cuda()
+}
+
+impl Taps {
+    fn new(geom: Geom, device: &Device, table: impl FnOnce() -> Result<Tensor>) -> Result<Self> {
+        Ok(Self {
+            geom,
+            device: device.clone(),
+            table: if gather_path(device) {
+                Some(table()?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// The device the taps were built for.
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// The taps of a 3x3 conv (padding 1) over `images` square images of side `side` stored as pixel
+/// rows (image, y, x), resampled by `resample` (see [`conv3x3_table`] for the gather table).
+pub(crate) fn conv3x3_taps(
+    images: usize,
+    side: usize,
+    resample: Resample,
+    device: &Device,
+) -> Result<Taps> {
+    let geom = Geom::Grid {
+        images,
+        side,
+        resample,
+    };
+    Taps::new(geom, device, || {
+        conv3x3_table(images, side, resample, device)
+    })
+}
+
+/// The taps of a kernel-3 conv over time (padding 1) for pixel rows (clip, frame, pixel).
+pub(crate) fn temporal_taps(
+    clips: usize,
+    frames: usize,
+    pixels: usize,
+    device: &Device,
+) -> Result<Taps> {
+    let geom = Geom::Time {
+        clips,
+        frames,
+        pixels,
+    };
+    Taps::new(geom, device, || {
+        temporal_table(clips, frames, pixels, device)
+    })
 }
 
 /// A conv as gather + matmul: the table picks `taps` input rows per output row (im2col), a
@@ -189,14 +346,81 @@ impl PixelConv {
         Ok(Self { lin, cin, taps })
     }
 
-    /// `x`: [n_in, cin]; `table`: [n_out * taps] rows of x (n_in = the zero row). -> [n_out, cout].
-    pub(crate) fn forward(&self, x: &Tensor, table: &Tensor) -> Result<Tensor> {
+    /// `x`: [n_in, cin] rows in the layout of `taps`. -> [n_out, cout].
+    pub(crate) fn forward(&self, x: &Tensor, taps: &Taps) -> Result<Tensor> {
+        match &taps.table {
+            Some(table) => self.forward_gather(x, table),
+            None => self.forward_conv2d(x, taps.geom),
+        }
+    }
+
+    /// `table`: [n_out * taps] rows of x (n_in = the zero row).
+    fn forward_gather(&self, x: &Tensor, table: &Tensor) -> Result<Tensor> {
         let n_out = table.dim(0)? / self.taps;
         let zero = Tensor::zeros((1, self.cin), x.dtype(), x.device())?;
         let cols = Tensor::cat(&[x, &zero], 0)?
             .index_select(table, 0)? // [n_out * taps, cin]
             .reshape((n_out, self.taps * self.cin))?;
         Ok(self.lin.forward(&cols)?)
+    }
+
+    /// The same conv through candle's `conv2d`: rows to [n, cin, h, w], the weight's (tap, cin)
+    /// columns to a [cout, cin, kh, kw] kernel, and back to rows.
+    fn forward_conv2d(&self, x: &Tensor, geom: Geom) -> Result<Tensor> {
+        let cin = self.cin;
+        let w = self.lin.weight(); // [cout, taps * cin], taps in (dy, dx) or (df) order
+        let cout = w.dim(0)?;
+        let y = match geom {
+            Geom::Grid {
+                images,
+                side,
+                resample,
+            } => {
+                let img = x
+                    .reshape((images, side, side, cin))?
+                    .permute((0, 3, 1, 2))?;
+                let (img, stride) = match resample {
+                    Resample::Same => (img.contiguous()?, 1),
+                    Resample::Down => (img.contiguous()?, 2),
+                    // Nearest 2x upsample as a broadcast (its backward is a sum).
+                    Resample::Up => (
+                        img.reshape((images, cin, side, 1, side, 1))?
+                            .broadcast_as((images, cin, side, 2, side, 2))?
+                            .reshape((images, cin, 2 * side, 2 * side))?,
+                        1,
+                    ),
+                };
+                let kernel = w
+                    .reshape((cout, 3, 3, cin))?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()?;
+                img.conv2d(&kernel, 1, stride, 1, 1)? // [images, cout, h, w]
+            }
+            Geom::Time {
+                clips,
+                frames,
+                pixels,
+            } => {
+                // Frames as the height, pixels as a width the kernel (3 x 1) does not mix;
+                // candle pads both dims, so the two padded columns are cut off again.
+                let v = x
+                    .reshape((clips, frames, pixels, cin))?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()?;
+                let kernel = w
+                    .reshape((cout, 3, cin))?
+                    .permute((0, 2, 1))?
+                    .reshape((cout, cin, 3, 1))?
+                    .contiguous()?;
+                v.conv2d(&kernel, 1, 1, 1, 1)?.narrow(3, 1, pixels)?
+            }
+        };
+        let (n, _, h, wd) = y.dims4()?;
+        let rows = y.permute((0, 2, 3, 1))?.reshape((n * h * wd, cout))?;
+        Ok(match self.lin.bias() {
+            Some(b) => rows.broadcast_add(b)?,
+            None => rows,
+        })
     }
 
     /// The same conv with weight `w` [cout, taps * cin] and no bias (tests against candle).
@@ -293,13 +517,13 @@ impl ResBlock {
         })
     }
 
-    /// `x`: [samples * rows, cin]; `emb`: [samples, emb_dim]; `table`: a same-size 3x3 table.
+    /// `x`: [samples * rows, cin]; `emb`: [samples, emb_dim]; `taps`: a same-size 3x3 conv's.
     /// Norm statistics and the bias are per sample. Returns [samples * rows, cout].
-    pub(crate) fn forward(&self, x: &Tensor, emb: &Tensor, table: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, emb: &Tensor, taps: &Taps) -> Result<Tensor> {
         let samples = emb.dim(0)?;
         let h = self.conv1.forward(
             &candle_nn::ops::silu(&self.norm1.forward(x, samples)?)?,
-            table,
+            taps,
         )?;
         let (n, cout) = h.dims2()?;
         let bias = self.emb.forward(emb)?.unsqueeze(1)?; // [samples, 1, cout]
@@ -309,7 +533,7 @@ impl ResBlock {
             .reshape((n, cout))?;
         let h = self.conv2.forward(
             &candle_nn::ops::silu(&self.norm2.forward(&h, samples)?)?,
-            table,
+            taps,
         )?;
         let skip = match &self.skip {
             Some(s) => s.forward(x)?,
@@ -445,9 +669,9 @@ impl Denoiser for UNetDenoiser {
         let b = x.dim(0)?;
         check_n_cond("UNetDenoiser::eps", b, n, cond)?;
         let dev = x.device();
-        let same0 = conv3x3_table(b, s, Resample::Same, dev)?;
-        let same1 = conv3x3_table(b, s / 2, Resample::Same, dev)?;
-        let same2 = conv3x3_table(b, s / 4, Resample::Same, dev)?;
+        let same0 = conv3x3_taps(b, s, Resample::Same, dev)?;
+        let same1 = conv3x3_taps(b, s / 2, Resample::Same, dev)?;
+        let same2 = conv3x3_taps(b, s / 4, Resample::Same, dev)?;
 
         let emb = self.temb.forward(n, cond)?; // [b, 4 base]
         let rows = x.permute((0, 2, 3, 1))?.reshape((b * s * s, ch))?; // [b*s*s, ch]
@@ -455,21 +679,21 @@ impl Denoiser for UNetDenoiser {
         let skip0 = self.down0.forward(&h, &emb, &same0)?;
         let h = self
             .pool0
-            .forward(&skip0, &conv3x3_table(b, s, Resample::Down, dev)?)?; // [b*(s/2)^2, base]
+            .forward(&skip0, &conv3x3_taps(b, s, Resample::Down, dev)?)?; // [b*(s/2)^2, base]
         let skip1 = self.down1.forward(&h, &emb, &same1)?; // [b*(s/2)^2, 2 base]
         let h = self
             .pool1
-            .forward(&skip1, &conv3x3_table(b, s / 2, Resample::Down, dev)?)?; // [b*(s/4)^2, 2 base]
+            .forward(&skip1, &conv3x3_taps(b, s / 2, Resample::Down, dev)?)?; // [b*(s/4)^2, 2 base]
         let h = self.mid.forward(&h, &emb, &same2)?;
         let h = self
             .up1_conv
-            .forward(&h, &conv3x3_table(b, s / 4, Resample::Up, dev)?)?; // [b*(s/2)^2, 2 base]
+            .forward(&h, &conv3x3_taps(b, s / 4, Resample::Up, dev)?)?; // [b*(s/2)^2, 2 base]
         let h = self
             .up1
             .forward(&Tensor::cat(&[&h, &skip1], 1)?, &emb, &same1)?;
         let h = self
             .up0_conv
-            .forward(&h, &conv3x3_table(b, s / 2, Resample::Up, dev)?)?; // [b*s*s, base]
+            .forward(&h, &conv3x3_taps(b, s / 2, Resample::Up, dev)?)?; // [b*s*s, base]
         let h = self
             .up0
             .forward(&Tensor::cat(&[&h, &skip0], 1)?, &emb, &same0)?;
@@ -528,7 +752,8 @@ mod tests {
     fn gather_convs_match_candle_conv2d() {
         // The gather tables are the only hand-written indexing: check same-size, stride-2 and
         // upsample-then-conv against candle's conv2d (with an explicit nearest upsample) on
-        // random data. Same arithmetic up to summation order, so agreement to 1e-4.
+        // random data, on both paths (the conv2d path reshapes the weight and upsamples by a
+        // broadcast). Same arithmetic up to summation order, so agreement to 1e-4.
         let d = Device::Cpu;
         let mut rng = rng_for(21, 0, 0);
         let (imgs, cin, cout, side) = (3, 5, 4, 8);
@@ -560,12 +785,30 @@ mod tests {
                 x.upsample_nearest2d(2 * side, 2 * side).unwrap(),
             ),
         ] {
-            let got = conv
-                .forward(&rows(&x), &conv3x3_table(imgs, side, resample, &d).unwrap())
-                .unwrap();
             let want = rows(&conv2d_reference(&input, &w, stride).unwrap());
-            assert_eq!(got.dims(), want.dims(), "{resample:?}");
-            assert!(max_abs_diff(&got, &want) < 1e-4, "{resample:?}");
+            for got in both_paths(|| {
+                conv.forward(&rows(&x), &conv3x3_taps(imgs, side, resample, &d).unwrap())
+                    .unwrap()
+            }) {
+                assert_eq!(got.dims(), want.dims(), "{resample:?}");
+                assert!(max_abs_diff(&got, &want) < 1e-4, "{resample:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_conv2d_path_is_the_gather_path_in_value_and_gradient() {
+        // What CUDA runs (conv2d) against what the CPU runs (gather), on the whole network:
+        // eps and the gradients in x and in every weight, class-conditional and not, two sizes.
+        for (size, classes) in [(8, 10), (12, 0)] {
+            let (vm, m) = build(cfg(1, size, classes, false));
+            let d = Device::Cpu;
+            let b = 3;
+            let x = randn(&mut rng_for(31, 0, 0), (b, 1, size, size), &d).unwrap();
+            let n = Tensor::new(&[10f32, 400.0, 900.0], &d).unwrap();
+            let cond = Tensor::new(&[0u32, 4, 9], &d).unwrap();
+            let cond = (classes > 0).then_some(&cond);
+            super::assert_paths_agree(&vm, &x, 1e-4, |x| m.eps(x, &n, cond));
         }
     }
 

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::unet::{
-    check_n_cond, conv3x3_table, temporal_table, PixelConv, PixelNorm, ResBlock, Resample,
+    check_n_cond, conv3x3_taps, temporal_taps, PixelConv, PixelNorm, ResBlock, Resample, Taps,
     TimeEmbed,
 };
 use super::video_mixer::GlobalBlock;
@@ -88,10 +88,10 @@ impl TemporalBlock {
         })
     }
 
-    /// `x`: [clips*frames*pixels, ch]; `table`: the [`temporal_table`] of that layout.
-    fn forward(&self, x: &Tensor, clips: usize, table: &Tensor) -> Result<Tensor> {
+    /// `x`: [clips*frames*pixels, ch]; `taps`: the [`temporal_taps`] of that layout.
+    fn forward(&self, x: &Tensor, clips: usize, taps: &Taps) -> Result<Tensor> {
         let a = candle_nn::ops::silu(&self.norm.forward(x, clips)?)?;
-        Ok((x + self.conv.forward(&a, table)?)?)
+        Ok((x + self.conv.forward(&a, taps)?)?)
     }
 }
 
@@ -110,7 +110,7 @@ impl SpaceTimeBlock {
     }
 
     /// `x`: [clips*frames*pixels, cin]; `emb`: [clips, emb_dim] -> [clips*frames*pixels, cout].
-    fn forward(&self, x: &Tensor, emb: &Tensor, space: &Tensor, time: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, emb: &Tensor, space: &Taps, time: &Taps) -> Result<Tensor> {
         let h = self.space.forward(x, emb, space)?;
         self.time.forward(&h, emb.dim(0)?, time)
     }
@@ -192,10 +192,10 @@ impl Denoiser for VideoDenoiser {
         check_n_cond("VideoDenoiser::eps", b, n, cond)?;
         let dev = x.device();
         // Spatial tables treat every frame as an image; temporal ones step by a frame's pixels.
-        let space0 = conv3x3_table(b * f, s, Resample::Same, dev)?;
-        let space1 = conv3x3_table(b * f, s / 2, Resample::Same, dev)?;
-        let time0 = temporal_table(b, f, s * s, dev)?;
-        let time1 = temporal_table(b, f, s * s / 4, dev)?;
+        let space0 = conv3x3_taps(b * f, s, Resample::Same, dev)?;
+        let space1 = conv3x3_taps(b * f, s / 2, Resample::Same, dev)?;
+        let time0 = temporal_taps(b, f, s * s, dev)?;
+        let time1 = temporal_taps(b, f, s * s / 4, dev)?;
 
         let emb = self.temb.forward(n, None)?; // [b, 4 base]
         let rows = x.permute((0, 1, 3, 4, 2))?.reshape((b * f * s * s, ch))?; // [b*f*s*s, ch]
@@ -203,7 +203,7 @@ impl Denoiser for VideoDenoiser {
         let skip = self.block0.forward(&h, &emb, &space0, &time0)?;
         let h = self
             .down
-            .forward(&skip, &conv3x3_table(b * f, s, Resample::Down, dev)?)?; // [b*f*(s/2)^2, 2 base]
+            .forward(&skip, &conv3x3_taps(b * f, s, Resample::Down, dev)?)?; // [b*f*(s/2)^2, 2 base]
         let mut h = self.mid.forward(&h, &emb, &space1, &time1)?;
         if let Some(g) = &self.global {
             // Rows (clip, frame, y, x) x channels -> one token per frame.
@@ -213,7 +213,7 @@ impl Denoiser for VideoDenoiser {
         }
         let h = self
             .up_conv
-            .forward(&h, &conv3x3_table(b * f, s / 2, Resample::Up, dev)?)?; // [b*f*s*s, base]
+            .forward(&h, &conv3x3_taps(b * f, s / 2, Resample::Up, dev)?)?; // [b*f*s*s, base]
         let h = self
             .up
             .forward(&Tensor::cat(&[&h, &skip], 1)?, &emb, &space0, &time0)?;
@@ -230,6 +230,7 @@ impl Denoiser for VideoDenoiser {
 mod tests {
     use super::*;
     use crate::denoiser::{load_weights, save_weights};
+    use crate::models::unet::{assert_paths_agree, both_paths};
     use crate::rng::{randn, rng_for};
     use crate::schedule::VpSchedule;
     use candle_core::{DType, Device, IndexOp};
@@ -386,9 +387,10 @@ mod tests {
         )
         .unwrap()
         .with_weight(w.clone());
-        let got = conv
-            .forward(&x, &temporal_table(clips, frames, pixels, &d).unwrap())
-            .unwrap();
+        let [gather, conv2d] = both_paths(|| {
+            conv.forward(&x, &temporal_taps(clips, frames, pixels, &d).unwrap())
+                .unwrap()
+        });
         // Reference: [clips*pixels, cin, frames] through conv1d, back to rows.
         let seq = x
             .reshape((clips, frames, pixels, cin))
@@ -413,7 +415,20 @@ mod tests {
             .unwrap()
             .reshape((clips * frames * pixels, cout))
             .unwrap();
-        assert!(max_abs_diff(&got, &want) < 1e-4);
+        for got in [gather, conv2d] {
+            assert!(max_abs_diff(&got, &want) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn the_conv2d_path_is_the_gather_path_in_value_and_gradient() {
+        // What CUDA runs (conv2d, spatial and temporal) against what the CPU runs (gather), on
+        // the whole network: eps and the gradients in x and in every weight.
+        let (vm, m) = build(cfg(3, 1, 8, false));
+        let d = Device::Cpu;
+        let x = randn(&mut rng_for(32, 0, 0), (2, 3, 1, 8, 8), &d).unwrap();
+        let n = Tensor::new(&[10f32, 700.0], &d).unwrap();
+        assert_paths_agree(&vm, &x, 1e-4, |x| m.eps(x, &n, None));
     }
 
     #[test]
