@@ -178,8 +178,9 @@ impl CriticEncoder for MlpEncoder {
                         format!("cond is {:?}, expected [{batch}]", c.dims()),
                     ));
                 }
-                // Out-of-range class ids are an index-select error from candle, not a panic.
-                temb = (temb + emb.forward(c)?)?;
+                // Out-of-range class ids are an error (candle's index-select on the CPU, a
+                // host check on CUDA), not a panic.
+                temb = (temb + crate::denoiser::class_embedding(emb, c)?.to_dtype(self.dtype)?)?;
             }
             (None, None) => {}
             (Some(_), None) => {

@@ -37,6 +37,70 @@ pub fn timesteps(n: usize, batch: usize, device: &Device) -> Result<Tensor> {
     Ok(Tensor::full(n as f32, batch, device)?)
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Set by [`with_cuda_forms`]: this thread's models take the CUDA formulations on the CPU.
+    static FORCE_CUDA_FORMS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a model on `device` takes the formulations written for CUDA (convs as candle's
+/// `conv2d`, class embeddings as one-hot matmuls) instead of the CPU's (gathers): on CUDA
+/// devices, and in tests that compare the two on the CPU ([`both_forms`]).
+pub(crate) fn cuda_forms(device: &Device) -> bool {
+    #[cfg(test)]
+    if FORCE_CUDA_FORMS.with(|c| c.get()) {
+        return true;
+    }
+    device.is_cuda()
+}
+
+/// Run `f` with this thread's models taking the CUDA formulations (tests).
+#[cfg(test)]
+pub(crate) fn with_cuda_forms<T>(f: impl FnOnce() -> T) -> T {
+    FORCE_CUDA_FORMS.with(|c| c.set(true));
+    let out = f();
+    FORCE_CUDA_FORMS.with(|c| c.set(false));
+    out
+}
+
+/// `f` with the CPU's formulations, then with CUDA's, both on the CPU (tests).
+#[cfg(test)]
+pub(crate) fn both_forms<T>(f: impl Fn() -> T) -> [T; 2] {
+    [f(), with_cuda_forms(&f)]
+}
+
+/// The rows of a class-embedding table for labels `c` ([rows], u32), by device:
+/// - CPU: candle's `index_select` (an out-of-range label is its error);
+/// - CUDA: a one-hot matmul. candle's CUDA backward of `index_select` (`index_add`) runs one
+///   thread per embedding column, each looping over every row of the batch; the one-hot's
+///   backward is a matmul. The labels are checked on the host first (one read-back), so an
+///   out-of-range label is an error there too, never a silent zero row.
+pub fn class_embedding(emb: &candle_nn::Embedding, c: &Tensor) -> Result<Tensor> {
+    use candle_core::Module;
+    if !cuda_forms(c.device()) {
+        return Ok(emb.forward(c)?);
+    }
+    let table = emb.embeddings(); // [classes, dim]
+    let classes = table.dim(0)?;
+    let rows = c.dim(0)?;
+    if rows > 0 {
+        let max = c.max(0)?.to_scalar::<u32>()? as usize;
+        if max >= classes {
+            return Err(KernelError::param(
+                "cond",
+                max,
+                format!("a class label must be < classes = {classes}"),
+            ));
+        }
+    }
+    let ids = Tensor::arange(0u32, classes as u32, c.device())?;
+    let one_hot = c
+        .unsqueeze(1)?
+        .broadcast_eq(&ids.unsqueeze(0)?)?
+        .to_dtype(table.dtype())?; // [rows, classes]
+    Ok(one_hot.matmul(table)?)
+}
+
 /// Sinusoidal embedding of training indices: [batch] -> [batch, dim] (dim even),
 /// [sin(n f_i), cos(n f_i)] with f_i = 10000^(-i / (dim/2)) (Vaswani et al.; DDPM).
 pub fn time_embedding(n: &Tensor, dim: usize) -> Result<Tensor> {

@@ -1,7 +1,7 @@
 //! An MLP denoiser for low-dimensional data (the 2-D mixtures), optionally class-conditioned.
 //! Also the residual of the VRPO policy: `zero_init_output = true` makes it output exactly zero.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::{Init, Linear, VarBuilder};
 
 use crate::denoiser::{time_embedding, Denoiser};
@@ -150,7 +150,7 @@ impl Denoiser for MlpDenoiser {
             _ => {
                 let mut temb = time_embedding(n, self.cfg.time_dim)?;
                 if let (Some(emb), Some(c)) = (&self.class_emb, cond) {
-                    temb = (temb + emb.forward(c)?)?;
+                    temb = (temb + crate::denoiser::class_embedding(emb, c)?)?;
                 }
                 fused::linear_layer(&self.layers[0], &Tensor::cat(&[x, &temb], 1)?)?
             }
@@ -200,7 +200,7 @@ fn shared_steps(n: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
 mod tests {
     use super::*;
     use crate::denoiser::{load_weights, save_weights, ResidualPolicy};
-    use candle_core::{DType, Device};
+    use candle_core::{DType, Device, Module};
     use candle_nn::VarMap;
     use std::sync::Arc;
 
@@ -273,6 +273,31 @@ mod tests {
         std::fs::write(&path, b"not a safetensors file").unwrap();
         assert!(load_weights(&mut vm2, &path).is_err());
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn class_embeddings_by_one_hot_are_the_gather_in_value_gradient_and_errors() {
+        // What CUDA runs (one-hot matmul) against what the CPU runs (index_select): eps and the
+        // gradients in x and every weight, the class table's included; a label >= classes is
+        // an error on both.
+        let d = Device::Cpu;
+        let vm = VarMap::new();
+        let m = MlpDenoiser::new(
+            MlpConfig {
+                classes: 4,
+                ..cfg(false)
+            },
+            VarBuilder::from_varmap(&vm, DType::F32, &d),
+        )
+        .unwrap();
+        let x = crate::rng::randn(&mut crate::rng::rng_for(33, 0, 0), (8, 2), &d).unwrap();
+        let n = Tensor::new(&[5f32, 90.0, 300.0, 999.0, 5.0, 5.0, 40.0, 700.0], &d).unwrap();
+        let c = Tensor::new(&[0u32, 3, 1, 1, 2, 0, 3, 3], &d).unwrap();
+        crate::testutil::assert_forms_agree(&vm, &x, 1e-5, |x| m.eps(x, &n, Some(&c)));
+        let bad = Tensor::new(&[0u32, 3, 1, 4, 2, 0, 3, 3], &d).unwrap();
+        for r in crate::denoiser::both_forms(|| m.eps(&x, &n, Some(&bad))) {
+            assert!(r.is_err());
+        }
     }
 
     #[test]

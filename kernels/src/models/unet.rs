@@ -192,76 +192,8 @@ pub(crate) struct Taps {
     table: Option<Tensor>,
 }
 
-#[cfg(test)]
-thread_local! {
-    /// Tests run the conv2d path on the CPU to compare it with the gather path.
-    static FORCE_CONV2D: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Run `f` with every [`Taps`] built on this thread taking the conv2d path (tests).
-#[cfg(test)]
-pub(crate) fn with_conv2d<T>(f: impl FnOnce() -> T) -> T {
-    FORCE_CONV2D.with(|c| c.set(true));
-    let out = f();
-    FORCE_CONV2D.with(|c| c.set(false));
-    out
-}
-
-/// `f` on the gather path, then on the conv2d path (tests; `f` builds its [`Taps`] inside).
-#[cfg(test)]
-pub(crate) fn both_paths<T>(f: impl Fn() -> T) -> [T; 2] {
-    [f(), with_conv2d(&f)]
-}
-
-/// Run `f(x)` on both paths and check that the output and the gradients of sum(out * r) (r
-/// random) in `x` and in every variable of `vm` agree to `tol` of their scale (tests).
-#[cfg(test)]
-pub(crate) fn assert_paths_agree(
-    vm: &candle_nn::VarMap,
-    x: &Tensor,
-    tol: f64,
-    f: impl Fn(&Tensor) -> Result<Tensor>,
-) {
-    let xv = candle_core::Var::from_tensor(x).unwrap();
-    let run = || {
-        let out = f(xv.as_tensor()).unwrap();
-        let r = crate::rng::randn(
-            &mut crate::rng::rng_for(99, 0, 0),
-            out.shape(),
-            out.device(),
-        )
-        .unwrap();
-        let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let vars = vm.data().lock().unwrap();
-        let mut names: Vec<&String> = vars.keys().collect();
-        names.sort();
-        let mut all = vec![("out".to_string(), out.clone())];
-        all.push(("d x".into(), grads.get(xv.as_tensor()).unwrap().clone()));
-        for n in names {
-            let g = grads
-                .get(vars[n].as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {n}"));
-            all.push((format!("d {n}"), g.clone()));
-        }
-        all
-    };
-    let [gather, conv2d] = both_paths(run);
-    assert_eq!(gather.len(), conv2d.len());
-    for ((name, a), (_, b)) in gather.iter().zip(&conv2d) {
-        let scale = crate::testutil::flat(a)
-            .iter()
-            .fold(1f32, |m, v| m.max(v.abs())) as f64;
-        let err = crate::testutil::max_abs_diff(a, b) as f64;
-        assert!(err <= tol * scale, "{name}: {err:e} > {tol:e} * {scale}");
-    }
-}
-
 fn gather_path(device: &Device) -> bool {
-    #[cfg(test)]
-    if FORCE_CONV2D.with(|c| c.get()) {
-        return false;
-    }
-    !device.is_cuda()
+    !crate::denoiser::cuda_forms(device)
 }
 
 impl Taps {
@@ -575,7 +507,7 @@ impl TimeEmbed {
     pub(crate) fn forward(&self, n: &Tensor, cond: Option<&Tensor>) -> Result<Tensor> {
         let mut t = time_embedding(n, self.time_dim)?; // [batch, time_dim]
         if let (Some(emb), Some(c)) = (&self.class_emb, cond) {
-            t = (t + emb.forward(c)?)?;
+            t = (t + crate::denoiser::class_embedding(emb, c)?)?;
         }
         Ok(candle_nn::ops::silu(&self.proj.forward(&t)?)?)
     }
@@ -786,7 +718,7 @@ mod tests {
             ),
         ] {
             let want = rows(&conv2d_reference(&input, &w, stride).unwrap());
-            for got in both_paths(|| {
+            for got in crate::denoiser::both_forms(|| {
                 conv.forward(&rows(&x), &conv3x3_taps(imgs, side, resample, &d).unwrap())
                     .unwrap()
             }) {
@@ -808,7 +740,7 @@ mod tests {
             let n = Tensor::new(&[10f32, 400.0, 900.0], &d).unwrap();
             let cond = Tensor::new(&[0u32, 4, 9], &d).unwrap();
             let cond = (classes > 0).then_some(&cond);
-            super::assert_paths_agree(&vm, &x, 1e-4, |x| m.eps(x, &n, cond));
+            crate::testutil::assert_forms_agree(&vm, &x, 1e-4, |x| m.eps(x, &n, cond));
         }
     }
 

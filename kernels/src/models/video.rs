@@ -229,10 +229,11 @@ impl Denoiser for VideoDenoiser {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::denoiser::both_forms;
     use crate::denoiser::{load_weights, save_weights};
-    use crate::models::unet::{assert_paths_agree, both_paths};
     use crate::rng::{randn, rng_for};
     use crate::schedule::VpSchedule;
+    use crate::testutil::assert_forms_agree;
     use candle_core::{DType, Device, IndexOp};
     use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
     use rand::Rng;
@@ -387,7 +388,7 @@ mod tests {
         )
         .unwrap()
         .with_weight(w.clone());
-        let [gather, conv2d] = both_paths(|| {
+        let [gather, conv2d] = both_forms(|| {
             conv.forward(&x, &temporal_taps(clips, frames, pixels, &d).unwrap())
                 .unwrap()
         });
@@ -428,7 +429,7 @@ mod tests {
         let d = Device::Cpu;
         let x = randn(&mut rng_for(32, 0, 0), (2, 3, 1, 8, 8), &d).unwrap();
         let n = Tensor::new(&[10f32, 700.0], &d).unwrap();
-        assert_paths_agree(&vm, &x, 1e-4, |x| m.eps(x, &n, None));
+        assert_forms_agree(&vm, &x, 1e-4, |x| m.eps(x, &n, None));
     }
 
     #[test]
