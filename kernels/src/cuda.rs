@@ -58,6 +58,15 @@ fn cuda_device(_ordinal: usize) -> Result<Device> {
 
 /// One candle device per ordinal for the whole process: candle refuses to mix tensors of two
 /// `Device::new_cuda(0)` calls (each is its own device id), and roles hand tensors to each other.
+///
+/// With one explicit stream (`new_cuda_with_stream`), not `Device::new_cuda`'s per-thread default
+/// stream: tilt's roles run on tokio and blocking-pool threads and hand CUDA tensors across them
+/// (a rollout's segment to the critic's thread, a learner's weights updated on one worker and read
+/// on the next, a buffer freed by whichever thread drops it). Per-thread streams are not ordered
+/// with each other, so such a hand-off could read data still being written; on one stream every
+/// role's work is queued in the order it was issued. The cost: the roles' kernels on one GPU do not
+/// overlap each other (cudarc also records an event per buffer use, as it does with any
+/// non-default stream).
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize) -> Result<Device> {
     use std::collections::HashMap;
@@ -76,7 +85,7 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
             "cuda:{ordinal} requested, but this machine has {count} CUDA device(s)"
         )));
     }
-    let d = Device::new_cuda(ordinal)
+    let d = Device::new_cuda_with_stream(ordinal)
         .map_err(|e| KernelError::CudaUnavailable(format!("cuda:{ordinal}: {e}")))?;
     devices.insert(ordinal, d.clone());
     Ok(d)

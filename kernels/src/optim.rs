@@ -376,16 +376,26 @@ impl AdamW {
 
 /// The position of the first gradient holding a NaN or an infinity (summed in f64: a finite f32
 /// gradient cannot overflow the sum, and NaN or inf anywhere makes it non-finite).
+/// One read-back for all of them (on a GPU each read-back is a synchronisation).
 pub fn first_non_finite(grads: &[Option<Tensor>]) -> Result<Option<usize>> {
-    for (i, g) in grads.iter().enumerate() {
-        if let Some(t) = g {
-            let s = t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-            if !s.is_finite() {
-                return Ok(Some(i));
-            }
-        }
-    }
-    Ok(None)
+    let present: Vec<(usize, &Tensor)> = grads
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| g.as_ref().map(|t| (i, t)))
+        .collect();
+    let Some((_, first)) = present.first() else {
+        return Ok(None);
+    };
+    let sums = present
+        .iter()
+        .map(|(_, t)| t.to_dtype(DType::F64)?.sum_all()?.to_device(first.device()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let sums = Tensor::stack(&sums, 0)?.to_vec1::<f64>()?;
+    Ok(present
+        .iter()
+        .zip(sums)
+        .find(|(_, s)| !s.is_finite())
+        .map(|((i, _), _)| *i))
 }
 
 /// The variables of `varmap` sorted by name: a fixed order every replica and every optimiser of

@@ -229,7 +229,7 @@ pub fn fused_learner(cfg: &Config, s: &Setup) -> std::result::Result<(usize, usi
     }
     let devices = build::learner_devices(cfg).map_err(|e| e.to_string())?;
     if let Some(d) = devices.iter().find(|d| !d.is_cpu()) {
-        return Err(format!("a learner replica is on {d:?}"));
+        return Err(format!("a learner replica is on {:?}", d.location()));
     }
     let replicas = devices.len().max(1);
     let threads = match cfg.learner.threads {
