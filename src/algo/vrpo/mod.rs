@@ -70,8 +70,18 @@ pub fn setup(cfg: &Config, run_dir: &Path) -> Result<Setup> {
     let learner_device = build::device(cfg, "learner.device", &cfg.learner.device)?;
     let data = build::vrpo_data(cfg, &schedule, run_dir, &learner_device)?;
     let exact = build::exact_value(&data, &cfg.reward, &schedule).map(Arc::new);
+    let rollout_device = build::device(cfg, "rollout.device", &cfg.rollout.device)?;
+    if matches!(cfg.data, crate::config::DataConfig::Mixture2d { .. })
+        && (rollout_device.is_cuda() || learner_device.is_cuda())
+    {
+        eprintln!(
+            "[vrpo] note: the 2-D mixture's reference is exact host maths, so on a GPU every \
+             reference eps copies its states to the host and back; this data runs faster on the \
+             CPU (README \"GPUs\")"
+        );
+    }
     Ok(Setup {
-        rollout_device: build::device(cfg, "rollout.device", &cfg.rollout.device)?,
+        rollout_device,
         critic_device: build::device(cfg, "critic.device", &cfg.critic.device)?,
         learner_device,
         reward: build::reward(&cfg.reward, &data)?,
