@@ -8,13 +8,15 @@
 #      ignored test cuda_ops_match_the_cpu_reference), then learner steps/s of the quickstart's
 #      MLP and the digits' U-Net, CPU vs GPU, batch 64..4096 (the U-Net on the CPU up to 256),
 #      with the share of step time in tilt's own kernel;
-#   3. the smoke config end to end with every role on the GPU (`--set device=cuda`), then with
-#      two data-parallel learner replicas on ["cuda:0","cuda:0"] and on ["cuda:0","cpu"].
-# Writes gpu-check.json, gpu-check.log and smoke.log to OUT_DIR (default $OUT, else gpu-check/)
-# and prints the tables. Exits 1 if the device, a comparison or the smoke run fails.
+#   3. five short runs end to end with every role on the GPU (`--set device=cuda`): the smoke
+#      config, then with two data-parallel learner replicas on ["cuda:0","cuda:0"] and on
+#      ["cuda:0","cpu"], the digits with the U-Net reference, DF-DPO on video.
+# Writes gpu-check.json, gpu-check.log and smoke-*.log to OUT_DIR (default $OUT, else
+# gpu-check/) and prints the tables. Exits 1 if the device, a comparison, a measurement or a
+# smoke run fails.
 # Usage: scripts/gpu-check.sh [OUT_DIR]   (env: TILT_BIN, default dist/gpu/tilt; BATCHES,
 # default 64,256,1024,4096; SECONDS_PER, default 2; BUDGET, seconds for the whole benchmark,
-# default 240: a batch predicted to overrun it is skipped and listed)
+# default 180: a batch predicted to overrun it is skipped and listed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { echo "gpu-check: $*" >&2; }
@@ -81,35 +83,40 @@ fi
 status=0
 set +e
 "$bin" gpu-check --out "$out/gpu-check.json" --batches "${BATCHES:-64,256,1024,4096}" \
-  --seconds "${SECONDS_PER:-2}" --budget "${BUDGET:-240}" 2>&1 | tee "$out/gpu-check.log"
+  --seconds "${SECONDS_PER:-2}" --budget "${BUDGET:-180}" 2>&1 | tee "$out/gpu-check.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-say "smoke run with every role on cuda (configs/smoke.toml --set device=cuda)"
-run_dir=$(mktemp -d)/smoke
-start=$(date +%s)
-"$bin" run configs/smoke.toml --out "$run_dir" --set device=cuda --set metrics.listen= \
-  >"$out/smoke.log" 2>&1
-smoke=$?
-set -e
-tail -n 15 "$out/smoke.log"
-if [ "$smoke" -eq 0 ]; then
-  say "smoke run on cuda: ok in $(( $(date +%s) - start )) s"
-else
-  say "smoke run on cuda: FAILED (exit $smoke; $out/smoke.log)"
-  status=1
-fi
-# Data-parallel replicas across devices (`learner.devices`): two replicas on the GPU, then one on
-# the GPU and one on the CPU (gradients averaged on cuda:0 and copied back to each replica).
-for devs in '["cuda:0","cuda:0"]' '["cuda:0","cpu"]'; do
-  tag=$(echo "$devs" | tr -dc 'a-z0-9,' | tr ',' '-')
-  say "smoke run with learner.devices = $devs"
+# End-to-end runs with every role on the GPU (`--set device=cuda`), each to its summary:
+# smoke-NAME.log in OUT_DIR. What each exercises there: the VRPO pipeline and its roles on the
+# 2-D mixture; data-parallel replicas on ["cuda:0","cuda:0"] and on ["cuda:0","cpu"] (gradients
+# averaged on cuda:0, copied to each replica); the digits with the U-Net reference, pretrained
+# on the GPU (conv2d convs and one-hot class embeddings, forward and backward); DF-DPO on video
+# (the video model's spatial and temporal convs). Tiny settings: minutes in all.
+smoke() {
+  local name=$1 config=$2
+  shift 2
+  say "smoke run $name: $config --set device=cuda $*"
+  local start rc
+  start=$(date +%s)
   set +e
-  "$bin" run configs/smoke.toml --out "$(mktemp -d)/dp" --set device=cuda --set metrics.listen= \
-    --set "learner.devices=$devs" >"$out/smoke-dp-$tag.log" 2>&1
+  "$bin" run "$config" --out "$(mktemp -d)/$name" --set device=cuda --set metrics.listen= "$@" \
+    >"$out/smoke-$name.log" 2>&1
   rc=$?
   set -e
-  tail -n 4 "$out/smoke-dp-$tag.log"
-  if [ "$rc" -eq 0 ]; then say "learner.devices = $devs: ok"; else
-    say "learner.devices = $devs: FAILED (exit $rc; $out/smoke-dp-$tag.log)"; status=1; fi
-done
+  tail -n 3 "$out/smoke-$name.log"
+  if [ "$rc" -eq 0 ]; then
+    say "smoke run $name: ok in $(( $(date +%s) - start )) s"
+  else
+    say "smoke run $name: FAILED (exit $rc; $out/smoke-$name.log)"
+    status=1
+  fi
+}
+smoke mixture configs/smoke.toml
+smoke dp-cuda-cuda configs/smoke.toml --set 'learner.devices=["cuda:0","cuda:0"]'
+smoke dp-cuda-cpu configs/smoke.toml --set 'learner.devices=["cuda:0","cpu"]'
+smoke digits-unet configs/digits-smoke.toml --set data.model=unet --set pretrain.steps=20 \
+  --set pretrain.batch=16
+smoke dfdpo-video configs/video-dfdpo-ablation.toml --set video.clips=24 --set pretrain.steps=8 \
+  --set pretrain.batch=4 --set dfdpo.steps=4 --set dfdpo.batch=2 --set dfdpo.curriculum.every=2 \
+  --set eval.samples=3 --set sampling.steps=4 --set replay.min_size=8
 exit "$status"
