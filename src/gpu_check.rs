@@ -226,23 +226,24 @@ fn print_bench(report: &Report) {
             100.0 * r.fused_share
         );
     }
-    for s in &report.skipped {
+    let note = |model: BenchModel, device: &str, batch: usize, text: String| {
         println!(
-            "{:<15} {:<8} {:>7}  skipped: {}",
-            format!("{:?}", s.model),
-            s.device,
+            "{:<15} {:<8} {:>7}  {text}",
+            format!("{model:?}"),
+            device,
+            batch
+        );
+    };
+    for s in &report.skipped {
+        note(
+            s.model,
+            &s.device,
             s.batch,
-            s.reason
+            format!("skipped: {}", s.reason),
         );
     }
     for f in &report.failed {
-        println!(
-            "{:<15} {:<8} {:>7}  FAILED: {}",
-            format!("{:?}", f.model),
-            f.device,
-            f.batch,
-            f.error
-        );
+        note(f.model, &f.device, f.batch, format!("FAILED: {}", f.error));
     }
     println!(
         "(every row is candle's autograd step, vrpo_grads + AdamW, on a batch resident on the \
