@@ -23,12 +23,13 @@ pub fn pair_records(
     version: u64,
     next_seq: &mut u64,
 ) -> Result<Vec<Record>> {
-    // On the host once (a no-op on the CPU): a row view of a GPU tensor would be copied whole, once
-    // per row.
-    let xa = rows_first(&pair.a.states)?.to_device(&Device::Cpu)?; // [B, L+1, ...]
-    let za = rows_first(&pair.a.noises)?.to_device(&Device::Cpu)?; // [B, L, ...]
-    let xb = rows_first(&pair.b.states)?.to_device(&Device::Cpu)?;
-    let zb = rows_first(&pair.b.noises)?.to_device(&Device::Cpu)?;
+    // Records are host bytes: each stack comes to the host once (a no-op on the CPU), as a row view
+    // of a GPU tensor would be copied whole, once per row.
+    let host = |ts: &[Tensor]| -> Result<Tensor> { Ok(rows_first(ts)?.to_device(&Device::Cpu)?) };
+    let xa = host(&pair.a.states)?; // [B, L+1, ...]
+    let za = host(&pair.a.noises)?; // [B, L, ...]
+    let xb = host(&pair.b.states)?;
+    let zb = host(&pair.b.noises)?;
     let va = v_a.to_vec1::<f32>()?;
     let vb = v_b.to_vec1::<f32>()?;
     let la = pair.a.log_prob.to_vec1::<f32>()?;
