@@ -15,7 +15,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use serde::Serialize;
-use tilt_kernels::cuda::{compare_on, device, learner_step_rate, BenchModel, Comparison, StepRate};
+use tilt_kernels::cuda::{
+    compare_on, device, learner_step_rate, BenchModel, Comparison, StepPath, StepRate,
+};
 
 #[derive(Serialize)]
 struct Report {
@@ -38,6 +40,7 @@ struct Report {
 struct Skipped {
     model: BenchModel,
     device: String,
+    path: StepPath,
     batch: usize,
     reason: String,
 }
@@ -46,6 +49,7 @@ struct Skipped {
 struct Failed {
     model: BenchModel,
     device: String,
+    path: StepPath,
     batch: usize,
     error: String,
 }
@@ -128,7 +132,17 @@ fn run_bench(
     batches.sort_unstable();
     let t0 = Instant::now();
     for model in [BenchModel::QuickstartMlp, BenchModel::DigitsUnet] {
-        for (name, d) in devices {
+        // On the CPU the MLP is also timed on tilt's fused step, the CPU's best.
+        let targets = devices.iter().flat_map(|(name, d)| {
+            let fused = d.is_cpu() && model == BenchModel::QuickstartMlp;
+            let paths: &[StepPath] = if fused {
+                &[StepPath::Fused, StepPath::Candle]
+            } else {
+                &[StepPath::Candle]
+            };
+            paths.iter().map(move |&p| (name, d, p))
+        });
+        for (name, d, path) in targets {
             let mut last: Option<Last> = None;
             let mut broken = false;
             for &b in &batches {
@@ -158,6 +172,7 @@ fn run_bench(
                     report.skipped.push(Skipped {
                         model,
                         device: name.clone(),
+                        path,
                         batch: b,
                         reason,
                     });
@@ -165,7 +180,7 @@ fn run_bench(
                 }
                 eprintln!("gpu-check: {model:?} learner steps on {name} at batch {b}");
                 let start = Instant::now();
-                match learner_step_rate(model, d, b, seconds, 1000) {
+                match learner_step_rate(model, d, b, seconds, 1000, path) {
                     Ok(r) => {
                         last = Some(Last {
                             batch: b,
@@ -179,6 +194,7 @@ fn run_bench(
                         report.failed.push(Failed {
                             model,
                             device: name.clone(),
+                            path,
                             batch: b,
                             error: e.to_string(),
                         });
@@ -212,44 +228,49 @@ fn print_comparisons(comparisons: &[Comparison]) {
 
 fn print_bench(report: &Report) {
     println!(
-        "{:<15} {:<8} {:>7} {:>14} {:>11} {:>14}",
-        "model", "device", "batch", "steps/s", "ms/step", "fused share"
+        "{:<15} {:<8} {:<7} {:>7} {:>14} {:>11} {:>12}",
+        "model", "device", "step", "batch", "steps/s", "ms/step", "kernel share"
     );
+    let step = |p: StepPath| match p {
+        StepPath::Candle => "candle",
+        StepPath::Fused => "fused",
+    };
     for r in &report.bench {
         println!(
-            "{:<15} {:<8} {:>7} {:>14.1} {:>11.3} {:>13.1}%",
+            "{:<15} {:<8} {:<7} {:>7} {:>14.1} {:>11.3} {:>12}",
             format!("{:?}", r.model),
             r.device,
+            step(r.path),
             r.batch,
             r.steps_per_s,
             r.ms_per_step,
-            100.0 * r.fused_share
+            r.fused_share
+                .map_or("-".to_string(), |f| format!("{:.1}%", 100.0 * f))
         );
     }
-    let note = |model: BenchModel, device: &str, batch: usize, text: String| {
+    let note = |model: BenchModel, device: &str, path: StepPath, batch: usize, text: String| {
         println!(
-            "{:<15} {:<8} {:>7}  {text}",
+            "{:<15} {:<8} {:<7} {:>7}  {text}",
             format!("{model:?}"),
             device,
+            step(path),
             batch
         );
     };
     for s in &report.skipped {
-        note(
-            s.model,
-            &s.device,
-            s.batch,
-            format!("skipped: {}", s.reason),
-        );
+        let text = format!("skipped: {}", s.reason);
+        note(s.model, &s.device, s.path, s.batch, text);
     }
     for f in &report.failed {
-        note(f.model, &f.device, f.batch, format!("FAILED: {}", f.error));
+        let text = format!("FAILED: {}", f.error);
+        note(f.model, &f.device, f.path, f.batch, text);
     }
     println!(
-        "(every row is candle's autograd step, vrpo_grads + AdamW, on a batch resident on the \
-         device; the CPU's fused step of `learner.fused` is not what is timed here. fused share: \
-         one forward + backward of tilt's segment_log_ratio op at the step's shape, timed alone, \
-         candle's glue around the kernel included, over ms/step)"
+        "(step: candle = candle's autograd (vrpo_grads) + AdamW, on every device; fused = tilt's \
+         fused CPU step, what learner.fused = true runs, the CPU's best for the MLP; both on a \
+         batch already on the device. kernel share: one forward + backward of tilt's \
+         segment_log_ratio op at the step's shape, timed alone, candle's glue included, over \
+         ms/step)"
     );
 }
 
@@ -278,32 +299,53 @@ mod tests {
         let devices = [("cpu".to_string(), Device::Cpu)];
         // Batch 4 runs (nothing measured yet to predict from); batch 4 * 10^6 would take at
         // least 10^6 times batch 4's wall time (> 1000 s), over the 600 s budget, so it is
-        // skipped for the MLP; the U-Net on the CPU stops at batch 256 by rule, so only its
-        // batch 4 runs.
+        // skipped for the MLP, on both of the CPU's step paths; the U-Net on the CPU stops at
+        // batch 256 by rule, so only its batch 4 runs.
         let mut report = empty_report(600.0);
         run_bench(&mut report, &devices, &[4_000_000, 4], 0.0, &out).unwrap();
-        let measured: Vec<_> = report.bench.iter().map(|r| (r.model, r.batch)).collect();
+        let (mlp, unet) = (BenchModel::QuickstartMlp, BenchModel::DigitsUnet);
+        let measured: Vec<_> = report
+            .bench
+            .iter()
+            .map(|r| (r.model, r.path, r.batch))
+            .collect();
         assert_eq!(
             measured,
-            [(BenchModel::QuickstartMlp, 4), (BenchModel::DigitsUnet, 4)]
+            [
+                (mlp, StepPath::Fused, 4),
+                (mlp, StepPath::Candle, 4),
+                (unet, StepPath::Candle, 4)
+            ]
         );
-        assert_eq!(report.skipped.len(), 1);
-        let s = &report.skipped[0];
-        assert_eq!((s.model, s.batch), (BenchModel::QuickstartMlp, 4_000_000));
-        assert!(s.reason.starts_with("predicted "), "{}", s.reason);
+        let skipped: Vec<_> = report
+            .skipped
+            .iter()
+            .map(|s| (s.model, s.path, s.batch))
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                (mlp, StepPath::Fused, 4_000_000),
+                (mlp, StepPath::Candle, 4_000_000)
+            ]
+        );
+        for s in &report.skipped {
+            assert!(s.reason.starts_with("predicted "), "{}", s.reason);
+        }
         assert!(report.failed.is_empty());
         // The file holds every row already (run_bench writes after each; `complete` is set
         // by the caller at the end).
         let v: serde_json::Value = crate::files::read_json(&out).unwrap();
-        assert_eq!(v["bench"].as_array().unwrap().len(), 2);
-        assert_eq!(v["skipped"].as_array().unwrap().len(), 1);
+        assert_eq!(v["bench"].as_array().unwrap().len(), 3);
+        assert_eq!(v["skipped"].as_array().unwrap().len(), 2);
+        assert_eq!(v["bench"][0]["path"], "fused");
         assert_eq!(v["complete"], false);
 
         // A spent budget skips everything and says so.
         let mut report = empty_report(0.0);
         run_bench(&mut report, &devices, &[4], 0.0, &out).unwrap();
         assert!(report.bench.is_empty());
-        assert_eq!(report.skipped.len(), 2);
+        assert_eq!(report.skipped.len(), 3);
         assert!(report.skipped.iter().all(|s| s.reason.contains("is spent")));
         std::fs::remove_dir_all(&dir).unwrap();
     }

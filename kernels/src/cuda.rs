@@ -12,7 +12,7 @@ mod launch;
 mod log_ratio;
 mod value;
 
-pub use bench::{learner_step_rate, BenchModel, StepRate};
+pub use bench::{learner_step_rate, BenchModel, StepPath, StepRate};
 pub use check::{compare_on, Comparison};
 pub use log_ratio::{segment_log_ratio, segment_log_ratio_cpu};
 pub use value::{value_lse, value_lse_cpu};

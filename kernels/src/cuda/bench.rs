@@ -12,13 +12,14 @@ use serde::Serialize;
 
 use super::segment_log_ratio;
 use crate::denoiser::Denoiser;
+use crate::fused_vrpo::{fused_residual, FusedVrpo};
 use crate::losses::VrpoLabels;
 use crate::models::{MlpConfig, MlpDenoiser, UNetConfig, UNetDenoiser};
 use crate::optim::{named_vars, AdamW, AdamWConfig};
 use crate::rng::{randn, rng_for};
 use crate::schedule::{SamplingGrid, VpSchedule};
 use crate::vrpo::{vrpo_grads, VrpoBatch};
-use crate::Result;
+use crate::{KernelError, Result};
 
 /// The learner's chain: K = 100 steps, segments of L = 10.
 const K: usize = 100;
@@ -84,12 +85,25 @@ impl BenchModel {
     }
 }
 
+/// How a benchmarked learner step computes its gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepPath {
+    /// candle's autograd (`vrpo_grads`): every device, every model; on CUDA it calls tilt's
+    /// CUDA kernel for the segment log-ratio.
+    Candle,
+    /// tilt's fused CPU step (`FusedVrpo`, what `learner.fused = true` runs): the CPU and the
+    /// unconditional MLP only. The CPU's best, for a fair CPU-vs-GPU ratio.
+    Fused,
+}
+
 /// Measured rate of one device at one batch size.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepRate {
     pub model: BenchModel,
     /// `cpu` or `cuda:N`.
     pub device: String,
+    pub path: StepPath,
     /// Pairs per learner step.
     pub batch: usize,
     /// Timed steps (after 3 warm-up steps).
@@ -97,10 +111,11 @@ pub struct StepRate {
     pub steps_per_s: f64,
     pub ms_per_step: f64,
     /// Milliseconds per step in tilt's own fused kernel (`segment_log_ratio` forward and
-    /// backward at the step's shape: [2 batch L, elements per sample]), timed alone.
-    pub fused_ms: f64,
+    /// backward at the step's shape: [2 batch L, elements per sample]), timed alone; None on the
+    /// fused CPU path, which does not call it.
+    pub fused_ms: Option<f64>,
     /// fused_ms / ms_per_step.
-    pub fused_share: f64,
+    pub fused_share: Option<f64>,
 }
 
 fn device_name(dev: &Device) -> String {
@@ -142,13 +157,15 @@ fn batch(model: BenchModel, dev: &Device, b: usize) -> Result<VrpoBatch> {
 }
 
 /// Run learner steps of `b` pairs of `model` on `dev` for about `seconds` (at least 5 and at
-/// most `max_steps` timed steps).
+/// most `max_steps` timed steps), computed by `path` (`Fused`: the CPU's MLP only, on every core
+/// this process may use).
 pub fn learner_step_rate(
     model: BenchModel,
     dev: &Device,
     b: usize,
     seconds: f64,
     max_steps: usize,
+    path: StepPath,
 ) -> Result<StepRate> {
     let vm = VarMap::new();
     let residual = model.build(&vm, dev)?;
@@ -161,15 +178,27 @@ pub fn learner_step_rate(
     )?;
     let grid = SamplingGrid::new(&VpSchedule::ddpm_default(), K, 1.0)?;
     let batch = batch(model, dev, b)?;
+    let mut fused = match path {
+        StepPath::Candle => None,
+        StepPath::Fused => {
+            let mlp = fused_residual(residual.as_ref())
+                .map_err(|why| KernelError::param("bench step path", "fused", why))?;
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            Some((mlp, FusedVrpo::new(threads)))
+        }
+    };
     let mut step = || -> Result<()> {
-        let (grads, _) = vrpo_grads(
-            residual.as_ref(),
-            opt.vars(),
-            &grid,
-            &batch,
-            VrpoLabels::Soft,
-            1.0,
-        )?;
+        let (grads, _) = match &mut fused {
+            None => vrpo_grads(
+                residual.as_ref(),
+                opt.vars(),
+                &grid,
+                &batch,
+                VrpoLabels::Soft,
+                1.0,
+            )?,
+            Some((mlp, f)) => f.grads(mlp, opt.vars(), &grid, &batch, VrpoLabels::Soft, 1.0)?,
+        };
         opt.step_with(&grads)?;
         Ok(())
     };
@@ -188,16 +217,20 @@ pub fn learner_step_rate(
     }
     dev.synchronize()?;
     let ms_per_step = t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
-    let fused_ms = fused_ms(dev, b, model.dim())?;
+    let fused_ms = match path {
+        StepPath::Candle => Some(fused_ms(dev, b, model.dim())?),
+        StepPath::Fused => None,
+    };
     Ok(StepRate {
         model,
         device: device_name(dev),
+        path,
         batch: b,
         steps,
         steps_per_s: 1e3 / ms_per_step,
         ms_per_step,
         fused_ms,
-        fused_share: fused_ms / ms_per_step,
+        fused_share: fused_ms.map(|f| f / ms_per_step),
     })
 }
 
@@ -232,13 +265,37 @@ mod tests {
     #[test]
     fn a_short_cpu_measurement_is_complete() {
         for (model, b) in [(BenchModel::QuickstartMlp, 16), (BenchModel::DigitsUnet, 2)] {
-            let r = learner_step_rate(model, &Device::Cpu, b, 0.0, 5).unwrap();
+            let r = learner_step_rate(model, &Device::Cpu, b, 0.0, 5, StepPath::Candle).unwrap();
             assert_eq!(
-                (r.model, r.device.as_str(), r.batch, r.steps),
-                (model, "cpu", b, 5)
+                (r.model, r.device.as_str(), r.path, r.batch, r.steps),
+                (model, "cpu", StepPath::Candle, b, 5)
             );
-            assert!(r.steps_per_s > 0.0 && r.ms_per_step > 0.0 && r.fused_ms > 0.0);
-            assert!((r.fused_share - r.fused_ms / r.ms_per_step).abs() < 1e-12);
+            let f = r.fused_ms.unwrap();
+            assert!(r.steps_per_s > 0.0 && r.ms_per_step > 0.0 && f > 0.0);
+            assert!((r.fused_share.unwrap() - f / r.ms_per_step).abs() < 1e-12);
         }
+        // The fused CPU step: the MLP only (the U-Net is refused with the reason), no kernel
+        // share (it does not call the CUDA op's CPU twin).
+        let r = learner_step_rate(
+            BenchModel::QuickstartMlp,
+            &Device::Cpu,
+            16,
+            0.0,
+            5,
+            StepPath::Fused,
+        )
+        .unwrap();
+        assert_eq!((r.path, r.steps, r.fused_ms), (StepPath::Fused, 5, None));
+        assert!(r.steps_per_s > 0.0);
+        let e = learner_step_rate(
+            BenchModel::DigitsUnet,
+            &Device::Cpu,
+            2,
+            0.0,
+            5,
+            StepPath::Fused,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not an MLP"), "{e}");
     }
 }
