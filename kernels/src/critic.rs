@@ -180,7 +180,7 @@ impl CriticEncoder for MlpEncoder {
                 }
                 // Out-of-range class ids are an error (candle's index-select on the CPU, a
                 // host check on CUDA), not a panic.
-                temb = (temb + crate::denoiser::class_embedding(emb, c)?.to_dtype(self.dtype)?)?;
+                temb = (temb + crate::denoiser::class_embedding(emb, c)?)?;
             }
             (None, None) => {}
             (Some(_), None) => {

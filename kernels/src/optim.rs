@@ -169,21 +169,8 @@ impl AdamW {
         // leader's device, where they were averaged): every replica then clips by the same bits,
         // whatever its own device's reduction order. One read-back for all of them (on a GPU
         // each read-back is a synchronisation).
-        let parts = grads
-            .iter()
-            .flatten()
-            .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let sq_sum = match parts.first() {
-            None => 0.0,
-            Some(p0) => {
-                let on_one = parts
-                    .iter()
-                    .map(|p| p.to_device(p0.device()))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::stack(&on_one, 0)?.sum_all()?.to_scalar::<f64>()?
-            }
-        };
+        let present: Vec<&Tensor> = grads.iter().flatten().collect();
+        let sq_sum: f64 = f64_sums(&present, |g| g.sqr())?.iter().sum();
         // A replica's gradients may come averaged on another device (`learner.devices`): each
         // moves to its variable's device (no copy when it is there already).
         let moved = self
@@ -378,24 +365,37 @@ impl AdamW {
 /// gradient cannot overflow the sum, and NaN or inf anywhere makes it non-finite).
 /// One read-back for all of them (on a GPU each read-back is a synchronisation).
 pub fn first_non_finite(grads: &[Option<Tensor>]) -> Result<Option<usize>> {
-    let present: Vec<(usize, &Tensor)> = grads
+    let (index, present): (Vec<usize>, Vec<&Tensor>) = grads
         .iter()
         .enumerate()
         .filter_map(|(i, g)| g.as_ref().map(|t| (i, t)))
-        .collect();
-    let Some((_, first)) = present.first() else {
-        return Ok(None);
-    };
-    let sums = present
-        .iter()
-        .map(|(_, t)| t.to_dtype(DType::F64)?.sum_all()?.to_device(first.device()))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let sums = Tensor::stack(&sums, 0)?.to_vec1::<f64>()?;
-    Ok(present
-        .iter()
+        .unzip();
+    let sums = f64_sums(&present, |g| Ok(g.clone()))?;
+    Ok(index
+        .into_iter()
         .zip(sums)
         .find(|(_, s)| !s.is_finite())
-        .map(|((i, _), _)| *i))
+        .map(|(i, _)| i))
+}
+
+/// sum_all(f(t)) of each tensor in f64, read back in one transfer from the first tensor's
+/// device (on a GPU each read-back is a synchronisation).
+fn f64_sums(
+    ts: &[&Tensor],
+    f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Vec<f64>> {
+    let Some(first) = ts.first() else {
+        return Ok(Vec::new());
+    };
+    let sums = ts
+        .iter()
+        .map(|t| {
+            f(&t.to_dtype(DType::F64)?)?
+                .sum_all()?
+                .to_device(first.device())
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&sums, 0)?.to_vec1::<f64>()?)
 }
 
 /// The variables of `varmap` sorted by name: a fixed order every replica and every optimiser of

@@ -192,20 +192,26 @@ pub(crate) struct Taps {
     table: Option<Tensor>,
 }
 
-fn gather_path(device: &Device) -> bool {
-    !crate::denoiser::cuda_forms(device)
-}
-
 impl Taps {
-    fn new(geom: Geom, device: &Device, table: impl FnOnce() -> Result<Tensor>) -> Result<Self> {
+    /// The gather table is built only where the gather path runs (not on CUDA).
+    fn new(geom: Geom, device: &Device) -> Result<Self> {
+        let table = match geom {
+            _ if crate::denoiser::cuda_forms(device) => None,
+            Geom::Grid {
+                images,
+                side,
+                resample,
+            } => Some(conv3x3_table(images, side, resample, device)?),
+            Geom::Time {
+                clips,
+                frames,
+                pixels,
+            } => Some(temporal_table(clips, frames, pixels, device)?),
+        };
         Ok(Self {
             geom,
             device: device.clone(),
-            table: if gather_path(device) {
-                Some(table()?)
-            } else {
-                None
-            },
+            table,
         })
     }
 
@@ -228,9 +234,7 @@ pub(crate) fn conv3x3_taps(
         side,
         resample,
     };
-    Taps::new(geom, device, || {
-        conv3x3_table(images, side, resample, device)
-    })
+    Taps::new(geom, device)
 }
 
 /// The taps of a kernel-3 conv over time (padding 1) for pixel rows (clip, frame, pixel).
@@ -245,9 +249,7 @@ pub(crate) fn temporal_taps(
         frames,
         pixels,
     };
-    Taps::new(geom, device, || {
-        temporal_table(clips, frames, pixels, device)
-    })
+    Taps::new(geom, device)
 }
 
 /// A conv as gather + matmul: the table picks `taps` input rows per output row (im2col), a
