@@ -117,7 +117,7 @@ pub fn final_dpo_grads(
     )?;
     let grads = out.loss.backward()?;
     let stats = DfDpoStats {
-        loss: out.loss.to_scalar::<f32>()?,
+        loss: out.total,
         dpo: out.dpo,
         sft: out.sft,
         implicit_accuracy: out.implicit_accuracy,

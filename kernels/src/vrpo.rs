@@ -2,14 +2,14 @@
 //! segments from a shared start, and how a learner turns a batch of scored pairs into the VRPO loss
 //! and its gradients (policy = reference + residual; path log-ratios from the stored step noises).
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::Rng;
 
 use crate::critic::ValueCritic;
 use crate::denoiser::{timesteps, Denoiser};
 use crate::logprob::{path_log_ratio_residual_rows, rollout_segment, Segment};
-use crate::losses::{vrpo_loss, vrpo_pair_accuracy, VrpoLabels};
+use crate::losses::{pair_accuracy, vrpo_loss, VrpoLabels};
 use crate::optim::grads_in_order;
 use crate::rng::randn;
 use crate::schedule::SamplingGrid;
@@ -154,6 +154,45 @@ pub struct VrpoStats {
     pub margin_gap: f32,
 }
 
+impl VrpoStats {
+    /// The stats of a step from its scalar loss and its [B] Delta, V(a), V(b), in one read-back
+    /// (one device sync on a GPU, not one per number); the gap in f64 on the host, as the fused step
+    /// computes it.
+    pub fn read_back(
+        loss: &Tensor,
+        delta: &Tensor,
+        v_a: &Tensor,
+        v_b: &Tensor,
+        beta: f64,
+    ) -> Result<Self> {
+        let b = delta.dim(0)?;
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+        let all = Tensor::cat(
+            &[
+                f32s(loss)?.reshape(1)?,
+                f32s(delta)?,
+                f32s(v_a)?,
+                f32s(v_b)?,
+            ],
+            0,
+        )?
+        .to_vec1::<f32>()?;
+        let (d, rest) = all[1..].split_at(b);
+        let (va, vb) = rest.split_at(b);
+        let gap = d
+            .iter()
+            .zip(va.iter().zip(vb))
+            .map(|(&dl, (&a, &bb))| beta * dl as f64 - (a as f64 - bb as f64))
+            .sum::<f64>()
+            / b.max(1) as f64;
+        Ok(Self {
+            loss: all[0],
+            accuracy: pair_accuracy(d, va, vb),
+            margin_gap: gap as f32,
+        })
+    }
+}
+
 /// The VRPO loss of a batch and the residual's gradients in the optimiser's variable order.
 /// a and b go through the residual in one call (rows [a; b]).
 pub fn vrpo_grads(
@@ -184,14 +223,7 @@ pub fn vrpo_grads(
     let delta = (ratio.narrow(0, 0, b)? - ratio.narrow(0, b, b)?)?;
     let loss = vrpo_loss(labels, &delta, &batch.v_a, &batch.v_b, beta)?;
     let grads = loss.backward()?;
-    let gap = ((&delta * beta)? - (&batch.v_a - &batch.v_b)?)?
-        .mean_all()?
-        .to_scalar::<f32>()?;
-    let stats = VrpoStats {
-        loss: loss.to_scalar::<f32>()?,
-        accuracy: vrpo_pair_accuracy(&delta, &batch.v_a, &batch.v_b)?,
-        margin_gap: gap,
-    };
+    let stats = VrpoStats::read_back(&loss, &delta, &batch.v_a, &batch.v_b, beta)?;
     Ok((grads_in_order(vars, &grads), stats))
 }
 
@@ -203,8 +235,31 @@ mod tests {
     use crate::optim::{AdamW, AdamWConfig};
     use crate::rng::{randn, rng_for};
     use crate::schedule::VpSchedule;
-    use candle_core::DType;
     use candle_nn::{VarBuilder, VarMap};
+
+    #[test]
+    fn stats_read_back_in_one_go_match_hand_values() {
+        // Delta = [1, -2, 0], V(a) - V(b) = [0.5, 1, -1], beta = 2, loss 0.75.
+        // gap = mean(2*1 - 0.5, 2*(-2) - 1, 0 + 1) = (1.5 - 5 + 1) / 3 = -0.8333...
+        // accuracy: pair 0 agrees, pair 1 disagrees, pair 2 has Delta == 0: 1/3.
+        let d = Device::Cpu;
+        let v = |x: &[f32]| Tensor::new(x, &d).unwrap();
+        let s = VrpoStats::read_back(
+            &Tensor::new(0.75f32, &d).unwrap(),
+            &v(&[1.0, -2.0, 0.0]),
+            &v(&[1.0, 2.0, 0.0]),
+            &v(&[0.5, 1.0, 1.0]),
+            2.0,
+        )
+        .unwrap();
+        assert_eq!(s.loss, 0.75);
+        assert_eq!(s.accuracy, 1.0 / 3.0);
+        assert!(
+            (s.margin_gap as f64 + 2.5 / 3.0).abs() < 1e-6,
+            "{}",
+            s.margin_gap
+        );
+    }
 
     #[test]
     fn starts_cover_the_chain() {
