@@ -43,6 +43,9 @@ fn color(i: usize) -> RGBColor {
     PALETTE[i % PALETTE.len()]
 }
 
+/// A line chart's series with at most this many points gets a dot at every point.
+const SPARSE_POINTS: usize = 50;
+
 /// A named series of (x, y) points.
 pub struct Series<'a> {
     /// Legend entry.
@@ -64,6 +67,19 @@ pub fn line_chart(
     y_label: &str,
     series: &[Series],
     hlines: &[(&str, f64)],
+) -> Result<()> {
+    line_chart_dotted(path, title, x_label, y_label, series, hlines, SPARSE_POINTS)
+}
+
+/// [`line_chart`] with a dot at every point of each series of at most `dot_up_to` points.
+fn line_chart_dotted(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    hlines: &[(&str, f64)],
+    dot_up_to: usize,
 ) -> Result<()> {
     write_atomic(path, |tmp| {
         let root = BitMapBackend::new(tmp, CHART_SIZE).into_drawing_area();
@@ -104,11 +120,16 @@ pub fn line_chart(
                 .map_err(plot_err)?
                 .label(s.name)
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], style));
+            // A point that starts no line gets a dot; so does every point of a sparse series
+            // (evaluations every few hundred steps), so the line between two evaluations does not
+            // read as measured.
+            let sparse = s.points.len() <= dot_up_to;
             chart
                 .draw_series(
                     runs.iter()
-                        .filter(|r| r.len() == 1)
-                        .map(|r| Circle::new(r[0], 3, color(i).filled())),
+                        .filter(|r| sparse || r.len() == 1)
+                        .flatten()
+                        .map(|&p| Circle::new(p, 4, color(i).filled())),
                 )
                 .map_err(plot_err)?;
         }
@@ -929,6 +950,51 @@ mod tests {
         )
         .expect("single point chart");
         check_png(&flat, 2048).expect("valid png");
+    }
+
+    /// Pixels of the chart at `path` in palette colour `i`.
+    fn pixels_of_color(path: &Path, i: usize) -> usize {
+        let decoder = png::Decoder::new(std::io::BufReader::new(
+            std::fs::File::open(path).expect("open png"),
+        ));
+        let mut reader = decoder.read_info().expect("png info");
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).expect("png frame");
+        let c = color(i);
+        let step = info.color_type.samples();
+        buf[..info.buffer_size()]
+            .chunks(step)
+            .filter(|px| px[..3] == [c.0, c.1, c.2])
+            .count()
+    }
+
+    #[test]
+    fn sparse_series_get_a_dot_at_every_point() {
+        // Three evaluations on a line from (0, 0) to (1000, 1), drawn with and without dots: the
+        // three dots of radius 4 (~50 pixels each, part of it under the line) add ~100 pixels of
+        // the series' colour. The public chart dots them (3 <= SPARSE_POINTS); a dense series
+        // is not dotted.
+        let dir = Scratch::new("line-dots");
+        let pts = [(0.0, 0.0), (500.0, 0.8), (1000.0, 1.0)];
+        let series = [Series {
+            name: "policy",
+            points: &pts,
+        }];
+        let count = |name: &str, dot_up_to: usize| {
+            let path = dir.file(name);
+            line_chart_dotted(&path, "Reward", "step", "reward", &series, &[], dot_up_to)
+                .expect("chart");
+            pixels_of_color(&path, 0)
+        };
+        let (dotted, plain) = (count("dotted.png", 3), count("plain.png", 2));
+        assert!(plain > 300, "the line itself is drawn: {plain}");
+        assert!(
+            dotted >= plain + 60,
+            "3 dots add at least 60 pixels: dotted {dotted}, plain {plain}"
+        );
+        let public = dir.file("public.png");
+        line_chart(&public, "Reward", "step", "reward", &series, &[]).expect("chart");
+        assert_eq!(pixels_of_color(&public, 0), dotted);
     }
 
     #[test]
