@@ -165,6 +165,17 @@ impl VrpoStats {
         v_b: &Tensor,
         beta: f64,
     ) -> Result<Self> {
+        if delta.rank() != 1 || v_a.dims() != delta.dims() || v_b.dims() != delta.dims() {
+            return Err(KernelError::shape(
+                "VrpoStats::read_back",
+                format!(
+                    "Delta {:?}, V(a) {:?}, V(b) {:?}: expected three [B] vectors",
+                    delta.dims(),
+                    v_a.dims(),
+                    v_b.dims()
+                ),
+            ));
+        }
         let b = delta.dim(0)?;
         let f32s = |t: &Tensor| t.to_dtype(DType::F32);
         let all = Tensor::cat(
@@ -259,6 +270,15 @@ mod tests {
             "{}",
             s.margin_gap
         );
+        let err = VrpoStats::read_back(
+            &Tensor::new(0.75f32, &d).unwrap(),
+            &v(&[1.0, -2.0, 0.0]),
+            &v(&[1.0, 2.0]),
+            &v(&[0.5, 1.0, 1.0]),
+            2.0,
+        )
+        .expect_err("V(a) one short");
+        assert!(err.to_string().contains("V(a) [2]"), "{err}");
     }
 
     #[test]
