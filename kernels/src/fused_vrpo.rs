@@ -771,7 +771,7 @@ fn loss_and_slopes(
 ) -> VrpoStats {
     let nb = delta.len();
     slope.clear();
-    let (mut loss, mut gap, mut agree) = (0f64, 0f64, 0usize);
+    let mut loss = 0f64;
     for ((&dl, &a), &b) in delta.iter().zip(va).zip(vb) {
         let (dl, a, b) = (dl as f64, a as f64, b as f64);
         let (l, g) = match labels {
@@ -791,16 +791,8 @@ fn loss_and_slopes(
         };
         loss += l;
         slope.push((g / nb as f64) as f32);
-        gap += beta * dl - (a - b);
-        if dl != 0.0 && (dl > 0.0) == (a > b) {
-            agree += 1;
-        }
     }
-    VrpoStats {
-        loss: (loss / nb as f64) as f32,
-        accuracy: agree as f32 / nb as f32,
-        margin_gap: (gap / nb as f64) as f32,
-    }
+    VrpoStats::from_host((loss / nb as f64) as f32, delta, va, vb, beta)
 }
 
 fn sigmoid64(x: f64) -> f64 {

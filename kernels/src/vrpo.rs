@@ -190,17 +190,23 @@ impl VrpoStats {
         .to_vec1::<f32>()?;
         let (d, rest) = all[1..].split_at(b);
         let (va, vb) = rest.split_at(b);
-        let gap = d
+        Ok(Self::from_host(all[0], d, va, vb, beta))
+    }
+
+    /// The stats from host values: accuracy by [`pair_accuracy`], the gap averaged in f64 (0 for
+    /// no pairs). The plain step ([`VrpoStats::read_back`]) and the fused step both report this.
+    pub fn from_host(loss: f32, delta: &[f32], v_a: &[f32], v_b: &[f32], beta: f64) -> Self {
+        let gap = delta
             .iter()
-            .zip(va.iter().zip(vb))
-            .map(|(&dl, (&a, &bb))| beta * dl as f64 - (a as f64 - bb as f64))
+            .zip(v_a.iter().zip(v_b))
+            .map(|(&dl, (&a, &b))| beta * dl as f64 - (a as f64 - b as f64))
             .sum::<f64>()
-            / b.max(1) as f64;
-        Ok(Self {
-            loss: all[0],
-            accuracy: pair_accuracy(d, va, vb),
+            / delta.len().max(1) as f64;
+        Self {
+            loss,
+            accuracy: pair_accuracy(delta, v_a, v_b),
             margin_gap: gap as f32,
-        })
+        }
     }
 }
 
