@@ -257,6 +257,12 @@ fn undelivered(redis: &RedisServer, run_id: &str) -> u64 {
 /// With `freeze`, the learner is stopped (SIGSTOP) first until the stream holds records it was
 /// never delivered, and continued (SIGCONT) after the restart, so that an empty restart loses
 /// records for certain. Returns the summary and those undelivered records.
+///
+/// The frozen run samples FIFO. With the uniform sampler a learner reads every entry the
+/// stream holds into its window (it samples from all of them), so once the producers are held
+/// by the rate limiter nothing is left undelivered, and a learner frozen at such a moment never
+/// leaves a backlog (CI saw it wait 5 minutes for one). A FIFO learner holds only one batch of
+/// records, so the rest of the limiter's budget (thousands of records here) stays in the stream.
 fn redis_restart_mid_run(
     persistence: Persistence,
     name: &str,
@@ -264,17 +270,16 @@ fn redis_restart_mid_run(
 ) -> (serde_json::Value, u64) {
     const STEPS: u64 = 600;
     let mut redis = RedisServer::start_with(persistence);
-    let mut run = cluster(
-        &redis,
-        name,
-        STEPS,
-        &[
-            "critic.rollouts=1000",
-            "critic.train_steps=150",
-            "eval.samples=4000",
-            "eval.target_samples=8000",
-        ],
-    );
+    let mut sets = vec![
+        "critic.rollouts=1000",
+        "critic.train_steps=150",
+        "eval.samples=4000",
+        "eval.target_samples=8000",
+    ];
+    if freeze {
+        sets.push("replay.sampler=fifo");
+    }
+    let mut run = cluster(&redis, name, STEPS, &sets);
     for role in ["critic", "rollout", "learner"] {
         run.start(role);
     }
