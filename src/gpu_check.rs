@@ -297,12 +297,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("gpu-check.json");
         let devices = [("cpu".to_string(), Device::Cpu)];
-        // Batch 4 runs (nothing measured yet to predict from); batch 4 * 10^6 would take at
-        // least 10^6 times batch 4's wall time (> 1000 s), over the 600 s budget, so it is
-        // skipped for the MLP, on both of the CPU's step paths; the U-Net on the CPU stops at
-        // batch 256 by rule, so only its batch 4 runs.
+        const HUGE: usize = 4_000_000_000_000;
+        // Batch 4 runs (nothing measured yet to predict from); batch 4 * 10^12 would take at
+        // least 10^12 times batch 4's wall time (~7 ms here, so ~10^10 s; any machine's is
+        // above the 0.6 ns that would fit), over the 600 s budget, so it is skipped for the
+        // MLP, on both of the CPU's step paths; the U-Net on the CPU stops at batch 256 by
+        // rule, so only its batch 4 runs.
         let mut report = empty_report(600.0);
-        run_bench(&mut report, &devices, &[4_000_000, 4], 0.0, &out).unwrap();
+        run_bench(&mut report, &devices, &[HUGE, 4], 0.0, &out).unwrap();
         let (mlp, unet) = (BenchModel::QuickstartMlp, BenchModel::DigitsUnet);
         let measured: Vec<_> = report
             .bench
@@ -324,10 +326,7 @@ mod tests {
             .collect();
         assert_eq!(
             skipped,
-            [
-                (mlp, StepPath::Fused, 4_000_000),
-                (mlp, StepPath::Candle, 4_000_000)
-            ]
+            [(mlp, StepPath::Fused, HUGE), (mlp, StepPath::Candle, HUGE)]
         );
         for s in &report.skipped {
             assert!(s.reason.starts_with("predicted "), "{}", s.reason);

@@ -89,7 +89,9 @@ fn endpoint_is_scraped_while_the_run_goes_and_counters_increase() {
     assert!(wait_for(
         || {
             second = scrape(&addr).map(|t| parse(&t)).unwrap_or_default();
+            // Both: the learner counts the pairs before it sets the step gauge.
             second.get("tilt_pairs_consumed_total") > first.get("tilt_pairs_consumed_total")
+                && second.get("tilt_learner_step") > first.get("tilt_learner_step")
         },
         Duration::from_secs(60)
     ));

@@ -248,13 +248,17 @@ fn sigterm_drains_and_checkpoints_then_resume_continues() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the learner is stepping (the progress log shows a vrpo line).
+    // Wait until the learner has stepped (a vrpo progress line past step 0: the first line
+    // comes on a timer, and may still say step 0 while the replay fills).
     let log = out.join("progress.log");
     let started = wait_for(
         || {
-            std::fs::read_to_string(&log)
-                .map(|s| s.contains("[vrpo] step"))
-                .unwrap_or(false)
+            std::fs::read_to_string(&log).is_ok_and(|s| {
+                s.lines()
+                    .filter_map(|l| l.strip_prefix("[vrpo] step "))
+                    .filter_map(|r| r.split('/').next()?.parse::<u64>().ok())
+                    .any(|step| step >= 1)
+            })
         },
         Duration::from_secs(120),
     );

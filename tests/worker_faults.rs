@@ -18,8 +18,10 @@ use common::*;
 /// closed 0.90 and a mode-weight error of 0.085, against 0.98 / 0.029 in other runs; 3000 leaves
 /// the run time to settle after the last restart.
 const BUDGET: u64 = 3000;
-/// Bound on a whole run, restarts included (~1 min measured on 2 shared cores).
-const RUN_LIMIT: Duration = Duration::from_secs(300);
+/// Bound on a whole run, restarts included: it catches a hang, it does not time the run. The kill
+/// test takes ~75 s on idle cores and was measured at 230 s on loaded ones, and the tests of
+/// this file run two at a time on CI's two cores, so the bound leaves more than 2x of that.
+const RUN_LIMIT: Duration = Duration::from_secs(600);
 
 /// A run of the quickstart's three workers (`configs/quickstart-redis.toml`) with a step budget.
 type Cluster = Workers;

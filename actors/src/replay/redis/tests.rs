@@ -686,11 +686,14 @@ async fn a_consumer_restarted_under_its_name_takes_its_pending_entries_at_once()
     for s in 40..60 {
         prod.insert(rec(0, s)).await?;
     }
-    // A stranger gets only the 20 entries never delivered to anyone (within SHORT).
+    // A stranger gets only the 30 entries never delivered to anyone: it reads until it has 30
+    // keys (or LONG passes), then one more short sample must bring no other key.
     let other = RedisReplay::connect_with(&url, &run, "learner-9", c.clone(), opts.clone()).await?;
     let mut seen = HashMap::new();
     let t0 = Instant::now();
-    while t0.elapsed() < SHORT * 3 {
+    let mut last_look = false;
+    while !last_look {
+        last_look = seen.len() >= 30 || t0.elapsed() >= LONG;
         if let Some(recs) = other.sample(40, SHORT).await? {
             for r in recs {
                 *seen.entry(r.key()).or_insert(0u32) += 1;
