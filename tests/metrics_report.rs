@@ -99,7 +99,11 @@ fn endpoint_is_scraped_while_the_run_goes_and_counters_increase() {
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
-    assert!(child.wait().unwrap().success());
+    let status = wait_exit(&mut child, EXIT_LIMIT).expect("an exit within EXIT_LIMIT of SIGTERM");
+    assert!(
+        status.success(),
+        "SIGTERM must lead to a clean exit 0: {status}"
+    );
     for name in [
         "tilt_pairs_produced_total",
         "tilt_pairs_consumed_total",

@@ -268,7 +268,7 @@ fn sigterm_drains_and_checkpoints_then_resume_continues() {
         .status()
         .unwrap();
     assert!(kill.success());
-    let status = child.wait().unwrap();
+    let status = wait_exit(&mut child, EXIT_LIMIT).expect("an exit within EXIT_LIMIT of SIGTERM");
     assert!(status.success(), "SIGTERM must lead to a clean exit 0");
     let (step, dir) = tilt_actors::checkpoint::latest_checkpoint(&out)
         .unwrap()

@@ -60,6 +60,31 @@ pub fn wait_for(mut cond: impl FnMut() -> bool, timeout: Duration) -> bool {
     cond()
 }
 
+/// How long a process may take to exit after SIGTERM (drain, final checkpoint): a bound on a
+/// hang, not a timing check.
+pub const EXIT_LIMIT: Duration = Duration::from_secs(120);
+
+/// Wait for `child` to exit, at most `limit`. Past it the child is SIGKILLed and `None` is
+/// returned, so that a shutdown that hangs fails its test (with the caller's message) instead
+/// of hanging the whole suite.
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("the child can be waited for") {
+            return Some(status);
+        }
+        if t0.elapsed() >= limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Parse a JSON file.
 pub fn json(p: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))

@@ -108,7 +108,13 @@ impl Workers {
             .status()
             .unwrap();
         assert!(st.success());
-        let status = c.wait().unwrap();
+        let Some(status) = super::wait_exit(&mut c, super::EXIT_LIMIT) else {
+            panic!(
+                "{role} did not exit within {:?} of SIGTERM (killed)\n{}",
+                super::EXIT_LIMIT,
+                self.logs()
+            );
+        };
         assert!(
             status.success(),
             "{role} after SIGTERM: {status}\n{}",
