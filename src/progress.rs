@@ -127,8 +127,13 @@ impl Progress {
                         fmt_secs(eta)
                     );
                 }
+                // VRPO's |dV| (mean |V(a) - V(b)|): how much the critic's labels say.
+                let strength = last
+                    .label_strength
+                    .map(|v| format!(" |dV| {v:.4}"))
+                    .unwrap_or_default();
                 me.log_only(&format!(
-                    "[{stage}] step {step}/{total} ({:.0}%) | {:.0} pairs/s in, {:.1} steps/s | loss {:.4} pair-acc {:.3} | replay {} | restarts {} | {} elapsed, ETA {}",
+                    "[{stage}] step {step}/{total} ({:.0}%) | {:.0} pairs/s in, {:.1} steps/s | loss {:.4} pair-acc {:.3}{strength} | replay {} | restarts {} | {} elapsed, ETA {}",
                     100.0 * step as f64 / total.max(1) as f64,
                     pairs_in as f64 / el,
                     rate,

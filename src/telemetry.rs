@@ -55,6 +55,11 @@ pub fn start_metrics(listen: &str) -> Result<Option<SocketAddr>> {
         "Share of pairs the policy already orders like the critic"
     );
     metrics::describe_gauge!(
+        "tilt_label_strength",
+        "VRPO: mean |V(a) - V(b)| of the last batch, the size of the critic's soft-label logit \
+         (near 0: labels near 1/2, little to learn)"
+    );
+    metrics::describe_gauge!(
         "tilt_reward_mean",
         "Mean reward of the last evaluated policy"
     );

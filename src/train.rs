@@ -125,6 +125,10 @@ pub struct TrainReport {
     pub final_loss: f32,
     /// VRPO: share of pairs ordered like the critic; DF-DPO: implicit accuracy (0 for SFT).
     pub final_accuracy: f32,
+    /// VRPO: mean |V(a) - V(b)| of the last batch (the soft labels' logit size); absent for
+    /// losses without critic labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_label_strength: Option<f32>,
     pub final_checkpoint: String,
     pub stopped_early: bool,
     /// Per-stage latency percentiles, merged across actors (this invocation).
@@ -269,6 +273,7 @@ pub async fn train(mut t: Training, progress: &Progress) -> Result<TrainReport> 
         restarts: RunControl::get(&control.restarts),
         final_loss: last.loss,
         final_accuracy: last.accuracy,
+        final_label_strength: last.label_strength,
         final_checkpoint: String::new(),
         stopped_early: learners && steps < t.steps,
         latency: control.latency.summary(),
@@ -285,8 +290,12 @@ pub async fn train(mut t: Training, progress: &Progress) -> Result<TrainReport> 
     report.accounting = account(&t, &control, progress).await;
     match outcome {
         RunOutcome::Finished { step, checkpoint } => {
+            let strength = last
+                .label_strength
+                .map(|v| format!(", |dV| {v:.4}"))
+                .unwrap_or_default();
             progress.line(&format!(
-                "[{}] finished at step {step}: loss {:.4}, accuracy {:.3}; checkpoint {}",
+                "[{}] finished at step {step}: loss {:.4}, accuracy {:.3}{strength}; checkpoint {}",
                 t.name,
                 last.loss,
                 last.accuracy,

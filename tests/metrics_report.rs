@@ -111,6 +111,7 @@ fn endpoint_is_scraped_while_the_run_goes_and_counters_increase() {
         "tilt_policy_version",
         "tilt_loss",
         "tilt_implicit_accuracy",
+        "tilt_label_strength",
         "tilt_replay_depth",
         "tilt_pairs_dropped_total",
     ] {

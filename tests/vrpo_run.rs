@@ -85,6 +85,18 @@ fn smoke_run_finishes_and_moves_toward_the_tilted_target() {
         assert!(s["critic"][c].as_f64().unwrap().is_finite(), "{c}");
     }
     assert!(out.join("config.toml").exists() && out.join("progress.log").exists());
+    // The critic's label strength, mean |V(a) - V(b)| of the last batch: reported, and above 0
+    // (the linear reward separates a segment's endpoints); the finish line shows it.
+    let v = json(&out.join("vrpo.json"));
+    let strength = v["final_label_strength"]
+        .as_f64()
+        .expect("final_label_strength");
+    assert!(strength > 0.0 && strength.is_finite(), "{v}");
+    assert!(
+        err(&o).contains(&format!(", |dV| {strength:.4}; checkpoint")),
+        "{}",
+        err(&o)
+    );
     let ck = out.join("checkpoints/step-00000060");
     for f in [
         "policy.safetensors",

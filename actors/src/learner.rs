@@ -338,6 +338,11 @@ impl LearnerState {
             loss: stats.iter().map(|s| s.loss).sum::<f32>() / n,
             accuracy: stats.iter().map(|s| s.accuracy).sum::<f32>() / n,
             margin_gap: stats.iter().map(|s| s.aux).sum::<f32>() / n,
+            label_strength: stats
+                .iter()
+                .map(|s| s.label_strength)
+                .sum::<Option<f32>>()
+                .map(|v| v / n),
         };
         if let Ok(mut l) = a.control.last.lock() {
             *l = last;
@@ -377,6 +382,10 @@ impl LearnerState {
         metrics::gauge!("tilt_loss", "role" => "learner", "actor" => "0").set(last.loss as f64);
         metrics::gauge!("tilt_implicit_accuracy", "role" => "learner", "actor" => "0")
             .set(last.accuracy as f64);
+        if let Some(v) = last.label_strength {
+            metrics::gauge!("tilt_label_strength", "role" => "learner", "actor" => "0")
+                .set(v as f64);
+        }
         let spec = &a.checkpoint;
         if (spec.every > 0 && next % spec.every == 0) || spec.at_steps.contains(&next) {
             self.checkpoint()?;

@@ -17,6 +17,9 @@ pub struct StepStats {
     pub accuracy: f32,
     /// VRPO: mean beta Delta - (V(a) - V(b)); DF-DPO: the SFT term.
     pub aux: f32,
+    /// VRPO: mean |V(a) - V(b)|, the size of the critic's soft-label logit (near 0: labels near
+    /// 1/2, little to learn). None for losses without critic labels.
+    pub label_strength: Option<f32>,
 }
 
 /// A loss a learner replica can take gradients of.

@@ -1140,6 +1140,10 @@ mod tests {
                     (sf.margin_gap - sp.margin_gap).abs() <= 1e-4 * sp.margin_gap.abs().max(1.0),
                     "case {i}"
                 );
+                // Both read the same values V(a), V(b): the same label strength, bit for bit.
+                assert_eq!(sf.label_strength, sp.label_strength, "case {i}");
+                // The first two pairs are ties (|V(a) - V(b)| = 0), the others are not.
+                assert_eq!(sp.label_strength > 0.0, nb > 2, "case {i}");
                 assert!(
                     (sf.accuracy - sp.accuracy).abs() <= 1.0 / nb as f32,
                     "case {i}"

@@ -152,6 +152,9 @@ pub struct VrpoStats {
     pub accuracy: f32,
     /// Mean of beta * Delta - (V(a) - V(b)): 0 at the soft-label optimum.
     pub margin_gap: f32,
+    /// Mean |V(a) - V(b)|: the size of the soft labels' logit, q = sigmoid(V(a) - V(b)). Near 0,
+    /// every label is near 1/2 and the batch carries little to learn, whatever the policy does.
+    pub label_strength: f32,
 }
 
 impl VrpoStats {
@@ -202,10 +205,17 @@ impl VrpoStats {
             .map(|(&dl, (&a, &b))| beta * dl as f64 - (a as f64 - b as f64))
             .sum::<f64>()
             / delta.len().max(1) as f64;
+        let strength = v_a
+            .iter()
+            .zip(v_b)
+            .map(|(&a, &b)| (a as f64 - b as f64).abs())
+            .sum::<f64>()
+            / v_a.len().max(1) as f64;
         Self {
             loss,
             accuracy: pair_accuracy(delta, v_a, v_b),
             margin_gap: gap as f32,
+            label_strength: strength as f32,
         }
     }
 }
@@ -259,6 +269,7 @@ mod tests {
         // Delta = [1, -2, 0], V(a) - V(b) = [0.5, 1, -1], beta = 2, loss 0.75.
         // gap = mean(2*1 - 0.5, 2*(-2) - 1, 0 + 1) = (1.5 - 5 + 1) / 3 = -0.8333...
         // accuracy: pair 0 agrees, pair 1 disagrees, pair 2 has Delta == 0: 1/3.
+        // label strength = mean(|0.5|, |1|, |-1|) = 2.5 / 3.
         let d = Device::Cpu;
         let v = |x: &[f32]| Tensor::new(x, &d).unwrap();
         let s = VrpoStats::read_back(
@@ -275,6 +286,11 @@ mod tests {
             (s.margin_gap as f64 + 2.5 / 3.0).abs() < 1e-6,
             "{}",
             s.margin_gap
+        );
+        assert!(
+            (s.label_strength as f64 - 2.5 / 3.0).abs() < 1e-6,
+            "{}",
+            s.label_strength
         );
         let err = VrpoStats::read_back(
             &Tensor::new(0.75f32, &d).unwrap(),

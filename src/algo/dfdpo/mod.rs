@@ -85,6 +85,7 @@ impl Objective for DfDpoObjective {
                 loss: s.loss,
                 accuracy: s.implicit_accuracy,
                 aux: s.sft,
+                label_strength: None,
             },
         ))
     }
@@ -127,6 +128,7 @@ impl Objective for SftObjective {
                 loss,
                 accuracy: 0.0,
                 aux: loss,
+                label_strength: None,
             },
         ))
     }

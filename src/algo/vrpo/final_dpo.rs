@@ -50,6 +50,7 @@ impl Objective for FinalDpoObjective {
                 loss: s.loss,
                 accuracy: s.implicit_accuracy,
                 aux: s.dpo,
+                label_strength: None,
             },
         ))
     }

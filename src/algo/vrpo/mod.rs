@@ -149,6 +149,7 @@ impl Objective for VrpoObjective {
                 loss: s.loss,
                 accuracy: s.accuracy,
                 aux: s.margin_gap,
+                label_strength: Some(s.label_strength),
             },
         ))
     }
@@ -223,6 +224,7 @@ impl Objective for FusedVrpoObjective {
                 loss: s.loss,
                 accuracy: s.accuracy,
                 aux: s.margin_gap,
+                label_strength: Some(s.label_strength),
             },
         ))
     }
