@@ -92,7 +92,6 @@ impl SyncTurns {
 pub struct LastStats {
     pub loss: f32,
     pub accuracy: f32,
-    pub margin_gap: f32,
     /// Mean over replicas of [`StepStats::label_strength`](crate::objective::StepStats), when
     /// every replica's loss has one.
     pub label_strength: Option<f32>,

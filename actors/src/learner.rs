@@ -337,7 +337,6 @@ impl LearnerState {
         let last = LastStats {
             loss: stats.iter().map(|s| s.loss).sum::<f32>() / n,
             accuracy: stats.iter().map(|s| s.accuracy).sum::<f32>() / n,
-            margin_gap: stats.iter().map(|s| s.aux).sum::<f32>() / n,
             label_strength: stats
                 .iter()
                 .map(|s| s.label_strength)

@@ -15,8 +15,6 @@ pub struct StepStats {
     pub loss: f32,
     /// VRPO: share of pairs ordered like the critic; DF-DPO: implicit accuracy.
     pub accuracy: f32,
-    /// VRPO: mean beta Delta - (V(a) - V(b)); DF-DPO: the SFT term.
-    pub aux: f32,
     /// VRPO: mean |V(a) - V(b)|, the size of the critic's soft-label logit (near 0: labels near
     /// 1/2, little to learn). None for losses without critic labels.
     pub label_strength: Option<f32>,

@@ -84,7 +84,6 @@ impl Objective for DfDpoObjective {
             StepStats {
                 loss: s.loss,
                 accuracy: s.implicit_accuracy,
-                aux: s.sft,
                 label_strength: None,
             },
         ))
@@ -127,7 +126,6 @@ impl Objective for SftObjective {
             StepStats {
                 loss,
                 accuracy: 0.0,
-                aux: loss,
                 label_strength: None,
             },
         ))

@@ -49,7 +49,6 @@ impl Objective for FinalDpoObjective {
             StepStats {
                 loss: s.loss,
                 accuracy: s.implicit_accuracy,
-                aux: s.dpo,
                 label_strength: None,
             },
         ))

@@ -148,7 +148,6 @@ impl Objective for VrpoObjective {
             StepStats {
                 loss: s.loss,
                 accuracy: s.accuracy,
-                aux: s.margin_gap,
                 label_strength: Some(s.label_strength),
             },
         ))
@@ -223,7 +222,6 @@ impl Objective for FusedVrpoObjective {
             StepStats {
                 loss: s.loss,
                 accuracy: s.accuracy,
-                aux: s.margin_gap,
                 label_strength: Some(s.label_strength),
             },
         ))
