@@ -6,13 +6,14 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tilt::algo::vrpo::{build_policy, setup};
 use tilt::config::Config;
 use tilt_actors::codec::{pair_records, records_to_batch};
 use tilt_actors::replay::{MemoryReplay, ReplayBuffer, ReplayConfig};
 use tilt_kernels::critic::{CdfCritic, CdfGrid, MlpEncoder, MlpEncoderConfig};
+use tilt_kernels::init::{seeded_var_builder, TEST_STREAM};
 use tilt_kernels::losses::VrpoLabels;
 use tilt_kernels::rng::rng_for;
 use tilt_kernels::vrpo::{make_segment_pairs, score_pair, vrpo_grads};
@@ -64,7 +65,7 @@ fn stages(c: &mut Criterion) {
 
     // Critic scoring with the learned critic's architecture (weights untrained: cost only).
     let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let vb = seeded_var_builder(&vm, 0, TEST_STREAM, DType::F32, &dev);
     let enc = MlpEncoder::new(
         MlpEncoderConfig {
             in_dim: 2,

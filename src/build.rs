@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use tilt_actors::cpu::CpuPlan;
 use tilt_actors::replay::{MemoryReplay, ReplayBackend, ReplayBuffer};
 use tilt_kernels::classifier::Classifier;
@@ -14,6 +14,7 @@ use tilt_kernels::critic::{CdfCritic, CdfGrid, CriticEncoder, MlpEncoder, MlpEnc
 use tilt_kernels::critic_features::{FeatureEncoderConfig, RewardFeatureEncoder};
 use tilt_kernels::denoiser::{Denoiser, Prediction, VPrediction};
 use tilt_kernels::image_reward::{ClassifierReward, ContrastReward};
+use tilt_kernels::init::{seeded_var_builder, CRITIC_STREAM, POLICY_STREAM, VIDEO_STREAM};
 use tilt_kernels::mixture::{AnalyticDenoiser, ExactValue, GaussianMixture};
 use tilt_kernels::models::{MlpConfig, MlpDenoiser, VideoConfig, VideoDenoiser, VideoMixer};
 use tilt_kernels::optim::AdamWConfig;
@@ -21,8 +22,7 @@ use tilt_kernels::reward::{LinearReward, QuadraticReward, Reward};
 use tilt_kernels::schedule::{SamplingGrid, VpSchedule};
 
 use crate::config::{
-    Config, CriticConfig, DataConfig, EncoderKind, PolicyConfig, RewardConfig, VideoDataConfig,
-    VideoModelKind,
+    Config, DataConfig, EncoderKind, PolicyConfig, RewardConfig, VideoDataConfig, VideoModelKind,
 };
 use crate::train::Trainable;
 
@@ -218,6 +218,7 @@ pub fn mlp_policy(
     dim: usize,
     classes: usize,
     opt: AdamWConfig,
+    seed: u64,
     device: &Device,
 ) -> Result<Trainable> {
     let vm = VarMap::new();
@@ -230,16 +231,16 @@ pub fn mlp_policy(
             classes,
             zero_init_output: true,
         },
-        VarBuilder::from_varmap(&vm, DType::F32, device),
+        seeded_var_builder(&vm, seed, POLICY_STREAM, DType::F32, device),
     )?;
     Trainable::new(vm, Arc::new(res), opt)
 }
 
 /// The CDF critic: the encoder `critic.encoder` names (an MLP of (x_k, k, class), or the frozen
 /// reward model's features of x_k with time and class embeddings: `frozen`) and the monotone CDF
-/// head on `grid`.
+/// head on `grid`; new weights in `vm` drawn from the run's seed.
 pub fn cdf_critic(
-    c: &CriticConfig,
+    cfg: &Config,
     dim: usize,
     classes: usize,
     frozen: Option<Arc<dyn Classifier>>,
@@ -247,7 +248,8 @@ pub fn cdf_critic(
     vm: &VarMap,
     device: &Device,
 ) -> Result<CdfCritic> {
-    let vb = VarBuilder::from_varmap(vm, DType::F32, device);
+    let c = &cfg.critic;
+    let vb = seeded_var_builder(vm, cfg.seed, CRITIC_STREAM, DType::F32, device);
     let enc: Box<dyn CriticEncoder> = match c.encoder {
         EncoderKind::Mlp => Box::new(MlpEncoder::new(
             MlpEncoderConfig {
@@ -288,10 +290,11 @@ pub fn video_model(
     v: &VideoDataConfig,
     schedule: &VpSchedule,
     lr: f64,
+    seed: u64,
     device: &Device,
 ) -> Result<Trainable> {
     let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
+    let vb = seeded_var_builder(&vm, seed, VIDEO_STREAM, DType::F32, device);
     let m: Arc<dyn Denoiser> = match v.model {
         VideoModelKind::Conv => Arc::new(VideoDenoiser::new(
             VideoConfig {
@@ -321,22 +324,31 @@ pub fn video_model(
     )
 }
 
+/// Random stream of the replay's sampler seed.
+const REPLAY_STREAM: u64 = 0x5EED_0001;
+
+/// The replay sampler's seed: from the run's `seed` (with `replay.seed` as the stream index, so
+/// a user can vary the sampling alone), like every other draw of a run.
+pub fn replay_seed(cfg: &Config) -> u64 {
+    use rand::Rng;
+    tilt_kernels::rng::rng_for(cfg.seed, REPLAY_STREAM, cfg.replay.seed).random()
+}
+
 /// The replay of a run: in-process, or Redis namespaced by `run_id` (consumer name `consumer`).
 /// TILT_REDIS_URL overrides `replay.url` (see [`Config::redis_target`]).
 pub async fn replay(cfg: &Config, run_id: &str, consumer: &str) -> Result<Arc<dyn ReplayBuffer>> {
-    Ok(match cfg.replay.backend {
+    let rc = tilt_actors::replay::ReplayConfig {
+        seed: replay_seed(cfg),
+        ..cfg.replay.clone()
+    };
+    Ok(match rc.backend {
         ReplayBackend::Redis => {
             let redis = cfg.redis_target();
             Arc::new(
-                tilt_actors::replay::redis::RedisReplay::connect(
-                    &redis,
-                    run_id,
-                    consumer,
-                    cfg.replay.clone(),
-                )
-                .await?,
+                tilt_actors::replay::redis::RedisReplay::connect(&redis, run_id, consumer, rc)
+                    .await?,
             )
         }
-        ReplayBackend::Memory => Arc::new(MemoryReplay::new(cfg.replay.clone())?),
+        ReplayBackend::Memory => Arc::new(MemoryReplay::new(rc)?),
     })
 }

@@ -10,6 +10,7 @@ pub mod files;
 pub mod gpu_check;
 pub mod plots;
 pub mod progress;
+pub mod provenance;
 pub mod report;
 pub mod run;
 pub mod signals;

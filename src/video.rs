@@ -1222,7 +1222,14 @@ mod tests {
             s.track_continuity < g.track_continuity - 0.3,
             "{s:?} vs {g:?}, {gate:?}"
         );
-        let noise = Tensor::randn(0f32, 0.3, real.shape(), &Device::Cpu).unwrap();
+        let noise = (tilt_kernels::rng::randn(
+            &mut tilt_kernels::rng::rng_for(101, 0, 0),
+            real.shape(),
+            &Device::Cpu,
+        )
+        .unwrap()
+            * 0.3)
+            .unwrap();
         let n = gate.measure(&noise).unwrap();
         assert!(n.single_blob < 0.3 && n.track_continuity < 0.2, "{n:?}");
     }

@@ -15,10 +15,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use tilt_kernels::classifier::{
-    accuracy, mean_log_prob, seeded_var_builder, train_classifier, Classifier,
-    ClassifierTrainConfig, CnnClassifier, CnnClassifierConfig, MlpClassifier, MlpClassifierConfig,
+    accuracy, mean_log_prob, train_classifier, Classifier, ClassifierTrainConfig, CnnClassifier,
+    CnnClassifierConfig, MlpClassifier, MlpClassifierConfig,
 };
 use tilt_kernels::digits::{Digits, Upsample};
+use tilt_kernels::init::{seeded_var_builder, CLASSIFIER_STREAM};
 use tilt_kernels::rng::{randn, rng_for};
 
 fn main() -> Result<(), Box<dyn Error>> {
@@ -70,14 +71,14 @@ fn main() -> Result<(), Box<dyn Error>> {
         for which in ["A mlp", "B cnn"] {
             let vm = VarMap::new();
             let model: Box<dyn Classifier> = if which == "A mlp" {
-                let vb = seeded_var_builder(&vm, 1, DType::F32, &dev);
+                let vb = seeded_var_builder(&vm, 1, CLASSIFIER_STREAM, DType::F32, &dev);
                 let c = MlpClassifierConfig {
                     side,
                     ..Default::default()
                 };
                 Box::new(MlpClassifier::new(c, vb)?)
             } else {
-                let vb = seeded_var_builder(&vm, 2, DType::F32, &dev);
+                let vb = seeded_var_builder(&vm, 2, CLASSIFIER_STREAM, DType::F32, &dev);
                 let c = CnnClassifierConfig {
                     side,
                     ..Default::default()

@@ -6,9 +6,8 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Shape, Tensor, Var, D};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, Linear, VarBuilder, VarMap};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{Linear, VarBuilder, VarMap};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_distr::StandardNormal;
@@ -20,8 +19,6 @@ use crate::optim::{named_vars, AdamW, AdamWConfig};
 use crate::rng::rng_for;
 use crate::{KernelError, Result};
 
-/// RNG stream of [`seeded_var_builder`] (one generator per variable name inside it).
-const INIT_STREAM: u64 = 0xC1A5_0001;
 /// RNG stream of [`train_classifier`]'s batches and augmentation.
 const TRAIN_STREAM: u64 = 0xC1A5_0002;
 /// Rows per forward pass in [`accuracy`] and [`mean_log_prob`] (bounds their memory).
@@ -94,122 +91,6 @@ fn check_range(key: &'static str, v: usize, lo: usize, hi: usize) -> Result<()> 
             v,
             format!("must be in {lo}..={hi}"),
         ))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Seeded initialisation
-
-/// A `VarBuilder` that creates missing variables in `varmap` from tilt's seeded RNG instead of
-/// candle's unseeded one: the variable named `name` is drawn from `rng_for(seed, INIT_STREAM,
-/// hash(name))` following the layer's own `Init` hint (constant, uniform, normal, Kaiming with its
-/// fan and gain, exactly the distributions candle would use). The same (seed, names, shapes) give
-/// the same weights bit for bit whatever the order in which layers are built. Variables already in
-/// `varmap` are returned as they are (shape-checked), as with a plain `VarMap`.
-pub fn seeded_var_builder(
-    varmap: &VarMap,
-    seed: u64,
-    dtype: DType,
-    device: &Device,
-) -> VarBuilder<'static> {
-    VarBuilder::from_backend(
-        Box::new(SeededVarMap {
-            varmap: varmap.clone(),
-            seed,
-        }),
-        dtype,
-        device.clone(),
-    )
-}
-
-struct SeededVarMap {
-    varmap: VarMap,
-    seed: u64,
-}
-
-/// FNV-1a of a variable name: a fixed function (unlike `DefaultHasher`, which may change between
-/// Rust releases), so the same seed gives the same weights on every toolchain.
-fn name_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// `n` draws from `init` for a variable of `shape` (f64 arithmetic, as candle's `Init::var`).
-fn draw_init(init: Init, shape: &Shape, rng: &mut rand::rngs::StdRng) -> Vec<f32> {
-    let n = shape.elem_count();
-    let normal = |rng: &mut rand::rngs::StdRng, mean: f64, std: f64| {
-        (0..n)
-            .map(|_| (mean + std * rng.sample::<f64, _>(StandardNormal)) as f32)
-            .collect()
-    };
-    let uniform = |rng: &mut rand::rngs::StdRng, lo: f64, up: f64| {
-        (0..n)
-            .map(|_| (lo + (up - lo) * rng.random::<f64>()) as f32)
-            .collect()
-    };
-    match init {
-        Init::Const(c) => vec![c as f32; n],
-        Init::Uniform { lo, up } => uniform(rng, lo, up),
-        Init::Randn { mean, stdev } => normal(rng, mean, stdev),
-        Init::Kaiming {
-            dist,
-            fan,
-            non_linearity,
-        } => {
-            let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
-            match dist {
-                candle_nn::init::NormalOrUniform::Normal => normal(rng, 0.0, std),
-                candle_nn::init::NormalOrUniform::Uniform => {
-                    let bound = 3f64.sqrt() * std;
-                    uniform(rng, -bound, bound)
-                }
-            }
-        }
-    }
-}
-
-impl SimpleBackend for SeededVarMap {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let mut data = self
-            .varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
-        if let Some(v) = data.get(name) {
-            if v.shape() != &s {
-                candle_core::bail!("shape mismatch on {name}: {s:?} <> {:?}", v.shape())
-            }
-            return Ok(v.as_tensor().clone());
-        }
-        let mut rng = rng_for(self.seed, INIT_STREAM, name_hash(name));
-        let values = draw_init(h, &s, &mut rng);
-        let t = Tensor::from_vec(values, s, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(dev)?;
-        let var = Var::from_tensor(&t)?;
-        let out = var.as_tensor().clone();
-        data.insert(name.to_string(), var);
-        Ok(out)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("seeded var builder: {name} needs a shape (use `get`)")
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.varmap
-            .data()
-            .lock()
-            .map(|d| d.contains_key(name))
-            .unwrap_or(false)
     }
 }
 
@@ -683,7 +564,7 @@ impl Batches {
 /// `train_x` [N, 1, S, S] f32 / `train_y` [N] u32, with AdamW (`cfg.lr` decaying to 0 on a cosine,
 /// `cfg.weight_decay`, other settings default) on augmented batches (see
 /// [`ClassifierTrainConfig`]). Batches and augmentation come from `rng_for(seed, TRAIN_STREAM, 0)`,
-/// so with seeded initial weights ([`seeded_var_builder`]) a run is reproducible on one device.
+/// so with seeded initial weights ([`crate::init::seeded_var_builder`]) a run is reproducible on one device.
 /// `progress(done, total, loss)` is called after every step; an error from it stops training.
 pub fn train_classifier(
     model: &dyn Classifier,
@@ -799,6 +680,7 @@ pub fn mean_log_prob(model: &dyn Classifier, x: &Tensor, y: &Tensor) -> Result<f
 mod tests {
     use super::*;
     use crate::digits::Digits;
+    use crate::init::{seeded_var_builder, CLASSIFIER_STREAM};
     use crate::testutil::flat;
 
     fn real_split() -> (Digits, Digits) {
@@ -809,13 +691,13 @@ mod tests {
 
     fn mlp(cfg: MlpClassifierConfig, seed: u64) -> (MlpClassifier, VarMap) {
         let vm = VarMap::new();
-        let vb = seeded_var_builder(&vm, seed, DType::F32, &Device::Cpu);
+        let vb = seeded_var_builder(&vm, seed, CLASSIFIER_STREAM, DType::F32, &Device::Cpu);
         (MlpClassifier::new(cfg, vb).unwrap(), vm)
     }
 
     fn cnn(cfg: CnnClassifierConfig, seed: u64) -> (CnnClassifier, VarMap) {
         let vm = VarMap::new();
-        let vb = seeded_var_builder(&vm, seed, DType::F32, &Device::Cpu);
+        let vb = seeded_var_builder(&vm, seed, CLASSIFIER_STREAM, DType::F32, &Device::Cpu);
         (CnnClassifier::new(cfg, vb).unwrap(), vm)
     }
 
@@ -999,51 +881,6 @@ mod tests {
     }
 
     #[test]
-    fn seeded_init_is_reproducible_order_free_and_follows_the_hints() {
-        let build = |seed: u64, reversed: bool| {
-            let vm = VarMap::new();
-            let vb = seeded_var_builder(&vm, seed, DType::F32, &Device::Cpu);
-            let mk = |name: &str| candle_nn::linear(512, 256, vb.pp(name)).unwrap();
-            if reversed {
-                mk("b");
-                mk("a");
-            } else {
-                mk("a");
-                mk("b");
-            }
-            let z = vb
-                .get_with_hints(4, "zero", Init::Const(0.0))
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            assert_eq!(z, [0.0; 4]);
-            named_vars(&vm)
-                .unwrap()
-                .into_iter()
-                .map(|(n, v)| (n, flat(v.as_tensor())))
-                .collect::<Vec<_>>()
-        };
-        let one = build(3, false);
-        assert_eq!(one, build(3, true));
-        let other = build(4, false);
-        assert_ne!(one[0].1, other[0].1);
-        // Different names draw different streams.
-        assert_ne!(one[0].1, one[2].1);
-        // candle_nn::linear's hints: weight Kaiming normal (ReLU gain) with std sqrt(2 / 512) =
-        // 0.0625; bias U(-1/sqrt(512), 1/sqrt(512)) = U(-0.0442, 0.0442). 131072 draws: the
-        // sample std is within 1% of 0.0625 (standard error ~0.2%).
-        let (name, w) = &one[1];
-        assert_eq!(name, "a.weight");
-        let std = (w.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
-        assert!((std / 0.0625 - 1.0).abs() < 0.01, "{std}");
-        let (name, b) = &one[0];
-        assert_eq!(name, "a.bias");
-        let bound = 1.0 / 512f32.sqrt();
-        assert!(b.iter().all(|v| v.abs() <= bound));
-        assert!(b.iter().any(|v| v.abs() > 0.9 * bound));
-    }
-
-    #[test]
     fn reward_model_and_judge_share_nothing() {
         // Changing every weight of A (the MLP) changes A's scores and leaves B's (the CNN's)
         // bit for bit as they were.
@@ -1081,7 +918,7 @@ mod tests {
         let mut vm2 = VarMap::new();
         let b = CnnClassifier::new(
             CnnClassifierConfig::default(),
-            seeded_var_builder(&vm2, 6, DType::F32, &Device::Cpu),
+            seeded_var_builder(&vm2, 6, CLASSIFIER_STREAM, DType::F32, &Device::Cpu),
         )
         .unwrap();
         assert_ne!(

@@ -815,7 +815,7 @@ mod tests {
 
     fn critic(vm: &VarMap, cfg: MlpEncoderConfig, grid: CdfGrid) -> CdfCritic {
         let d = Device::Cpu;
-        let vb = VarBuilder::from_varmap(vm, DType::F32, &d);
+        let vb = crate::testutil::vb(vm, 1, &d);
         let enc = MlpEncoder::new(cfg, vb.pp("enc")).unwrap();
         CdfCritic::new(Box::new(enc), grid, vb.pp("critic")).unwrap()
     }

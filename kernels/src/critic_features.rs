@@ -160,8 +160,9 @@ impl CriticEncoder for RewardFeatureEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classifier::{seeded_var_builder, MlpClassifier, MlpClassifierConfig};
+    use crate::classifier::{MlpClassifier, MlpClassifierConfig};
     use crate::critic::{CdfCritic, CdfGrid};
+    use crate::init::{seeded_var_builder, CLASSIFIER_STREAM, TEST_STREAM};
     use crate::optim::named_vars;
     use crate::rng::{randn, rng_for};
     use candle_core::Device;
@@ -178,7 +179,7 @@ mod tests {
                     depth: 1,
                     classes: 3,
                 },
-                seeded_var_builder(&vm_a, 1, DType::F32, &dev),
+                seeded_var_builder(&vm_a, 1, CLASSIFIER_STREAM, DType::F32, &dev),
             )
             .unwrap(),
         );
@@ -191,7 +192,7 @@ mod tests {
                 time_dim: 8,
                 classes: 3,
             },
-            seeded_var_builder(&vm, 2, DType::F32, &dev),
+            seeded_var_builder(&vm, 2, TEST_STREAM, DType::F32, &dev),
         )
         .unwrap();
         (a, vm_a, enc, vm)
@@ -229,7 +230,7 @@ mod tests {
         let critic = CdfCritic::new(
             Box::new(enc),
             CdfGrid::uniform(-3.0, 0.0, 6).unwrap(),
-            seeded_var_builder(&vm, 3, DType::F32, &Device::Cpu).pp("head"),
+            seeded_var_builder(&vm, 3, TEST_STREAM, DType::F32, &Device::Cpu).pp("head"),
         )
         .unwrap();
         let x = randn(&mut rng_for(1, 0, 0), (4, 1, 4, 4), &Device::Cpu).unwrap();

@@ -344,7 +344,7 @@ mod tests {
     use crate::reward::{LinearReward, Reward};
     use crate::schedule::VpSchedule;
     use candle_core::DType;
-    use candle_nn::{VarBuilder, VarMap};
+    use candle_nn::VarMap;
 
     /// 1-component 2-D mixture N((0.5, -0.5), 0.5^2 I), reward r = x[0], the DDPM schedule and a
     /// K-step DDPM grid: the analytic reference and the exact value of DESIGN.md's toy.
@@ -391,7 +391,7 @@ mod tests {
     }
 
     fn critic(vm: &VarMap, grid: CdfGrid) -> CdfCritic {
-        let vb = VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu);
+        let vb = crate::testutil::vb(vm, 1, &Device::Cpu);
         let enc = MlpEncoder::new(
             MlpEncoderConfig {
                 in_dim: 2,

@@ -285,7 +285,7 @@ mod tests {
     use crate::optim::AdamWConfig;
     use crate::rng::rng_for;
     use candle_core::{DType, Device};
-    use candle_nn::{VarBuilder, VarMap};
+    use candle_nn::VarMap;
 
     #[test]
     fn data_scale_fits_hand_values_and_round_trips() {
@@ -329,7 +329,7 @@ mod tests {
                 classes: 0,
                 zero_init_output: false,
             },
-            VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu),
+            crate::testutil::vb(vm, 1, &Device::Cpu),
         )
         .unwrap()
     }

@@ -133,8 +133,8 @@ mod tests {
     use crate::optim::{named_vars, AdamW, AdamWConfig};
     use crate::reward::LinearReward;
     use crate::rng::rng_for;
-    use candle_core::DType;
-    use candle_nn::{VarBuilder, VarMap};
+
+    use candle_nn::VarMap;
 
     fn setup() -> (VpSchedule, SamplingGrid, AnalyticDenoiser, LinearReward) {
         let s = VpSchedule::ddpm_default();
@@ -200,7 +200,7 @@ mod tests {
                 classes: 0,
                 zero_init_output: true,
             },
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+            crate::testutil::vb(&vm, 1, &Device::Cpu),
         )
         .unwrap();
         let mut opt = AdamW::new(

@@ -972,8 +972,8 @@ mod tests {
     use crate::rng::{randn, rng_for};
     use crate::schedule::VpSchedule;
     use crate::vrpo::vrpo_grads;
-    use candle_core::{DType, Device};
-    use candle_nn::{VarBuilder, VarMap};
+    use candle_core::Device;
+    use candle_nn::VarMap;
     use rand::Rng;
 
     /// Max over elements of |a - b| / (max |b| over the tensor), so small entries of a large
@@ -1044,7 +1044,7 @@ mod tests {
                 classes: 0,
                 zero_init_output: false,
             },
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+            crate::testutil::vb(&vm, 1, &Device::Cpu),
         )
         .unwrap();
         let mut rng = rng_for(11, dim as u64, hidden as u64);
@@ -1262,7 +1262,7 @@ mod tests {
                 classes: 3,
                 zero_init_output: true,
             },
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+            crate::testutil::vb(&vm, 2, &Device::Cpu),
         )
         .unwrap();
         assert_eq!(

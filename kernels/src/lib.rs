@@ -18,6 +18,7 @@ pub mod final_dpo;
 pub mod fused;
 pub mod fused_vrpo;
 pub mod image_reward;
+pub mod init;
 pub mod logprob;
 pub mod losses;
 pub mod mixture;

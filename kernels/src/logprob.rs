@@ -338,7 +338,7 @@ mod tests {
     use crate::rng::rng_for;
     use crate::schedule::VpSchedule;
     use candle_core::Device;
-    use candle_nn::{VarBuilder, VarMap};
+    use candle_nn::VarMap;
     use std::sync::Arc;
 
     #[test]
@@ -370,7 +370,7 @@ mod tests {
                 classes: 0,
                 zero_init_output: zero,
             },
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+            crate::testutil::vb(&vm, 1, &Device::Cpu),
         )
         .unwrap();
         // Make the net differ from the default random init deterministically when asked.

@@ -1043,15 +1043,10 @@ mod tests {
     #[test]
     fn named_vars_are_sorted_by_name() {
         let vm = candle_nn::VarMap::new();
+        let vb = crate::testutil::vb(&vm, 0, &Device::Cpu);
         for name in ["w2", "b", "a.z", "a.b"] {
-            vm.get(
-                2,
-                name,
-                candle_nn::Init::Const(0.0),
-                DType::F32,
-                &Device::Cpu,
-            )
-            .unwrap();
+            vb.get_with_hints(2, name, candle_nn::Init::Const(0.0))
+                .unwrap();
         }
         let names: Vec<String> = named_vars(&vm).unwrap().into_iter().map(|v| v.0).collect();
         assert_eq!(names, ["a.b", "a.z", "b", "w2"]);

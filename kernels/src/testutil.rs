@@ -59,3 +59,19 @@ pub fn assert_forms_agree(
         assert!(err <= tol * scale, "{name}: {err:e} > {tol:e} * {scale}");
     }
 }
+
+/// A seeded `VarBuilder` for a test's model ([`crate::init::seeded_var_builder`] on the test
+/// stream): the same `seed` gives the same weights on every run.
+pub fn vb(
+    vm: &candle_nn::VarMap,
+    seed: u64,
+    d: &candle_core::Device,
+) -> candle_nn::VarBuilder<'static> {
+    crate::init::seeded_var_builder(
+        vm,
+        seed,
+        crate::init::TEST_STREAM,
+        candle_core::DType::F32,
+        d,
+    )
+}

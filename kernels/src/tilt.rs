@@ -78,12 +78,33 @@ pub fn gap_closed(mean: f64, reference: f64, target: f64) -> f64 {
     }
 }
 
+/// Mean of `values` and its standard error, sample std (n - 1) / sqrt(n): the sampling noise of
+/// an evaluation's mean. NaN standard error for fewer than two values.
+pub fn mean_and_se(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    if values.len() < 2 {
+        return (mean, f64::NAN);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, (var / n).sqrt())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rng::rng_for;
     use rand::Rng;
     use rand_distr::StandardNormal;
+
+    #[test]
+    fn mean_and_se_by_hand() {
+        // (1, 2, 3, 4): mean 2.5, sample variance 5/3, SE sqrt(5/12).
+        let (m, se) = mean_and_se(&[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(m, 2.5);
+        assert!((se - (5.0f64 / 12.0).sqrt()).abs() < 1e-15);
+        assert!(mean_and_se(&[1.0]).1.is_nan());
+    }
 
     #[test]
     fn hand_case_and_limits() {

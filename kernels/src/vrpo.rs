@@ -262,7 +262,7 @@ mod tests {
     use crate::optim::{AdamW, AdamWConfig};
     use crate::rng::{randn, rng_for};
     use crate::schedule::VpSchedule;
-    use candle_nn::{VarBuilder, VarMap};
+    use candle_nn::VarMap;
 
     #[test]
     fn stats_read_back_in_one_go_match_hand_values() {
@@ -399,7 +399,7 @@ mod tests {
                 classes: 3,
                 zero_init_output: true,
             },
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+            crate::testutil::vb(&vm, 1, &Device::Cpu),
         )
         .unwrap();
         let vars: Vec<(String, Var)> = crate::optim::named_vars(&vm).unwrap();
@@ -442,7 +442,7 @@ mod tests {
                     classes: 3,
                     zero_init_output: zero,
                 },
-                VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu),
+                crate::testutil::vb(vm, zero as u64, &Device::Cpu),
             )
             .unwrap()
         };
@@ -555,7 +555,7 @@ mod tests {
                 classes: 0,
                 zero_init_output: true,
             },
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+            crate::testutil::vb(&vm, 3, &Device::Cpu),
         )
         .unwrap();
         let vars = vm

@@ -143,7 +143,8 @@ pub struct ReplayConfig {
     pub sampler: Sampler,
     /// Remove a record once it has been sampled this many times; 0 = unlimited.
     pub max_times_sampled: u32,
-    /// Seed of the uniform sampler's random generator.
+    /// Seed of the uniform sampler's random generator. tilt derives it from the run's `seed`
+    /// (this value selects the stream: vary it to change the sampling alone).
     pub seed: u64,
     /// Redis URL for `backend = "redis"` (`redis://[:password@]host:port/db`). The environment
     /// variable TILT_REDIS_URL overrides it; the password never appears in logs or saved configs.

@@ -7,12 +7,13 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use serde::Serialize;
 
 use super::segment_log_ratio;
 use crate::denoiser::Denoiser;
 use crate::fused_vrpo::{fused_residual, FusedVrpo};
+use crate::init::{seeded_var_builder, TEST_STREAM};
 use crate::losses::VrpoLabels;
 use crate::models::{MlpConfig, MlpDenoiser, UNetConfig, UNetDenoiser};
 use crate::optim::{named_vars, AdamW, AdamWConfig};
@@ -57,7 +58,7 @@ impl BenchModel {
     }
 
     fn build(self, vm: &VarMap, dev: &Device) -> Result<Box<dyn Denoiser>> {
-        let vb = VarBuilder::from_varmap(vm, DType::F32, dev);
+        let vb = seeded_var_builder(vm, 0, TEST_STREAM, DType::F32, dev);
         Ok(match self {
             BenchModel::QuickstartMlp => Box::new(MlpDenoiser::new(
                 MlpConfig {

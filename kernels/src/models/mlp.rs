@@ -200,7 +200,7 @@ fn shared_steps(n: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
 mod tests {
     use super::*;
     use crate::denoiser::{load_weights, save_weights, ResidualPolicy};
-    use candle_core::{DType, Device, Module};
+    use candle_core::{Device, Module};
     use candle_nn::VarMap;
     use std::sync::Arc;
 
@@ -219,17 +219,15 @@ mod tests {
     fn residual_policy_equals_reference_bit_for_bit_at_init() {
         let d = Device::Cpu;
         let vm_ref = VarMap::new();
-        let reference =
-            MlpDenoiser::new(cfg(false), VarBuilder::from_varmap(&vm_ref, DType::F32, &d)).unwrap();
+        let reference = MlpDenoiser::new(cfg(false), crate::testutil::vb(&vm_ref, 1, &d)).unwrap();
         let vm_res = VarMap::new();
-        let residual =
-            MlpDenoiser::new(cfg(true), VarBuilder::from_varmap(&vm_res, DType::F32, &d)).unwrap();
+        let residual = MlpDenoiser::new(cfg(true), crate::testutil::vb(&vm_res, 2, &d)).unwrap();
         let reference: Arc<dyn Denoiser> = Arc::new(reference);
         let policy = ResidualPolicy {
             reference: reference.clone(),
             residual: Arc::new(residual),
         };
-        let x = Tensor::randn(0f32, 1.0, (64, 2), &d).unwrap();
+        let x = crate::rng::randn(&mut crate::rng::rng_for(101, 0, 0), (64, 2), &d).unwrap();
         let n = Tensor::arange(0f32, 64.0, &d)
             .unwrap()
             .affine(15.0, 1.0)
@@ -250,13 +248,12 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("m.safetensors");
         let vm = VarMap::new();
-        let m = MlpDenoiser::new(cfg(false), VarBuilder::from_varmap(&vm, DType::F32, &d)).unwrap();
+        let m = MlpDenoiser::new(cfg(false), crate::testutil::vb(&vm, 3, &d)).unwrap();
         save_weights(&vm, &path).unwrap();
         let mut vm2 = VarMap::new();
-        let m2 =
-            MlpDenoiser::new(cfg(false), VarBuilder::from_varmap(&vm2, DType::F32, &d)).unwrap();
+        let m2 = MlpDenoiser::new(cfg(false), crate::testutil::vb(&vm2, 4, &d)).unwrap();
         load_weights(&mut vm2, &path).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (8, 2), &d).unwrap();
+        let x = crate::rng::randn(&mut crate::rng::rng_for(102, 0, 0), (8, 2), &d).unwrap();
         let n = Tensor::full(300f32, 8, &d).unwrap();
         assert_eq!(
             m.eps(&x, &n, None).unwrap().to_vec2::<f32>().unwrap(),
@@ -266,7 +263,7 @@ mod tests {
         let mut vm3 = VarMap::new();
         let mut c = cfg(false);
         c.hidden = 16;
-        let _m3 = MlpDenoiser::new(c, VarBuilder::from_varmap(&vm3, DType::F32, &d)).unwrap();
+        let _m3 = MlpDenoiser::new(c, crate::testutil::vb(&vm3, 5, &d)).unwrap();
         let e = load_weights(&mut vm3, &path).unwrap_err().to_string();
         assert!(e.contains("m.safetensors") && e.contains("shape"), "{e}");
         // A corrupt file is an error, not a panic.
@@ -287,7 +284,7 @@ mod tests {
                 classes: 4,
                 ..cfg(false)
             },
-            VarBuilder::from_varmap(&vm, DType::F32, &d),
+            crate::testutil::vb(&vm, 6, &d),
         )
         .unwrap();
         let x = crate::rng::randn(&mut crate::rng::rng_for(33, 0, 0), (8, 2), &d).unwrap();
@@ -308,8 +305,8 @@ mod tests {
         use candle_core::Var;
         let d = Device::Cpu;
         let vm = VarMap::new();
-        let m = MlpDenoiser::new(cfg(false), VarBuilder::from_varmap(&vm, DType::F32, &d)).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (400, 2), &d).unwrap();
+        let m = MlpDenoiser::new(cfg(false), crate::testutil::vb(&vm, 7, &d)).unwrap();
+        let x = crate::rng::randn(&mut crate::rng::rng_for(103, 0, 0), (400, 2), &d).unwrap();
         let n: Vec<f32> = (0..400).map(|r| (37 * (r % 20) + 5) as f32).collect();
         let n = Tensor::from_vec(n, 400, &d).unwrap();
         assert!(shared_steps(&n).unwrap().is_some());
@@ -329,7 +326,7 @@ mod tests {
             .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
         // Gradients w.r.t. every weight agree too.
-        let up = Tensor::randn(0f32, 1.0, (400, 2), &d).unwrap();
+        let up = crate::rng::randn(&mut crate::rng::rng_for(104, 0, 0), (400, 2), &d).unwrap();
         let g1 = (&shared * &up)
             .unwrap()
             .sum_all()

@@ -675,8 +675,7 @@ mod tests {
 
     fn build(c: UNetConfig) -> (VarMap, UNetDenoiser) {
         let vm = VarMap::new();
-        let m =
-            UNetDenoiser::new(c, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let m = UNetDenoiser::new(c, crate::testutil::vb(&vm, 1, &Device::Cpu)).unwrap();
         (vm, m)
     }
 
@@ -694,15 +693,9 @@ mod tests {
         let x = randn(&mut rng, (imgs, cin, side, side), &d).unwrap();
         let w = randn(&mut rng, (cout, 9 * cin), &d).unwrap();
         let vm = VarMap::new();
-        let conv = PixelConv::new(
-            cin,
-            cout,
-            9,
-            false,
-            VarBuilder::from_varmap(&vm, DType::F32, &d),
-        )
-        .unwrap()
-        .with_weight(w.clone());
+        let conv = PixelConv::new(cin, cout, 9, false, crate::testutil::vb(&vm, 2, &d))
+            .unwrap()
+            .with_weight(w.clone());
         let rows = |t: &Tensor| {
             let (n, c, h, ww) = t.dims4().unwrap();
             t.permute((0, 2, 3, 1))
@@ -842,7 +835,7 @@ mod tests {
         ];
         for (c, key) in cases {
             let vm = VarMap::new();
-            let e = UNetDenoiser::new(c, VarBuilder::from_varmap(&vm, DType::F32, &d))
+            let e = UNetDenoiser::new(c, crate::testutil::vb(&vm, 3, &d))
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();

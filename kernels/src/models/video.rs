@@ -252,8 +252,7 @@ mod tests {
 
     fn build(c: VideoConfig) -> (VarMap, VideoDenoiser) {
         let vm = VarMap::new();
-        let m =
-            VideoDenoiser::new(c, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let m = VideoDenoiser::new(c, crate::testutil::vb(&vm, 1, &Device::Cpu)).unwrap();
         (vm, m)
     }
 
@@ -350,7 +349,7 @@ mod tests {
         ];
         for (c, key) in cases {
             let vm = VarMap::new();
-            let e = VideoDenoiser::new(c, VarBuilder::from_varmap(&vm, DType::F32, &d))
+            let e = VideoDenoiser::new(c, crate::testutil::vb(&vm, 2, &d))
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
@@ -384,7 +383,7 @@ mod tests {
             cout,
             3,
             true,
-            VarBuilder::from_varmap(&VarMap::new(), DType::F32, &d),
+            crate::testutil::vb(&VarMap::new(), 3, &d),
         )
         .unwrap()
         .with_weight(w.clone());

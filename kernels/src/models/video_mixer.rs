@@ -332,17 +332,18 @@ mod tests {
     /// A mixer of `cfg(zero)` on the CPU (its weights live on in the model's tensors).
     fn mixer(zero: bool) -> VideoMixer {
         let vm = VarMap::new();
-        VideoMixer::new(
-            cfg(zero),
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-        )
-        .unwrap()
+        VideoMixer::new(cfg(zero), crate::testutil::vb(&vm, 1, &Device::Cpu)).unwrap()
     }
 
     #[test]
     fn shapes_and_zero_init() {
         let m = mixer(true);
-        let x = Tensor::randn(0f32, 1.0, (3, 4, 1, 4, 4), &Device::Cpu).unwrap();
+        let x = crate::rng::randn(
+            &mut crate::rng::rng_for(101, 0, 0),
+            (3, 4, 1, 4, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
         let n = Tensor::new(&[1f32, 500.0, 999.0], &Device::Cpu).unwrap();
         let e = m.eps(&x, &n, None).unwrap();
         assert_eq!(e.dims(), &[3, 4, 1, 4, 4]);
@@ -356,7 +357,12 @@ mod tests {
     #[test]
     fn frames_mix_within_a_clip_and_clips_stay_apart() {
         let m = mixer(false);
-        let x = Tensor::randn(0f32, 1.0, (2, 4, 1, 4, 4), &Device::Cpu).unwrap();
+        let x = crate::rng::randn(
+            &mut crate::rng::rng_for(102, 0, 0),
+            (2, 4, 1, 4, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
         let n = Tensor::new(&[10f32, 10.0], &Device::Cpu).unwrap();
         let a = m.eps(&x, &n, None).unwrap();
         let bump = Tensor::zeros((2, 4, 1, 4, 4), DType::F32, &Device::Cpu)
@@ -379,21 +385,23 @@ mod tests {
     #[test]
     fn global_block_starts_as_identity_then_mixes_frames() {
         let vm = VarMap::new();
-        let g = GlobalBlock::new(
-            12,
-            16,
-            4,
-            8,
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        let g = GlobalBlock::new(12, 16, 4, 8, crate::testutil::vb(&vm, 2, &Device::Cpu)).unwrap();
+        let h = crate::rng::randn(
+            &mut crate::rng::rng_for(103, 0, 0),
+            (2, 4, 12),
+            &Device::Cpu,
         )
         .unwrap();
-        let h = Tensor::randn(0f32, 1.0, (2, 4, 12), &Device::Cpu).unwrap();
-        let emb = Tensor::randn(0f32, 1.0, (2, 8), &Device::Cpu).unwrap();
+        let emb =
+            crate::rng::randn(&mut crate::rng::rng_for(104, 0, 0), (2, 8), &Device::Cpu).unwrap();
         use crate::testutil::flat;
         assert_eq!(flat(&g.forward(&h, &emb).unwrap()), flat(&h));
         let up = vm.data().lock().unwrap()["up.weight"].clone();
-        up.set(&Tensor::randn(0f32, 1.0, (12, 16), &Device::Cpu).unwrap())
-            .unwrap();
+        up.set(
+            &crate::rng::randn(&mut crate::rng::rng_for(105, 0, 0), (12, 16), &Device::Cpu)
+                .unwrap(),
+        )
+        .unwrap();
         let a = g.forward(&h, &emb).unwrap();
         let bump = Tensor::zeros((2, 4, 12), DType::F32, &Device::Cpu)
             .unwrap()

@@ -266,7 +266,7 @@ fn pretrain(
         varmap: vm,
         model,
         mut opt,
-    } = build::video_model(&cfg.video, schedule, p.lr, device)?;
+    } = build::video_model(&cfg.video, schedule, p.lr, cfg.seed, device)?;
     opt.set_grad_clip(p.grad_clip);
     let params = opt.vars().iter().map(|(_, v)| v.elem_count()).sum();
     let (train_set, corrupted) = if p.corrupt > 0.0 {
@@ -402,7 +402,7 @@ fn reference_from(cfg: &Config, run_dir: &Path, progress: &Progress) -> Result<(
 
 /// A video model with the weights of `file` (the reference, or a continuation's checkpoint).
 fn load_model(cfg: &Config, file: &Path, device: &Device) -> Result<Arc<dyn Denoiser>> {
-    let mut m = build::video_model(&cfg.video, &build::schedule(cfg)?, 1e-3, device)?;
+    let mut m = build::video_model(&cfg.video, &build::schedule(cfg)?, 1e-3, cfg.seed, device)?;
     load_weights(&mut m.varmap, file)?;
     Ok(m.model)
 }
@@ -465,7 +465,12 @@ fn continuation(
             scale: sh.scale,
         }),
     };
-    let (video, lr, schedule) = (cfg.video.clone(), cfg.dfdpo.lr, sh.schedule.clone());
+    let (video, lr, schedule, seed) = (
+        cfg.video.clone(),
+        cfg.dfdpo.lr,
+        sh.schedule.clone(),
+        cfg.seed,
+    );
     let devices = build::learner_devices(cfg)?;
     // Candle's ops run on one thread each: one learner core per replica.
     let cpu = build::cpu_plan(cfg, devices.len(), true)?;
@@ -476,7 +481,7 @@ fn continuation(
         steps: cfg.dfdpo.steps,
         batch: cfg.dfdpo.batch,
         devices,
-        build: Box::new(move |device| build::video_model(&video, &schedule, lr, device)),
+        build: Box::new(move |device| build::video_model(&video, &schedule, lr, seed, device)),
         // The policy starts as a copy of the reference (equal bit for bit at step 0).
         init: Some(sh.reference_file.clone()),
         objective,
@@ -583,6 +588,9 @@ impl ModelEval {
 pub struct DfDpoSummary {
     pub name: String,
     pub algorithm: String,
+    /// What a rerun needs: seed, config hash, build, devices (DESIGN "Reproducibility").
+    #[serde(default)]
+    pub provenance: crate::provenance::Provenance,
     pub steps: u64,
     pub beta: f64,
     pub lambda_sft: f64,
@@ -809,7 +817,7 @@ fn evaluate(
         let Some((_, ck)) = latest_checkpoint(&run_dir.join(name))? else {
             continue;
         };
-        let mut m = build::video_model(&cfg.video, &sh.schedule, 1e-3, &sh.device)?;
+        let mut m = build::video_model(&cfg.video, &sh.schedule, 1e-3, cfg.seed, &sh.device)?;
         load_checkpoint(&ck, &mut m.varmap, &mut m.opt)?;
         models.push((name.to_string(), m.model));
     }
@@ -894,6 +902,7 @@ fn evaluate(
     );
     let summary = DfDpoSummary {
         name: cfg.name.clone(),
+        provenance: crate::provenance::Provenance::of(cfg)?,
         algorithm: "dfdpo".into(),
         steps: cfg.dfdpo.steps,
         beta: cfg.dfdpo.beta,

@@ -82,7 +82,7 @@ pub fn stage_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<CriticRep
     let vm = VarMap::new();
     let frozen = build::reward_model(&s.data);
     let critic = build::cdf_critic(
-        &cfg.critic,
+        cfg,
         s.dim(),
         s.data.classes,
         frozen.clone(),
@@ -205,7 +205,7 @@ pub fn load_critic(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<Arc<dyn Va
         .context("the vrpo stage needs a trained critic: run the \"critic\" stage first")?;
     let mut vm = VarMap::new();
     let critic = build::cdf_critic(
-        &cfg.critic,
+        cfg,
         s.dim(),
         s.data.classes,
         build::reward_model(&s.data),

@@ -14,12 +14,13 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use tilt_kernels::classifier::{
-    accuracy, seeded_var_builder, train_classifier, Classifier, ClassifierTrainConfig,
-    CnnClassifier, CnnClassifierConfig, MlpClassifier, MlpClassifierConfig,
+    accuracy, train_classifier, Classifier, ClassifierTrainConfig, CnnClassifier,
+    CnnClassifierConfig, MlpClassifier, MlpClassifierConfig,
 };
 use tilt_kernels::denoiser::{load_weights, save_weights, Denoiser, Prediction};
 use tilt_kernels::dfdpo::pretrain_denoiser;
 use tilt_kernels::digits::{Digits, Upsample};
+use tilt_kernels::init::{seeded_var_builder, CLASSIFIER_STREAM, REFERENCE_STREAM};
 use tilt_kernels::logprob::sample_chain;
 use tilt_kernels::models::{MlpConfig, MlpDenoiser, UNetConfig, UNetDenoiser};
 use tilt_kernels::optim::{named_vars, AdamW, AdamWConfig, LrPlan};
@@ -119,7 +120,7 @@ fn reference_net(
     seed: u64,
     device: &Device,
 ) -> Result<Arc<dyn Denoiser>> {
-    let vb = seeded_var_builder(vm, seed, DType::F32, device);
+    let vb = seeded_var_builder(vm, seed, REFERENCE_STREAM, DType::F32, device);
     Ok(match d.model {
         ReferenceModel::Mlp => Arc::new(MlpDenoiser::new(
             MlpConfig {
@@ -164,7 +165,13 @@ fn reward_net(
             classes: d.classes,
             ..Default::default()
         },
-        seeded_var_builder(vm, seed.wrapping_add(REWARD_SEED), DType::F32, device),
+        seeded_var_builder(
+            vm,
+            seed.wrapping_add(REWARD_SEED),
+            CLASSIFIER_STREAM,
+            DType::F32,
+            device,
+        ),
     )?)
 }
 
@@ -180,7 +187,13 @@ fn judge_net(
             classes: d.classes,
             ..Default::default()
         },
-        seeded_var_builder(vm, seed.wrapping_add(JUDGE_SEED), DType::F32, device),
+        seeded_var_builder(
+            vm,
+            seed.wrapping_add(JUDGE_SEED),
+            CLASSIFIER_STREAM,
+            DType::F32,
+            device,
+        ),
     )?)
 }
 

@@ -12,7 +12,7 @@ use tilt_kernels::denoiser::ResidualPolicy;
 use tilt_kernels::logprob::sample_chain;
 use tilt_kernels::reward::{checked_rewards, Reward};
 use tilt_kernels::rng::{randn, rng_for};
-use tilt_kernels::tilt::{gap_closed, systematic_resample, tilted_target};
+use tilt_kernels::tilt::{gap_closed, mean_and_se, systematic_resample, tilted_target};
 
 use super::critic::CriticReport;
 use super::digits::{image_metrics, per_class_target, save_grid, ImageMetrics, TargetEstimate};
@@ -29,6 +29,10 @@ use crate::train::TrainReport;
 pub struct EvalPoint {
     pub step: u64,
     pub reward_mean_policy: f64,
+    /// Standard error of `reward_mean_policy` over the evaluation's samples (sampling noise of
+    /// the evaluation only, not the spread between training runs).
+    #[serde(default)]
+    pub reward_se_policy: f64,
     /// Mixture data: the policy's mode weights.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mode_weights_policy: Vec<f64>,
@@ -193,10 +197,11 @@ pub fn stage_eval(cfg: &Config, s: &Setup, run_dir: &Path) -> Result<EvalReport>
         let xk = randn(&mut prng, shape(n), &s.learner_device)?;
         let p0 = sample_chain(&policy, &s.grid, &xk, k, 0, cond.as_ref(), &mut prng)?;
         let rp = rewards_f64(s.reward.as_ref(), &p0, cond.as_ref())?;
-        let mean = rp.iter().sum::<f64>() / rp.len() as f64;
+        let (mean, se) = mean_and_se(&rp);
         let mut point = EvalPoint {
             step,
             reward_mean_policy: mean,
+            reward_se_policy: se,
             mode_weights_policy: vec![],
             gap_closed: gap_closed(mean, rep.reward_mean_ref, rep.reward_mean_target),
             images: None,
@@ -268,6 +273,9 @@ pub fn round3(v: &[f64]) -> Vec<f64> {
 pub struct Summary {
     pub name: String,
     pub algorithm: String,
+    /// What a rerun needs: seed, config hash, build, devices (DESIGN "Reproducibility").
+    #[serde(default)]
+    pub provenance: crate::provenance::Provenance,
     /// "segments" (VRPO) or "final_dpo" (the Diffusion-DPO baseline).
     #[serde(default)]
     pub method: String,
@@ -283,6 +291,9 @@ pub struct Summary {
     pub wall_s: f64,
     pub reward_mean_ref: f64,
     pub reward_mean_policy: f64,
+    /// Standard error of `reward_mean_policy` over the evaluation's samples.
+    #[serde(default)]
+    pub reward_se_policy: f64,
     pub reward_mean_target: f64,
     pub reward_mean_closed_form: Option<f64>,
     pub gap_closed: f64,
@@ -375,6 +386,7 @@ pub fn finish(
     };
     let summary = Summary {
         name: cfg.name.clone(),
+        provenance: crate::provenance::Provenance::of(cfg)?,
         algorithm: "vrpo".into(),
         method: serde_json::to_value(cfg.vrpo.method)?
             .as_str()
@@ -393,6 +405,7 @@ pub fn finish(
         wall_s: t0.elapsed().as_secs_f64(),
         reward_mean_ref: ev.reward_mean_ref,
         reward_mean_policy: last.reward_mean_policy,
+        reward_se_policy: last.reward_se_policy,
         reward_mean_target: ev.reward_mean_target,
         reward_mean_closed_form: ev.reward_mean_closed_form,
         gap_closed: last.gap_closed,

@@ -112,6 +112,7 @@ pub fn build_policy(cfg: &Config, s: &Setup) -> Result<Trainable> {
         s.dim(),
         s.data.classes,
         adamw(cfg),
+        cfg.seed,
         &s.learner_device,
     )
 }
@@ -386,7 +387,13 @@ pub fn training(
     progress: &Progress,
 ) -> Result<Training> {
     let sources = sources(cfg, s, run_dir, &roles)?;
-    let (policy, dim, classes, opt) = (cfg.policy.clone(), s.dim(), s.data.classes, adamw(cfg));
+    let (policy, dim, classes, opt, seed) = (
+        cfg.policy.clone(),
+        s.dim(),
+        s.data.classes,
+        adamw(cfg),
+        cfg.seed,
+    );
     Ok(Training {
         name: "vrpo".into(),
         dir: run_dir.to_path_buf(),
@@ -399,7 +406,7 @@ pub fn training(
             vec![]
         },
         build: Box::new(move |device| {
-            build::mlp_policy(&policy, dim, classes, opt.clone(), device)
+            build::mlp_policy(&policy, dim, classes, opt.clone(), seed, device)
         }),
         init: None,
         objective: objective(cfg, s, roles.learners.then_some(progress)),

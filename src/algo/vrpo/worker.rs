@@ -31,7 +31,7 @@ fn segments_config(cfg: &Config) -> ReplayConfig {
         error_buffer: 64.0,
         sampler: Sampler::Fifo,
         max_times_sampled: 0,
-        seed: cfg.seed,
+        seed: crate::build::replay_seed(cfg),
         ..cfg.replay.clone()
     }
 }

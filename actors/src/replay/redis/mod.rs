@@ -349,6 +349,9 @@ impl RedisReplay {
             .await
             .map_err(connect_err)?;
 
+        // An identity, not data: two incarnations of one consumer name (a restarted worker) must
+        // not share reservation nonces, so this draw is deliberately not from the run's seed.
+        #[allow(clippy::disallowed_methods)]
         let salt: u64 = rand::rng().random();
         let limiter = RateLimiter::new(&cfg);
         let local = Local {
