@@ -205,3 +205,41 @@ fn digits_smoke_twice_gives_the_same_pretrained_models_and_critic() {
         );
     }
 }
+
+#[test]
+fn dfdpo_pretrain_stage_writes_the_same_reference_at_one_seed() {
+    let d = scratch("repro-dfdpo");
+    let sets = [
+        "stages=[\"pretrain\"]",
+        "pretrain.steps=20",
+        "video.clips=128",
+        "eval.samples=16",
+    ];
+    let (a, b, c) = (d.join("a"), d.join("b"), d.join("c"));
+    run("configs/video-dfdpo-protocol.toml", &a, &sets);
+    run("configs/video-dfdpo-protocol.toml", &b, &sets);
+    let mut other = sets.to_vec();
+    other.push("seed=1");
+    run("configs/video-dfdpo-protocol.toml", &c, &other);
+    let files: Vec<_> = tree(&a)
+        .into_iter()
+        .filter(|f| f.0.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    assert!(
+        !files.is_empty(),
+        "the pretrain stage wrote no safetensors in {}",
+        a.display()
+    );
+    for (name, x) in &files {
+        assert!(
+            x == &bytes(&b.join(name)),
+            "{} differs between the two runs",
+            name.display()
+        );
+        assert!(
+            x != &bytes(&c.join(name)),
+            "{} is the same at seeds 0 and 1",
+            name.display()
+        );
+    }
+}
