@@ -26,6 +26,14 @@ pub enum KernelError {
         index: usize,
         n: usize,
     },
+    /// A model directory's config (diffusers format) that tilt does not read as written: the
+    /// file, the key, and why.
+    #[error("{file}: {key}: {detail}")]
+    ModelConfig {
+        file: String,
+        key: String,
+        detail: String,
+    },
     #[error("CUDA support was not compiled in: rebuild with `--features cuda`")]
     NotCompiledWithCuda,
     #[error("CUDA is unavailable: {0}")]
@@ -42,6 +50,14 @@ impl KernelError {
             name,
             value: value.to_string(),
             reason: reason.into(),
+        }
+    }
+    /// A config key of a model directory's file that tilt refuses.
+    pub fn model_config(file: &str, key: &str, detail: impl Into<String>) -> Self {
+        KernelError::ModelConfig {
+            file: file.to_string(),
+            key: key.to_string(),
+            detail: detail.into(),
         }
     }
     /// A shape mismatch.

@@ -11,6 +11,7 @@ pub mod critic_train;
 pub mod cuda;
 pub mod denoiser;
 pub mod dfdpo;
+pub mod diffusers;
 pub mod digits;
 pub mod distort;
 pub mod error;

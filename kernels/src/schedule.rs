@@ -35,7 +35,30 @@ impl VpSchedule {
         let betas: Vec<f64> = (0..n)
             .map(|i| beta_start + (beta_end - beta_start) * i as f64 / (n - 1) as f64)
             .collect();
-        let mut abar = Vec::with_capacity(n + 1);
+        Self::from_betas(betas)
+    }
+
+    /// The schedule of explicit betas (beta_n for n = 1..=N at index n - 1), each in (0, 1).
+    pub fn from_betas(betas: Vec<f64>) -> Result<Self> {
+        if betas.len() < 2 {
+            return Err(KernelError::param(
+                "schedule.train_steps",
+                betas.len(),
+                "must be at least 2",
+            ));
+        }
+        if let Some((i, b)) = betas
+            .iter()
+            .enumerate()
+            .find(|(_, b)| !(**b > 0.0 && **b < 1.0))
+        {
+            return Err(KernelError::param(
+                "schedule.betas",
+                format!("beta[{i}] = {b}"),
+                "every beta must lie in (0, 1)",
+            ));
+        }
+        let mut abar = Vec::with_capacity(betas.len() + 1);
         abar.push(1.0);
         for b in &betas {
             let last = *abar.last().unwrap_or(&1.0);
@@ -117,10 +140,10 @@ pub struct SamplingGrid {
 
 impl SamplingGrid {
     /// K evenly spaced steps, n_k = round(k N / K), DDIM with `eta` in (0, 1] (1 = DDPM posterior
-    /// variance). The DDIM variance of the last step (n_0 = 0, abar = 1) is zero; it is clamped
-    /// from below to 1 - abar_1 = beta_1 (1e-4 for the default schedule) so every transition is a
-    /// proper Gaussian with a log-density, and the direction term sqrt(1 - abar' - sigma^2) is
-    /// clamped at 0 (the last step's mean is then the predicted x_0).
+    /// variance). The DDIM variance of the last step (n_0 = 0, abar = 1) is zero; it is replaced
+    /// by 1 - abar_1 = beta_1 (1e-4 for the default schedule) so every transition is a proper
+    /// Gaussian with a log-density, and the direction term sqrt(1 - abar' - sigma^2) is clamped
+    /// at 0 (the last step's mean is then the predicted x_0).
     pub fn new(schedule: &VpSchedule, k: usize, eta: f64) -> Result<Self> {
         let n = schedule.train_steps();
         if k == 0 || k > n {
@@ -130,19 +153,45 @@ impl SamplingGrid {
                 format!("must be in 1..={n}"),
             ));
         }
-        if !(eta > 0.0 && eta <= 1.0) {
-            return Err(KernelError::param("sampling.eta", eta, "must be in (0, 1]"));
-        }
         let n_of_k: Vec<usize> = (0..=k)
             .map(|i| ((i as f64) * n as f64 / k as f64).round() as usize)
             .collect();
+        Self::from_indices(schedule, n_of_k, eta)
+    }
+
+    /// The grid through the training indices `n_of_k` (k = 0..=K, strictly increasing, at most
+    /// N; n_0 = 0 is the data end, abar = 1), with the same stochastic DDIM steps as
+    /// [`SamplingGrid::new`]. A diffusers scheduler's timesteps map here (tilt's n = diffusers'
+    /// t + 1; see `crate::diffusers::scheduler`).
+    pub fn from_indices(schedule: &VpSchedule, n_of_k: Vec<usize>, eta: f64) -> Result<Self> {
+        let n = schedule.train_steps();
+        if !(eta > 0.0 && eta <= 1.0) {
+            return Err(KernelError::param("sampling.eta", eta, "must be in (0, 1]"));
+        }
+        if n_of_k.len() < 2
+            || n_of_k.windows(2).any(|w| w[0] >= w[1])
+            || n_of_k.last().is_some_and(|&top| top > n)
+        {
+            return Err(KernelError::param(
+                "sampling.timesteps",
+                format!("{n_of_k:?}"),
+                format!("need at least 2 strictly increasing training indices <= N = {n}"),
+            ));
+        }
+        let k = n_of_k.len() - 1;
         let var_floor = 1.0 - schedule.abar[1];
         let steps = (1..=k)
             .map(|i| {
                 let (nf, nt) = (n_of_k[i], n_of_k[i - 1]);
                 let (a, ap) = (schedule.abar[nf], schedule.abar[nt]);
                 let ddpm_var = (1.0 - ap) / (1.0 - a) * (1.0 - a / ap);
-                let var = (eta * eta * ddpm_var).max(var_floor);
+                // Only a step to the data end (abar = 1) has zero DDIM variance; every other
+                // step keeps diffusers' variance exactly.
+                let var = if ap >= 1.0 {
+                    var_floor
+                } else {
+                    eta * eta * ddpm_var
+                };
                 let dir = (1.0 - ap - var).max(0.0).sqrt();
                 // mu = sqrt(ap) * (x - sqrt(1-a) eps) / sqrt(a) + dir * eps
                 StepCoef {
