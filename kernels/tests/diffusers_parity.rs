@@ -54,7 +54,7 @@ fn unet(name: &str) -> (UNet2D, WeightFile) {
         &Device::Cpu,
     )
     .unwrap();
-    let m = UNet2D::new(cfg, w.var_builder(&Device::Cpu)).unwrap();
+    let m = UNet2D::new(cfg, w.var_builder(&Device::Cpu), None).unwrap();
     (m, w)
 }
 
@@ -117,7 +117,7 @@ fn a_weight_file_missing_a_tensor_or_holding_an_extra_one_is_refused_by_name() {
     let p = tmp.join("extra.safetensors");
     candle_core::safetensors::save(&ts, &p).unwrap();
     let w = WeightFile::open(&p, &Device::Cpu).unwrap();
-    UNet2D::new(cfg.clone(), w.var_builder(&Device::Cpu)).unwrap();
+    UNet2D::new(cfg.clone(), w.var_builder(&Device::Cpu), None).unwrap();
     let e = w.check_all_used().unwrap_err().to_string();
     assert!(
         e.contains("extra.block.weight") && e.contains("extra.safetensors"),
@@ -129,7 +129,7 @@ fn a_weight_file_missing_a_tensor_or_holding_an_extra_one_is_refused_by_name() {
     let p = tmp.join("missing.safetensors");
     candle_core::safetensors::save(&ts, &p).unwrap();
     let w = WeightFile::open(&p, &Device::Cpu).unwrap();
-    let e = UNet2D::new(cfg.clone(), w.var_builder(&Device::Cpu))
+    let e = UNet2D::new(cfg.clone(), w.var_builder(&Device::Cpu), None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -144,7 +144,7 @@ fn a_weight_file_missing_a_tensor_or_holding_an_extra_one_is_refused_by_name() {
     let p = tmp.join("shape.safetensors");
     candle_core::safetensors::save(&ts, &p).unwrap();
     let w = WeightFile::open(&p, &Device::Cpu).unwrap();
-    let e = UNet2D::new(cfg, w.var_builder(&Device::Cpu))
+    let e = UNet2D::new(cfg, w.var_builder(&Device::Cpu), None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("to_q.weight") && e.contains("shape"), "{e}");

@@ -8,6 +8,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Embedding, GroupNorm, Linear, Module, VarBuilder};
+
+use super::lora::{Lora, LoraLinear};
 use serde_json::{Map, Value};
 
 use crate::{KernelError, Result};
@@ -390,23 +392,30 @@ impl Resnet {
 #[derive(Debug)]
 struct Attn {
     group_norm: GroupNorm,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: LoraLinear,
+    to_k: LoraLinear,
+    to_v: LoraLinear,
+    to_out: LoraLinear,
     heads: usize,
     rescale: f64,
 }
 
 impl Attn {
-    fn new(c: &UNet2DConfig, ch: usize, rescale: f64, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        c: &UNet2DConfig,
+        ch: usize,
+        rescale: f64,
+        vb: VarBuilder,
+        lora: Option<&Lora>,
+    ) -> Result<Self> {
         let head_dim = c.attention_head_dim.unwrap_or(ch);
+        let proj = |vb: VarBuilder| LoraLinear::new(ch, ch, vb, lora);
         Ok(Self {
             group_norm: gn(c.norm_num_groups, ch, c.norm_eps, vb.pp("group_norm"))?,
-            to_q: candle_nn::linear(ch, ch, vb.pp("to_q"))?,
-            to_k: candle_nn::linear(ch, ch, vb.pp("to_k"))?,
-            to_v: candle_nn::linear(ch, ch, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(ch, ch, vb.pp("to_out").pp("0"))?,
+            to_q: proj(vb.pp("to_q"))?,
+            to_k: proj(vb.pp("to_k"))?,
+            to_v: proj(vb.pp("to_v"))?,
+            to_out: proj(vb.pp("to_out").pp("0"))?,
             heads: ch / head_dim,
             rescale,
         })
@@ -421,7 +430,7 @@ impl Attn {
             .forward(&x.reshape((b, c, h * w))?)?
             .transpose(1, 2)?
             .contiguous()?;
-        let split = |p: &Linear| -> Result<Tensor> {
+        let split = |p: &LoraLinear| -> Result<Tensor> {
             // [b, heads, hw, d]
             Ok(p.forward(&t)?
                 .reshape((b, h * w, self.heads, d))?
@@ -465,8 +474,9 @@ pub struct UNet2D {
 }
 
 impl UNet2D {
-    /// Build the model; every tensor comes from `vb` under diffusers' key names.
-    pub fn new(config: UNet2DConfig, vb: VarBuilder) -> Result<Self> {
+    /// Build the model; every base tensor comes from `vb` under diffusers' key names, the LoRA's
+    /// (if any) from `lora.vb` under the same module paths.
+    pub fn new(config: UNet2DConfig, vb: VarBuilder, lora: Option<&Lora>) -> Result<Self> {
         let c = &config;
         let ch = &c.block_out_channels;
         let temb = c.time_embed_dim();
@@ -484,7 +494,7 @@ impl UNet2D {
                 .collect::<Result<Vec<_>>>()?;
             let attns = match kind {
                 BlockKind::Attn => (0..c.layers_per_block)
-                    .map(|j| Attn::new(c, out_ch, 1.0, vb.pp("attentions").pp(j)))
+                    .map(|j| Attn::new(c, out_ch, 1.0, vb.pp("attentions").pp(j), lora))
                     .collect::<Result<Vec<_>>>()?,
                 BlockKind::Plain => vec![],
             };
@@ -503,7 +513,7 @@ impl UNet2D {
         let mid = (
             Resnet::new(c, last, last, s, mvb.pp("resnets").pp(0))?,
             c.add_attention
-                .then(|| Attn::new(c, last, s, mvb.pp("attentions").pp(0)))
+                .then(|| Attn::new(c, last, s, mvb.pp("attentions").pp(0), lora))
                 .transpose()?,
             Resnet::new(c, last, last, s, mvb.pp("resnets").pp(1))?,
         );
@@ -525,7 +535,7 @@ impl UNet2D {
                 .collect::<Result<Vec<_>>>()?;
             let attns = match kind {
                 BlockKind::Attn => (0..layers)
-                    .map(|j| Attn::new(c, out_ch, 1.0, vb.pp("attentions").pp(j)))
+                    .map(|j| Attn::new(c, out_ch, 1.0, vb.pp("attentions").pp(j), lora))
                     .collect::<Result<Vec<_>>>()?,
                 BlockKind::Plain => vec![],
             };
