@@ -93,6 +93,43 @@ def write_scheduler(name, config, steps, eta, seed):
     print(f"{name}: {steps} steps, eta {eta}, timesteps {ts[0]}..{ts[-1]}")
 
 
+def lora_round_trip(name):
+    """The other direction: a LoRA tilt wrote (kernels/examples/diffusers_lora_fixture.rs) loaded
+    into diffusers' model with PEFT, as diffusers' own LoRA loader does, and diffusers' output with
+    it on the fixture's inputs. UNet2DModel has no load_lora_adapter (no PeftAdapterMixin), so the
+    adapter is injected with peft directly, from the file's lora_adapter_metadata."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    d = os.path.join(ROOT, name)
+    f = os.path.join(d, "lora-tilt", "pytorch_lora_weights.safetensors")
+    if not os.path.exists(f):
+        print(f"{name}: no lora-tilt/ (run cargo run --release -p tilt-kernels --example diffusers_lora_fixture first)")
+        return
+    with safe_open(f, framework="pt") as fh:
+        meta = json.loads(fh.metadata()["lora_adapter_metadata"])
+    cfg = LoraConfig(r=meta["unet.r"], lora_alpha=meta["unet.lora_alpha"], target_modules=meta["unet.target_modules"])
+    model = UNet2DModel.from_pretrained(d)
+    model.eval()
+    inject_adapter_in_model(cfg, model)
+    sd = {k[len("unet."):]: v for k, v in load_file(f).items()}
+    res = set_peft_model_state_dict(model, sd)
+    if res.unexpected_keys:
+        raise SystemExit(f"{name}: diffusers/peft did not take {res.unexpected_keys[:5]}")
+    missing = [k for k in res.missing_keys if "lora" in k]
+    if missing:
+        raise SystemExit(f"{name}: the LoRA file lacks {missing[:5]}")
+    inp = load_file(os.path.join(d, "inputs.safetensors"))
+    kwargs = {"class_labels": inp["class_labels"]} if "class_labels" in inp else {}
+    with torch.no_grad():
+        y = model(inp["sample"], inp["timestep"], **kwargs).sample
+        base = UNet2DModel.from_pretrained(d).eval()(inp["sample"], inp["timestep"], **kwargs).sample
+    save_file({"sample": y.contiguous()}, os.path.join(d, "lora-tilt", "outputs.safetensors"))
+    print(f"{name}: tilt's LoRA loaded into diffusers ({len(sd)} tensors, r {cfg.r}, alpha {cfg.lora_alpha}); "
+          f"it moves the output by {(y - base).abs().max():.4f}")
+
+
 def main():
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}", file=sys.stderr)
     small = dict(
@@ -136,6 +173,7 @@ def main():
         dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing",
              clip_sample=False),
         20, 0.5, 22)
+    lora_round_trip("unet2d")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ pub mod build;
 pub mod config;
 pub mod files;
 pub mod gpu_check;
+pub mod model;
 pub mod plots;
 pub mod progress;
 pub mod provenance;

@@ -1,4 +1,4 @@
-//! The `tilt` command line: run, resume, check-config.
+//! The `tilt` command line: run, resume, worker, report, model, check-config.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -83,6 +83,11 @@ enum Cmd {
         #[arg(long)]
         no_cpu: bool,
     },
+    /// Inspect or run a diffusers-format model (docs/your-own-model.md).
+    Model {
+        #[command(subcommand)]
+        cmd: ModelCmd,
+    },
     /// Validate a config and print it fully resolved.
     CheckConfig {
         config: PathBuf,
@@ -91,8 +96,35 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// The class, the config tilt understood and the parameter count; or the one-line refusal.
+    Info { dir: PathBuf },
+    /// One forward pass: `sample`, `timestep` and (class-conditional) `class_labels` in,
+    /// `sample` out.
+    Forward {
+        dir: PathBuf,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// A LoRA: pytorch_lora_weights.safetensors or the directory holding it.
+        #[arg(long)]
+        lora: Option<PathBuf>,
+    },
+}
+
 async fn main_inner(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Model { cmd } => match cmd {
+            ModelCmd::Info { dir } => tilt::model::info(&dir)?,
+            ModelCmd::Forward {
+                dir,
+                inputs,
+                out,
+                lora,
+            } => tilt::model::forward(&dir, &inputs, &out, lora.as_deref())?,
+        },
         Cmd::Worker {
             role,
             config,

@@ -248,3 +248,42 @@ fn ddim_steps_match_diffusers_cosine_v_trailing() {
     // squaredcos_cap_v2, v_prediction, trailing, set_alpha_to_one true, 20 steps, eta 0.5.
     scheduler_matches_diffusers("scheduler-v-trailing");
 }
+
+#[test]
+fn a_lora_tilt_wrote_gives_the_output_diffusers_gives_with_it() {
+    // lora-tilt/pytorch_lora_weights.safetensors: written by tilt
+    // (kernels/examples/diffusers_lora_fixture.rs: rank 2, alpha 4, B off zero); outputs.safetensors:
+    // diffusers 0.42.1 + peft with that file injected (scripts/diffusers-fixtures.py).
+    use tilt_kernels::diffusers::lora::{read_lora_config, Lora, UNET_PREFIX};
+    let dir = fixture("unet2d");
+    let file = dir.join("lora-tilt/pytorch_lora_weights.safetensors");
+    let lw = WeightFile::open(&file, &Device::Cpu).unwrap();
+    let lora = Lora {
+        config: read_lora_config(&file).unwrap(),
+        vb: lw.var_builder(&Device::Cpu).pp(UNET_PREFIX),
+    };
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let cfg = UNet2DConfig::from_json(&text, "config.json").unwrap();
+    let w = WeightFile::open(
+        &dir.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let m = UNet2D::new(cfg, w.var_builder(&Device::Cpu), Some(&lora)).unwrap();
+    lw.check_all_used().unwrap();
+    let inp = load(&dir.join("inputs.safetensors"));
+    let t: Vec<f32> = inp["timestep"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&t| t as f32)
+        .collect();
+    let got = flat(&m.forward(&inp["sample"], &t, None).unwrap());
+    let want = flat(&load(&dir.join("lora-tilt/outputs.safetensors"))["sample"]);
+    let base = flat(&load(&dir.join("outputs.safetensors"))["sample"]);
+    let (err, scale) = err_and_scale(&got, &want);
+    eprintln!("unet2d + tilt's LoRA: max |tilt - diffusers| {err:e}, output scale {scale}");
+    assert!(err <= 1e-4 * scale, "{err:e} against {scale}");
+    // The LoRA matters: diffusers' output with it is far from the base model's.
+    assert!(err_and_scale(&want, &base).0 > 0.1);
+}

@@ -55,6 +55,11 @@ impl WeightFile {
         })
     }
 
+    /// The number of values in the file.
+    pub fn elem_count(&self) -> usize {
+        self.tensors.values().map(|t| t.elem_count()).sum()
+    }
+
     /// A `VarBuilder` over the file (f32, on the file's device).
     pub fn var_builder(&self, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self.clone()), DType::F32, device.clone())
