@@ -287,3 +287,16 @@ fn a_lora_tilt_wrote_gives_the_output_diffusers_gives_with_it() {
     // The LoRA matters: diffusers' output with it is far from the base model's.
     assert!(err_and_scale(&want, &base).0 > 0.1);
 }
+
+#[test]
+fn as_a_denoiser_tilt_index_n_is_diffusers_timestep_n_minus_1() {
+    use tilt_kernels::denoiser::Denoiser;
+    let (m, _) = unet("unet2d");
+    let inp = load(&fixture("unet2d").join("inputs.safetensors"));
+    // The fixture's timesteps 0, 417, 999 are tilt's n = 1, 418, 1000.
+    let n = Tensor::new(&[1f32, 418.0, 1000.0], &Device::Cpu).unwrap();
+    let got = flat(&m.eps(&inp["sample"], &n, None).unwrap());
+    let want = flat(&load(&fixture("unet2d").join("outputs.safetensors"))["sample"]);
+    let (err, scale) = err_and_scale(&got, &want);
+    assert!(err <= 1e-4 * scale, "{err:e}");
+}

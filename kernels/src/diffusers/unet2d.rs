@@ -690,6 +690,21 @@ impl UNet2D {
     }
 }
 
+/// A diffusers UNet behind tilt's `Denoiser` seam: tilt's training index n (1..=N) is
+/// diffusers' timestep n - 1 (`alphas_cumprod[t]` = tilt's `abar[t + 1]`). The output is the
+/// model's: eps for `prediction_type = "epsilon"`; wrap a v model in `denoiser::VPrediction`.
+impl crate::denoiser::Denoiser for UNet2D {
+    fn eps(&self, x: &Tensor, n: &Tensor, cond: Option<&Tensor>) -> Result<Tensor> {
+        let t: Vec<f32> = n
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|n| (n - 1.0).max(0.0))
+            .collect();
+        self.forward(x, &t, cond)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
