@@ -130,6 +130,32 @@ def lora_round_trip(name):
           f"it moves the output by {(y - base).abs().max():.4f}")
 
 
+def merged_round_trip(name):
+    """diffusers loads the directory `tilt model merge` writes (target/release/tilt, when built), and
+    its output equals diffusers' own output with the LoRA injected (lora_round_trip)."""
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    tilt = os.path.join(ROOT, "..", "..", "..", "target", "release", "tilt")
+    d = os.path.join(ROOT, name)
+    want_file = os.path.join(d, "lora-tilt", "outputs.safetensors")
+    if not (os.path.exists(tilt) and os.path.exists(want_file)):
+        print(f"{name}: merge check skipped (needs target/release/tilt and lora-tilt/outputs.safetensors)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "merged")
+        subprocess.run([tilt, "model", "merge", d, "--lora", os.path.join(d, "lora-tilt"), "--out", out], check=True,
+                       stdout=subprocess.DEVNULL)
+        model = UNet2DModel.from_pretrained(out).eval()
+        inp = load_file(os.path.join(d, "inputs.safetensors"))
+        with torch.no_grad():
+            y = model(inp["sample"], inp["timestep"]).sample
+    err = (y - load_file(want_file)["sample"]).abs().max().item()
+    print(f"{name}: diffusers on `tilt model merge`'s directory against diffusers + the LoRA: max error {err:.2e}")
+
+
 def main():
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}", file=sys.stderr)
     small = dict(
@@ -174,6 +200,7 @@ def main():
              clip_sample=False),
         20, 0.5, 22)
     lora_round_trip("unet2d")
+    merged_round_trip("unet2d")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,14 @@ enum ModelCmd {
         #[arg(long)]
         lora: Option<PathBuf>,
     },
+    /// Write a copy of the model (or pipeline) directory with the LoRA folded into its weights.
+    Merge {
+        dir: PathBuf,
+        #[arg(long)]
+        lora: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 async fn main_inner(cli: Cli) -> Result<()> {
@@ -124,6 +132,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
                 out,
                 lora,
             } => tilt::model::forward(&dir, &inputs, &out, lora.as_deref())?,
+            ModelCmd::Merge { dir, lora, out } => tilt::model::merge(&dir, &lora, &out)?,
         },
         Cmd::Worker {
             role,

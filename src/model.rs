@@ -1,6 +1,6 @@
-//! `tilt model info | forward`: what tilt understood of a diffusers model directory, and one
+//! `tilt model info | forward | merge`: what tilt understood of a diffusers model directory, one
 //! forward pass through it (with a LoRA), so a user can check tilt reads a model the way diffusers
-//! does. The directory is a model (`config.json` + `diffusion_pytorch_model.safetensors`) or a
+//! does, and the model with a LoRA folded into its weights. The directory is a model (`config.json` + `diffusion_pytorch_model.safetensors`) or a
 //! pipeline (`model_index.json` with `unet/` and optionally `scheduler/`).
 
 use std::collections::HashMap;
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use tilt_kernels::diffusers::lora::{read_lora_config, Lora, UNET_PREFIX};
+use tilt_kernels::diffusers::lora::{merge_lora, read_lora_config, Lora, UNET_PREFIX};
 use tilt_kernels::diffusers::scheduler::SchedulerConfig;
 use tilt_kernels::diffusers::unet2d::{UNet2D, UNet2DConfig};
 use tilt_kernels::diffusers::weights::WeightFile;
@@ -201,6 +201,57 @@ pub fn forward(dir: &Path, inputs: &Path, out: &Path, lora: Option<&Path>) -> Re
     let tmp = out.with_extension("safetensors.tmp");
     candle_core::safetensors::save(&m, &tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    println!("{}", out.display());
+    Ok(())
+}
+
+/// A LoRA argument: the file, or the directory holding pytorch_lora_weights.safetensors.
+fn lora_file(p: &Path) -> PathBuf {
+    if p.is_dir() {
+        p.join(LORA_WEIGHTS)
+    } else {
+        p.to_path_buf()
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    for e in std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
+        let p = e?.path();
+        let dst = to.join(p.file_name().expect("read_dir entries have names"));
+        if p.is_dir() {
+            copy_tree(&p, &dst)?;
+        } else {
+            std::fs::copy(&p, &dst)
+                .with_context(|| format!("cannot copy {} to {}", p.display(), dst.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `tilt model merge DIR --lora L --out OUT`: a copy of the model (or pipeline) directory whose
+/// UNet weights have the LoRA folded in (W + alpha / r B A), in diffusers' format. The LoRA and
+/// the model are checked first (every tensor of both used, as `forward` does); OUT must not exist.
+pub fn merge(dir: &Path, lora: &Path, out: &Path) -> Result<()> {
+    if out.exists() {
+        bail!(
+            "{}: already exists (merge writes a new directory)",
+            out.display()
+        );
+    }
+    load_unet(dir, Some(lora), &Device::Cpu)?;
+    let unet = unet_dir(dir)?;
+    let lfile = lora_file(lora);
+    let dev = Device::Cpu;
+    let base = candle_core::safetensors::load(unet.join(WEIGHTS), &dev)?;
+    let ltensors = candle_core::safetensors::load(&lfile, &dev)?;
+    let merged = merge_lora(&base, &ltensors, &read_lora_config(&lfile)?)?;
+    let tmp = out.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    copy_tree(dir, &tmp)?;
+    let rel = unet.strip_prefix(dir).unwrap_or(Path::new(""));
+    candle_core::safetensors::save(&merged, tmp.join(rel).join(WEIGHTS))?;
     std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
     println!("{}", out.display());
     Ok(())

@@ -136,3 +136,49 @@ fn bad_models_are_refused_in_one_line() {
     refuse(&t, &["diffusion_pytorch_model.safetensors"]);
     refuse(&d.join("nowhere"), &["not a diffusers model directory"]);
 }
+
+#[test]
+fn merge_folds_the_lora_into_weights_that_give_the_lora_output() {
+    let d = scratch("model-merge");
+    let merged = d.join("merged");
+    let o = tilt(&[
+        "model",
+        "merge",
+        &format!("{F}/unet2d"),
+        "--lora",
+        &format!("{F}/unet2d/lora-tilt"),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    // The merged directory is a plain model: tilt reads it without a LoRA, and its output is
+    // diffusers' output with the LoRA (W + alpha/r B A in f32: rounding only).
+    let out = d.join("out.safetensors");
+    let o = tilt(&[
+        "model",
+        "forward",
+        merged.to_str().unwrap(),
+        "--inputs",
+        &format!("{F}/unet2d/inputs.safetensors"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    let want = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(F)
+        .join("unet2d/lora-tilt/outputs.safetensors");
+    let (e, scale) = max_err(&out, &want);
+    assert!(e <= 1e-4 * scale, "{e:e} against {scale}");
+    // A second merge into the same directory is refused.
+    let o = tilt(&[
+        "model",
+        "merge",
+        &format!("{F}/unet2d"),
+        "--lora",
+        &format!("{F}/unet2d/lora-tilt"),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err(&o).contains("already exists"), "{}", err(&o));
+}

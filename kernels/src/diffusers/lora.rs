@@ -192,6 +192,58 @@ pub fn read_lora_config(path: &Path) -> Result<LoraConfig> {
     })
 }
 
+/// The base weights with the LoRA folded in: for every adapted layer at module path p,
+/// `p.weight` becomes W + (alpha / r) B A (`lora` holds `unet.p.lora_A.weight` and
+/// `unet.p.lora_B.weight`, as [`save_lora`] writes them). A LoRA tensor whose base weight is
+/// missing, a lone A or B, or a shape that does not fit is an error naming the tensor.
+pub fn merge_lora(
+    base: &HashMap<String, Tensor>,
+    lora: &HashMap<String, Tensor>,
+    config: &LoraConfig,
+) -> Result<HashMap<String, Tensor>> {
+    let scale = config.alpha / config.rank as f64;
+    let mut out = base.clone();
+    let prefix = format!("{UNET_PREFIX}.");
+    for (key, a) in lora {
+        let Some(path) = key
+            .strip_prefix(&prefix)
+            .and_then(|k| k.strip_suffix(".lora_A.weight"))
+        else {
+            if key.ends_with(".lora_B.weight") && key.starts_with(&prefix) {
+                continue; // taken with its A
+            }
+            return Err(KernelError::param(
+                "lora",
+                key,
+                format!("not a {prefix}<module>.lora_A/B.weight key"),
+            ));
+        };
+        let bkey = format!("{prefix}{path}.lora_B.weight");
+        let b = lora
+            .get(&bkey)
+            .ok_or_else(|| KernelError::param("lora", &bkey, "missing (its lora_A is present)"))?;
+        let wkey = format!("{path}.weight");
+        let w = base
+            .get(&wkey)
+            .ok_or_else(|| KernelError::param("lora", key, format!("no base weight {wkey}")))?;
+        let delta = (b.matmul(a)? * scale)?;
+        if delta.dims() != w.dims() {
+            return Err(KernelError::shape(
+                "merge_lora",
+                format!("{key}: B A is {:?}, {wkey} is {:?}", delta.dims(), w.dims()),
+            ));
+        }
+        out.insert(wkey, (w + delta.to_dtype(w.dtype())?)?);
+    }
+    for key in lora.keys().filter(|k| k.ends_with(".lora_B.weight")) {
+        let akey = key.replace(".lora_B.weight", ".lora_A.weight");
+        if !lora.contains_key(&akey) {
+            return Err(KernelError::param("lora", key, "missing its lora_A"));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
