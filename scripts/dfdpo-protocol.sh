@@ -82,6 +82,14 @@ print(f"DF-DPO - SFT on temporal: {gap:+.3f}; twice the larger spread across see
       f"per seed: {', '.join(f'{d - s:+.3f}' for d, s in zip(dfd, sft))}")
 print("verdict: DF-DPO beats SFT by more than twice the spread" if gap > 2 * spread else
       "verdict: DF-DPO does not beat SFT by more than twice the spread")
+# The same seed gives SFT and DF-DPO the same reference, data and eval noise: the per-seed
+# differences are paired, and their own spread is the one that measures the gap's noise.
+diffs = [d - s for d, s in zip(dfd, sft)]
+if k > 1:
+    m, sd = stats(diffs)
+    se = sd / math.sqrt(k)
+    print(f"paired over seeds: DF-DPO - SFT = {m:+.3f} ± {se:.3f} (SE of the mean of {k} paired differences, "
+          f"sd {sd:.3f}; t = {m / se:.2f} on {k - 1} df); positive at {sum(d > 0 for d in diffs)} of {k} seeds")
 gates = [model(r, "reference") for r in runs]
 ok = all(g["single_blob"] >= 0.9 and g["track_continuity"] >= 0.8 for g in gates)
 print("reference gates (one blob >= 0.9, continuity >= 0.8): " + ("met" if ok else "NOT met: the reference does not model the data well enough for the result to mean much"))
