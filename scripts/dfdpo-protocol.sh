@@ -88,8 +88,9 @@ diffs = [d - s for d, s in zip(dfd, sft)]
 if k > 1:
     m, sd = stats(diffs)
     se = sd / math.sqrt(k)
+    t = f"t = {m / se:.2f}" if se > 0 else "t undefined: no spread"
     print(f"paired over seeds: DF-DPO - SFT = {m:+.3f} ± {se:.3f} (SE of the mean of {k} paired differences, "
-          f"sd {sd:.3f}; t = {m / se:.2f} on {k - 1} df); positive at {sum(d > 0 for d in diffs)} of {k} seeds")
+          f"sd {sd:.3f}; {t} on {k - 1} df); positive at {sum(d > 0 for d in diffs)} of {k} seeds")
 gates = [model(r, "reference") for r in runs]
 ok = all(g["single_blob"] >= 0.9 and g["track_continuity"] >= 0.8 for g in gates)
 print("reference gates (one blob >= 0.9, continuity >= 0.8): " + ("met" if ok else "NOT met: the reference does not model the data well enough for the result to mean much"))

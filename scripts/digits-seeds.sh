@@ -54,6 +54,8 @@ cols = [
     ("judge B acc: policy", lambda r: r["policy"]["judge_acc"]),
     ("pairwise diversity: reference", lambda r: r["reference"]["diversity"]["pairwise"]),
     ("pairwise diversity: policy", lambda r: r["policy"]["diversity"]["pairwise"]),
+    ("distinct NN: reference", lambda r: r["reference"]["diversity"]["distinct_nn"]),
+    ("distinct NN: policy", lambda r: r["policy"]["diversity"]["distinct_nn"]),
     ("critic CRPS", lambda r: r["critic"]["crps"]),
 ]
 seeds = [r["provenance"]["seed"] if "provenance" in r else "?" for r in runs]
