@@ -3,6 +3,7 @@
 //! the scheduler, `UNet2DModel`, LoRA on its attention projections and the weights file.
 //! `UNet2DConditionModel` and the VAE follow (docs/your-own-model.md, "Not yet").
 
+mod config;
 pub mod lora;
 pub mod scheduler;
 pub mod unet2d;

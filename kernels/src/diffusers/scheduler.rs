@@ -9,7 +9,9 @@
 //! `abar[0] = 1` is diffusers' `final_alpha_cumprod` with `set_alpha_to_one`. A model called by
 //! tilt at training index n gets diffusers' timestep n - 1.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use super::config::{flag, key_err, num, object, require, text, uint};
 
 use crate::denoiser::Prediction;
 use crate::schedule::{SamplingGrid, VpSchedule};
@@ -65,61 +67,14 @@ const INERT: [&str; 4] = [
     "skip_prk_steps",
 ];
 
-fn key_err(file: &str, key: &str, detail: impl Into<String>) -> KernelError {
-    KernelError::model_config(file, key, detail)
-}
-
-fn as_f64(file: &str, key: &str, v: &Value) -> Result<f64> {
-    v.as_f64()
-        .filter(|x| x.is_finite())
-        .ok_or_else(|| key_err(file, key, format!("expected a number, found {v}")))
-}
-
-fn as_usize(file: &str, key: &str, v: &Value) -> Result<usize> {
-    v.as_u64().map(|x| x as usize).ok_or_else(|| {
-        key_err(
-            file,
-            key,
-            format!("expected a non-negative integer, found {v}"),
-        )
-    })
-}
-
-fn as_bool(file: &str, key: &str, v: &Value) -> Result<bool> {
-    v.as_bool()
-        .ok_or_else(|| key_err(file, key, format!("expected true or false, found {v}")))
-}
-
-fn as_str<'a>(file: &str, key: &str, v: &'a Value) -> Result<&'a str> {
-    v.as_str()
-        .ok_or_else(|| key_err(file, key, format!("expected a string, found {v}")))
-}
-
-/// `key` must hold `want` (a feature tilt does not implement is refused unless it is off).
-fn require(file: &str, key: &str, v: &Value, want: &Value, what: &str) -> Result<()> {
-    if v == want {
-        Ok(())
-    } else {
-        Err(key_err(
-            file,
-            key,
-            format!("= {v}: {what} is not supported (only {want})"),
-        ))
-    }
-}
-
 impl SchedulerConfig {
     /// Parse the JSON text of a `scheduler_config.json`; `file` names it in errors. Defaults are
     /// diffusers' own for a key the file leaves out (its `DDIMScheduler.__init__` defaults; for
     /// `set_alpha_to_one`, `steps_offset` and `clip_sample` the class's).
-    pub fn from_json(text: &str, file: &str) -> Result<Self> {
-        let root: Value = serde_json::from_str(text)
-            .map_err(|e| key_err(file, "(file)", format!("not valid JSON: {e}")))?;
-        let obj: &Map<String, Value> = root
-            .as_object()
-            .ok_or_else(|| key_err(file, "(file)", "expected a JSON object"))?;
+    pub fn from_json(json: &str, file: &str) -> Result<Self> {
+        let obj = object(json, file)?;
         let class_name = match obj.get("_class_name") {
-            Some(v) => as_str(file, "_class_name", v)?.to_string(),
+            Some(v) => text(file, "_class_name", v)?.to_string(),
             None => return Err(key_err(file, "_class_name", "missing")),
         };
         if !SCHEDULER_CLASSES.contains(&class_name.as_str()) {
@@ -140,16 +95,16 @@ impl SchedulerConfig {
             steps_offset: 0,
             set_alpha_to_one: true,
         };
-        for (key, v) in obj {
+        for (key, v) in &obj {
             let k = key.as_str();
             match k {
                 "_class_name" => {}
                 k if INERT.contains(&k) => {}
-                "num_train_timesteps" => c.num_train_timesteps = as_usize(file, k, v)?,
-                "beta_start" => c.beta_start = as_f64(file, k, v)?,
-                "beta_end" => c.beta_end = as_f64(file, k, v)?,
+                "num_train_timesteps" => c.num_train_timesteps = uint(file, k, v)?,
+                "beta_start" => c.beta_start = num(file, k, v)?,
+                "beta_end" => c.beta_end = num(file, k, v)?,
                 "beta_schedule" => {
-                    c.beta_schedule = match as_str(file, k, v)? {
+                    c.beta_schedule = match text(file, k, v)? {
                         "linear" => BetaSchedule::Linear,
                         "scaled_linear" => BetaSchedule::ScaledLinear,
                         "squaredcos_cap_v2" => BetaSchedule::SquaredcosCapV2,
@@ -165,7 +120,7 @@ impl SchedulerConfig {
                     }
                 }
                 "prediction_type" => {
-                    c.prediction_type = match as_str(file, k, v)? {
+                    c.prediction_type = match text(file, k, v)? {
                         "epsilon" => Prediction::Eps,
                         "v_prediction" => Prediction::V,
                         other => {
@@ -178,7 +133,7 @@ impl SchedulerConfig {
                     }
                 }
                 "timestep_spacing" => {
-                    c.timestep_spacing = match as_str(file, k, v)? {
+                    c.timestep_spacing = match text(file, k, v)? {
                         "leading" => Spacing::Leading,
                         "trailing" => Spacing::Trailing,
                         "linspace" => Spacing::Linspace,
@@ -191,24 +146,26 @@ impl SchedulerConfig {
                         }
                     }
                 }
-                "steps_offset" => c.steps_offset = as_usize(file, k, v)?,
-                "set_alpha_to_one" => c.set_alpha_to_one = as_bool(file, k, v)?,
-                "trained_betas" => require(file, k, v, &Value::Null, "an explicit beta list")?,
-                "thresholding" => require(file, k, v, &Value::Bool(false), "dynamic thresholding")?,
+                "steps_offset" => c.steps_offset = uint(file, k, v)?,
+                "set_alpha_to_one" => c.set_alpha_to_one = flag(file, k, v)?,
+                "trained_betas" => require(file, k, v, &[Value::Null], "an explicit beta list")?,
+                "thresholding" => {
+                    require(file, k, v, &[Value::Bool(false)], "dynamic thresholding")?
+                }
                 "rescale_betas_zero_snr" => {
-                    require(file, k, v, &Value::Bool(false), "zero-SNR rescaling")?
+                    require(file, k, v, &[Value::Bool(false)], "zero-SNR rescaling")?
                 }
                 // Clipping the predicted x_0 makes the step's mean non-affine in the model's
                 // output; tilt's transitions are affine (their log-probabilities are exact).
-                "clip_sample" => require(file, k, v, &Value::Bool(false), "clipping x_0")?,
+                "clip_sample" => require(file, k, v, &[Value::Bool(false)], "clipping x_0")?,
                 "clip_sample_range" => {
-                    as_f64(file, k, v)?;
+                    num(file, k, v)?;
                 }
                 "variance_type" => require(
                     file,
                     k,
                     v,
-                    &Value::String("fixed_small".into()),
+                    &["fixed_small".into()],
                     "a variance other than the DDPM posterior's",
                 )?,
                 _ => {

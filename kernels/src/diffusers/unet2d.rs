@@ -9,14 +9,11 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Embedding, GroupNorm, Linear, Module, VarBuilder};
 
+use super::config::{flag, key_err, list, num, object, opt_uint, require, uint};
 use super::lora::{Lora, LoraLinear};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::{KernelError, Result};
-
-fn key_err(file: &str, key: &str, detail: impl Into<String>) -> KernelError {
-    KernelError::model_config(file, key, detail)
-}
 
 /// Down and up block kinds tilt implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,52 +48,6 @@ pub struct UNet2DConfig {
 
 const INERT: [&str; 3] = ["_diffusers_version", "_name_or_path", "num_train_timesteps"];
 
-fn usize_of(file: &str, key: &str, v: &Value) -> Result<usize> {
-    v.as_u64().map(|x| x as usize).ok_or_else(|| {
-        key_err(
-            file,
-            key,
-            format!("expected a non-negative integer, found {v}"),
-        )
-    })
-}
-
-fn opt_usize(file: &str, key: &str, v: &Value) -> Result<Option<usize>> {
-    if v.is_null() {
-        Ok(None)
-    } else {
-        usize_of(file, key, v).map(Some)
-    }
-}
-
-fn f64_of(file: &str, key: &str, v: &Value) -> Result<f64> {
-    v.as_f64()
-        .filter(|x| x.is_finite())
-        .ok_or_else(|| key_err(file, key, format!("expected a number, found {v}")))
-}
-
-fn bool_of(file: &str, key: &str, v: &Value) -> Result<bool> {
-    v.as_bool()
-        .ok_or_else(|| key_err(file, key, format!("expected true or false, found {v}")))
-}
-
-fn list<'a>(file: &str, key: &str, v: &'a Value) -> Result<&'a Vec<Value>> {
-    v.as_array()
-        .ok_or_else(|| key_err(file, key, format!("expected a list, found {v}")))
-}
-
-fn require(file: &str, key: &str, v: &Value, ok: &[Value], what: &str) -> Result<()> {
-    if ok.contains(v) {
-        Ok(())
-    } else {
-        Err(key_err(
-            file,
-            key,
-            format!("= {v}: {what} is not supported"),
-        ))
-    }
-}
-
 fn blocks(file: &str, key: &str, v: &Value, plain: &str, attn: &str) -> Result<Vec<BlockKind>> {
     list(file, key, v)?
         .iter()
@@ -116,11 +67,7 @@ impl UNet2DConfig {
     /// Parse a `config.json` whose `_class_name` is `UNet2DModel`; `file` names it in errors.
     /// diffusers' defaults for absent keys; a key or value tilt does not implement is refused.
     pub fn from_json(text: &str, file: &str) -> Result<Self> {
-        let root: Value = serde_json::from_str(text)
-            .map_err(|e| key_err(file, "(file)", format!("not valid JSON: {e}")))?;
-        let obj: &Map<String, Value> = root
-            .as_object()
-            .ok_or_else(|| key_err(file, "(file)", "expected a JSON object"))?;
+        let obj = object(text, file)?;
         match obj.get("_class_name").and_then(Value::as_str) {
             Some("UNet2DModel") => {}
             other => {
@@ -161,7 +108,7 @@ impl UNet2DConfig {
             num_class_embeds: None,
         };
 
-        for (key, v) in obj {
+        for (key, v) in &obj {
             let k = key.as_str();
             match k {
                 "_class_name" => {}
@@ -169,20 +116,20 @@ impl UNet2DConfig {
                 "sample_size" => {
                     c.sample_size = match v {
                         Value::Array(a) if a.len() == 2 => {
-                            (usize_of(file, k, &a[0])?, usize_of(file, k, &a[1])?)
+                            (uint(file, k, &a[0])?, uint(file, k, &a[1])?)
                         }
                         _ => {
-                            let s = usize_of(file, k, v)?;
+                            let s = uint(file, k, v)?;
                             (s, s)
                         }
                     }
                 }
-                "in_channels" => c.in_channels = usize_of(file, k, v)?,
-                "out_channels" => c.out_channels = usize_of(file, k, v)?,
+                "in_channels" => c.in_channels = uint(file, k, v)?,
+                "out_channels" => c.out_channels = uint(file, k, v)?,
                 "block_out_channels" => {
                     c.block_out_channels = list(file, k, v)?
                         .iter()
-                        .map(|x| usize_of(file, k, x))
+                        .map(|x| uint(file, k, x))
                         .collect::<Result<_>>()?
                 }
                 "down_block_types" => {
@@ -196,17 +143,17 @@ impl UNet2DConfig {
                     &[Value::String("UNetMidBlock2D".into())],
                     "a mid block other than UNetMidBlock2D",
                 )?,
-                "layers_per_block" => c.layers_per_block = usize_of(file, k, v)?,
-                "attention_head_dim" => c.attention_head_dim = opt_usize(file, k, v)?,
-                "norm_num_groups" => c.norm_num_groups = usize_of(file, k, v)?,
-                "norm_eps" => c.norm_eps = f64_of(file, k, v)?,
-                "flip_sin_to_cos" => c.flip_sin_to_cos = bool_of(file, k, v)?,
-                "freq_shift" => c.freq_shift = f64_of(file, k, v)?,
-                "mid_block_scale_factor" => c.mid_block_scale_factor = f64_of(file, k, v)?,
-                "add_attention" => c.add_attention = bool_of(file, k, v)?,
-                "center_input_sample" => c.center_input_sample = bool_of(file, k, v)?,
-                "time_embedding_dim" => c.time_embedding_dim = opt_usize(file, k, v)?,
-                "num_class_embeds" => c.num_class_embeds = opt_usize(file, k, v)?,
+                "layers_per_block" => c.layers_per_block = uint(file, k, v)?,
+                "attention_head_dim" => c.attention_head_dim = opt_uint(file, k, v)?,
+                "norm_num_groups" => c.norm_num_groups = uint(file, k, v)?,
+                "norm_eps" => c.norm_eps = num(file, k, v)?,
+                "flip_sin_to_cos" => c.flip_sin_to_cos = flag(file, k, v)?,
+                "freq_shift" => c.freq_shift = num(file, k, v)?,
+                "mid_block_scale_factor" => c.mid_block_scale_factor = num(file, k, v)?,
+                "add_attention" => c.add_attention = flag(file, k, v)?,
+                "center_input_sample" => c.center_input_sample = flag(file, k, v)?,
+                "time_embedding_dim" => c.time_embedding_dim = opt_uint(file, k, v)?,
+                "num_class_embeds" => c.num_class_embeds = opt_uint(file, k, v)?,
                 "act_fn" => require(
                     file,
                     k,
