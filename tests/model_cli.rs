@@ -182,3 +182,74 @@ fn merge_folds_the_lora_into_weights_that_give_the_lora_output() {
     assert_eq!(o.status.code(), Some(1));
     assert!(err(&o).contains("already exists"), "{}", err(&o));
 }
+
+#[test]
+fn a_pipeline_directory_is_read_through_its_unet_and_scheduler() {
+    // model_index.json + unet/ + scheduler/, diffusers' pipeline layout.
+    let d = scratch("model-pipeline");
+    let pipe = d.join("pipe");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(F);
+    std::fs::create_dir_all(pipe.join("unet")).unwrap();
+    std::fs::create_dir_all(pipe.join("scheduler")).unwrap();
+    std::fs::write(
+        pipe.join("model_index.json"),
+        r#"{"_class_name": "DDIMPipeline", "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDIMScheduler"]}"#,
+    )
+    .unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(root.join("unet2d").join(f), pipe.join("unet").join(f)).unwrap();
+    }
+    std::fs::copy(
+        root.join("scheduler-sd/scheduler_config.json"),
+        pipe.join("scheduler/scheduler_config.json"),
+    )
+    .unwrap();
+    let o = tilt(&["model", "info", pipe.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", err(&o));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("UNet2DModel, 45259 parameters"), "{s}");
+    assert!(
+        s.contains("scheduler DDIMScheduler: ScaledLinear") && s.contains("offset 1"),
+        "{s}"
+    );
+    // merge writes a whole pipeline, the scheduler kept, the UNet merged.
+    let merged = d.join("merged");
+    let o = tilt(&[
+        "model",
+        "merge",
+        pipe.to_str().unwrap(),
+        "--lora",
+        root.join("unet2d/lora-tilt").to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(merged.join("scheduler/scheduler_config.json").exists());
+    let out = d.join("out.safetensors");
+    let o = tilt(&[
+        "model",
+        "forward",
+        merged.to_str().unwrap(),
+        "--inputs",
+        root.join("unet2d/inputs.safetensors").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    let (e, scale) = max_err(&out, &root.join("unet2d/lora-tilt/outputs.safetensors"));
+    assert!(e <= 1e-4 * scale, "{e:e}");
+    // A scheduler config tilt refuses makes info fail, naming it.
+    let cfg = std::fs::read_to_string(pipe.join("scheduler/scheduler_config.json")).unwrap();
+    std::fs::write(
+        pipe.join("scheduler/scheduler_config.json"),
+        cfg.replace("\"thresholding\": false", "\"thresholding\": true"),
+    )
+    .unwrap();
+    let o = tilt(&["model", "info", pipe.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err(&o).contains("scheduler_config.json") && err(&o).contains("thresholding"),
+        "{}",
+        err(&o)
+    );
+}
