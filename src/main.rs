@@ -111,6 +111,9 @@ enum ModelCmd {
         /// A LoRA: pytorch_lora_weights.safetensors or the directory holding it.
         #[arg(long)]
         lora: Option<PathBuf>,
+        /// "cpu", "cuda" or "cuda:N" (CUDA needs the `cuda` build).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Write a copy of the model (or pipeline) directory with the LoRA folded into its weights.
     Merge {
@@ -131,7 +134,14 @@ async fn main_inner(cli: Cli) -> Result<()> {
                 inputs,
                 out,
                 lora,
-            } => tilt::model::forward(&dir, &inputs, &out, lora.as_deref())?,
+                device,
+            } => tilt::model::forward(
+                &dir,
+                &inputs,
+                &out,
+                lora.as_deref(),
+                &tilt::model::device(&device)?,
+            )?,
             ModelCmd::Merge { dir, lora, out } => tilt::model::merge(&dir, &lora, &out)?,
         },
         Cmd::Worker {

@@ -114,9 +114,14 @@ pub fn load_unet(dir: &Path, lora: Option<&Path>, device: &Device) -> Result<Loa
     Ok(Loaded { model, params, dir })
 }
 
-/// `tilt model info DIR`.
+/// The device a `tilt model` command names (`--device`: "cpu", "cuda", "cuda:N").
+pub fn device(name: &str) -> Result<Device> {
+    tilt_kernels::cuda::device(name).map_err(|e| anyhow!("--device {name:?}: {e}"))
+}
+
+/// `tilt model info DIR`: reads the model on the host (nothing runs).
 pub fn info(dir: &Path) -> Result<()> {
-    let l = load_unet(dir, None, &Device::Cpu)?;
+    let l = load_unet(dir, None, &device("cpu")?)?;
     let c = &l.model.config;
     println!("{}: UNet2DModel, {} parameters", l.dir.display(), l.params);
     println!(
@@ -154,10 +159,15 @@ pub fn info(dir: &Path) -> Result<()> {
 
 /// `tilt model forward DIR --inputs IN --out OUT [--lora L]`: `sample`, `timestep` (int64 or
 /// f32, one per row or one for all) and `class_labels` (int64 or u32) in; `sample` out.
-pub fn forward(dir: &Path, inputs: &Path, out: &Path, lora: Option<&Path>) -> Result<()> {
-    let dev = Device::Cpu;
-    let l = load_unet(dir, lora, &dev)?;
-    let inp: HashMap<String, Tensor> = candle_core::safetensors::load(inputs, &dev)
+pub fn forward(
+    dir: &Path,
+    inputs: &Path,
+    out: &Path,
+    lora: Option<&Path>,
+    dev: &Device,
+) -> Result<()> {
+    let l = load_unet(dir, lora, dev)?;
+    let inp: HashMap<String, Tensor> = candle_core::safetensors::load(inputs, dev)
         .with_context(|| format!("{}: not a readable safetensors file", inputs.display()))?;
     let get = |k: &str| {
         inp.get(k)
@@ -190,7 +200,7 @@ pub fn forward(dir: &Path, inputs: &Path, out: &Path, lora: Option<&Path>) -> Re
             Some(Tensor::from_vec(
                 v.iter().map(|&x| x as u32).collect::<Vec<_>>(),
                 v.len(),
-                &dev,
+                dev,
             )?)
         }
         None => None,
@@ -240,12 +250,13 @@ pub fn merge(dir: &Path, lora: &Path, out: &Path) -> Result<()> {
             out.display()
         );
     }
-    load_unet(dir, Some(lora), &Device::Cpu)?;
+    // Host arithmetic on the weights, written back as files: no device needed.
+    let host = device("cpu")?;
+    load_unet(dir, Some(lora), &host)?;
     let unet = unet_dir(dir)?;
     let lfile = lora_file(lora);
-    let dev = Device::Cpu;
-    let base = candle_core::safetensors::load(unet.join(WEIGHTS), &dev)?;
-    let ltensors = candle_core::safetensors::load(&lfile, &dev)?;
+    let base = candle_core::safetensors::load(unet.join(WEIGHTS), &host)?;
+    let ltensors = candle_core::safetensors::load(&lfile, &host)?;
     let merged = merge_lora(&base, &ltensors, &read_lora_config(&lfile)?)?;
     let tmp = out.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
