@@ -11,6 +11,15 @@ pub(crate) fn key_err(file: &str, key: &str, detail: impl Into<String>) -> Kerne
     KernelError::model_config(file, key, detail)
 }
 
+/// The refusal of a key tilt does not implement.
+pub(crate) fn unknown_key(file: &str, key: &str, v: &Value) -> KernelError {
+    key_err(
+        file,
+        key,
+        format!("= {v}: tilt does not implement this key"),
+    )
+}
+
 /// The JSON object of a config file's text.
 pub(crate) fn object(text: &str, file: &str) -> Result<Map<String, Value>> {
     match serde_json::from_str(text) {

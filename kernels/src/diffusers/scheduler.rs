@@ -11,7 +11,7 @@
 
 use serde_json::Value;
 
-use super::config::{flag, key_err, num, object, require, text, uint};
+use super::config::{flag, key_err, num, object, require, text, uint, unknown_key};
 
 use crate::denoiser::Prediction;
 use crate::schedule::{SamplingGrid, VpSchedule};
@@ -168,13 +168,7 @@ impl SchedulerConfig {
                     &["fixed_small".into()],
                     "a variance other than the DDPM posterior's",
                 )?,
-                _ => {
-                    return Err(key_err(
-                        file,
-                        k,
-                        format!("= {v}: tilt does not implement this key"),
-                    ))
-                }
+                _ => return Err(unknown_key(file, k, v)),
             }
         }
         c.validate(file)?;

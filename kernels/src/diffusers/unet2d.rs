@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Embedding, GroupNorm, Linear, Module, VarBuilder};
 
-use super::config::{flag, key_err, list, num, object, opt_uint, require, uint};
+use super::config::{flag, key_err, list, num, object, opt_uint, require, uint, unknown_key};
 use super::lora::{Lora, LoraLinear};
 use serde_json::Value;
 
@@ -204,13 +204,7 @@ impl UNet2DConfig {
                 )?,
                 // Dropout changes training, not inference; tilt trains without it.
                 "dropout" => require(file, k, v, &[0.into(), 0.0.into()], "dropout")?,
-                _ => {
-                    return Err(key_err(
-                        file,
-                        k,
-                        format!("= {v}: tilt does not implement this key"),
-                    ))
-                }
+                _ => return Err(unknown_key(file, k, v)),
             }
         }
         c.validate(file)?;
