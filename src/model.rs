@@ -250,7 +250,9 @@ pub fn merge(dir: &Path, lora: &Path, out: &Path) -> Result<()> {
             out.display()
         );
     }
-    // Host arithmetic on the weights, written back as files: no device needed.
+    // Host arithmetic on the weights, written back as files: no device needed. The files are
+    // read twice on purpose: once through the model (every tensor checked against the config),
+    // once raw, so the merged file keeps the base file's dtypes (the model's copy is f32).
     let host = device("cpu")?;
     load_unet(dir, Some(lora), &host)?;
     let unet = unet_dir(dir)?;

@@ -46,9 +46,8 @@ fn results(mut s: serde_json::Value) -> serde_json::Value {
         match v {
             serde_json::Value::Object(m) => {
                 m.retain(|k, _| {
-                    !(k.ends_with("wall_s")
-                        || k.ends_with("_s")
-                        || k.ends_with("per_s")
+                    // `_s`: wall_s, train_s, pairs_per_s, learner_steps_per_s.
+                    !(k.ends_with("_s")
                         || [
                             "throughput",
                             "latency",

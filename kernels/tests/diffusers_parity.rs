@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use tilt_kernels::denoiser::Prediction;
+use tilt_kernels::diffusers::lora::{read_lora_config, Lora, UNET_PREFIX};
 use tilt_kernels::diffusers::scheduler::SchedulerConfig;
 use tilt_kernels::diffusers::unet2d::{UNet2D, UNet2DConfig};
 use tilt_kernels::diffusers::weights::WeightFile;
@@ -44,7 +45,18 @@ fn err_and_scale(a: &[f32], b: &[f32]) -> (f32, f32) {
     (err, scale)
 }
 
-fn unet(name: &str) -> (UNet2D, WeightFile) {
+/// The fixture's int64 timesteps as the f32 the model takes.
+fn timesteps_f32(inp: &std::collections::HashMap<String, Tensor>) -> Vec<f32> {
+    inp["timestep"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&t| t as f32)
+        .collect()
+}
+
+/// A fixture model, with a LoRA when given.
+fn unet(name: &str, lora: Option<&Lora>) -> (UNet2D, WeightFile) {
     let dir = fixture(name);
     let cfile = dir.join("config.json");
     let text = std::fs::read_to_string(&cfile).unwrap();
@@ -54,22 +66,17 @@ fn unet(name: &str) -> (UNet2D, WeightFile) {
         &Device::Cpu,
     )
     .unwrap();
-    let m = UNet2D::new(cfg, w.var_builder(&Device::Cpu), None).unwrap();
+    let m = UNet2D::new(cfg, w.var_builder(&Device::Cpu), lora).unwrap();
     (m, w)
 }
 
 fn unet_matches_diffusers(name: &str) {
-    let (m, w) = unet(name);
+    let (m, w) = unet(name, None);
     // Every tensor of the file went into the model.
     w.check_all_used().unwrap();
     let dir = fixture(name);
     let inp = load(&dir.join("inputs.safetensors"));
-    let t: Vec<f32> = inp["timestep"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|&t| t as f32)
-        .collect();
+    let t = timesteps_f32(&inp);
     let labels = inp
         .get("class_labels")
         .map(|l| l.to_dtype(DType::U32).unwrap());
@@ -254,7 +261,6 @@ fn a_lora_tilt_wrote_gives_the_output_diffusers_gives_with_it() {
     // lora-tilt/pytorch_lora_weights.safetensors: written by tilt
     // (kernels/examples/diffusers_lora_fixture.rs: rank 2, alpha 4, B off zero); outputs.safetensors:
     // diffusers 0.42.1 + peft with that file injected (scripts/diffusers-fixtures.py).
-    use tilt_kernels::diffusers::lora::{read_lora_config, Lora, UNET_PREFIX};
     let dir = fixture("unet2d");
     let file = dir.join("lora-tilt/pytorch_lora_weights.safetensors");
     let lw = WeightFile::open(&file, &Device::Cpu).unwrap();
@@ -262,22 +268,10 @@ fn a_lora_tilt_wrote_gives_the_output_diffusers_gives_with_it() {
         config: read_lora_config(&file).unwrap(),
         vb: lw.var_builder(&Device::Cpu).pp(UNET_PREFIX),
     };
-    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    let cfg = UNet2DConfig::from_json(&text, "config.json").unwrap();
-    let w = WeightFile::open(
-        &dir.join("diffusion_pytorch_model.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let m = UNet2D::new(cfg, w.var_builder(&Device::Cpu), Some(&lora)).unwrap();
+    let (m, _) = unet("unet2d", Some(&lora));
     lw.check_all_used().unwrap();
     let inp = load(&dir.join("inputs.safetensors"));
-    let t: Vec<f32> = inp["timestep"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|&t| t as f32)
-        .collect();
+    let t = timesteps_f32(&inp);
     let got = flat(&m.forward(&inp["sample"], &t, None).unwrap());
     let want = flat(&load(&dir.join("lora-tilt/outputs.safetensors"))["sample"]);
     let base = flat(&load(&dir.join("outputs.safetensors"))["sample"]);
@@ -291,7 +285,7 @@ fn a_lora_tilt_wrote_gives_the_output_diffusers_gives_with_it() {
 #[test]
 fn as_a_denoiser_tilt_index_n_is_diffusers_timestep_n_minus_1() {
     use tilt_kernels::denoiser::Denoiser;
-    let (m, _) = unet("unet2d");
+    let (m, _) = unet("unet2d", None);
     let inp = load(&fixture("unet2d").join("inputs.safetensors"));
     // The fixture's timesteps 0, 417, 999 are tilt's n = 1, 418, 1000.
     let n = Tensor::new(&[1f32, 418.0, 1000.0], &Device::Cpu).unwrap();

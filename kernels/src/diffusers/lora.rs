@@ -62,8 +62,8 @@ pub struct Lora {
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
     base: Linear,
-    /// A [r, in], B [out, r], alpha / r.
-    lora: Option<(Tensor, Tensor, f64)>,
+    /// A [r, in] and B [out, r] as bias-free layers, and alpha / r.
+    lora: Option<(Linear, Linear, f64)>,
 }
 
 impl LoraLinear {
@@ -87,7 +87,11 @@ impl LoraLinear {
                 let b = at
                     .pp("lora_B")
                     .get_with_hints((cout, r), "weight", Init::Const(0.0))?;
-                Some((a, b, l.config.alpha / r as f64))
+                Some((
+                    Linear::new(a, None),
+                    Linear::new(b, None),
+                    l.config.alpha / r as f64,
+                ))
             }
             _ => None,
         };
@@ -101,10 +105,8 @@ impl Module for LoraLinear {
         match &self.lora {
             None => Ok(y),
             Some((a, b, scale)) => {
-                // x [.., in] -> [.., r] -> [.., out]; Linear's broadcasting matmul.
-                let low = Linear::new(a.clone(), None).forward(x)?;
-                let up = Linear::new(b.clone(), None).forward(&low)?;
-                y + (up * *scale)?
+                // x [.., in] -> [.., r] -> [.., out]
+                y + (b.forward(&a.forward(x)?)? * *scale)?
             }
         }
     }
